@@ -1,0 +1,86 @@
+"""Multiprocessing launcher: every rank is a spawned process on this machine."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import uuid
+
+from flotilla.launch.topology import GroupSpec, device_index
+from flotilla.worker.worker import WorkerArgs
+
+
+def _mp_entry(args: WorkerArgs) -> None:
+    from flotilla.distributed.groups import single_node_env
+    from flotilla.worker.worker import run_worker
+
+    single_node_env()
+    run_worker(args)
+
+
+class MpLauncher:
+    """Starts a group's ranks as processes and notices when one of them exits.
+
+    Rendezvous goes through a file in the engine's private 0700 directory, so no TCP store listens.
+    """
+
+    multi_node = False
+    bind_host: str | None = None
+
+    def __init__(self, private_dir: str, num_devices: int):
+        self._ctx = mp.get_context("spawn")
+        self._dir = private_dir
+        self._num_devices = num_devices
+        self._groups: dict[int, list[mp.process.BaseProcess]] = {}
+
+    def start_group(self, spec: GroupSpec, ranks: list[WorkerArgs]) -> None:
+        init = f"file://{self._dir}/dist-g{spec.group_id}-{uuid.uuid4().hex[:8]}" if spec.world_size > 1 else None
+        procs = []
+        for wa in ranks:
+            wa.dist_init_method = init
+            wa.device_index = device_index(spec.first_global_rank + wa.rank, self._num_devices)
+            p = self._ctx.Process(target=_mp_entry, args=(wa,), name=f"flotilla-g{spec.group_id}-r{wa.rank}", daemon=True)
+            p.start()
+            procs.append(p)
+        self._groups[spec.group_id] = procs
+
+    def pids(self, group_id: int) -> list[int]:
+        return [p.pid for p in self._groups.get(group_id, []) if p.pid is not None]
+
+    def dead_groups(self) -> dict[int, str]:
+        """Groups with at least one exited rank, and why."""
+        dead = {}
+        for gid, procs in self._groups.items():
+            for rank, p in enumerate(procs):
+                if not p.is_alive():
+                    dead[gid] = f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+                    break
+        return dead
+
+    def stop_group(self, group_id: int, timeout: float = 10.0) -> None:
+        """Wait for a group told to shut down, then terminate and kill what is left."""
+        procs = self._groups.pop(group_id, [])
+        for i, p in enumerate(procs):
+            p.join(timeout=timeout if i == 0 else 1.0)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=3)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=3)
+
+    def kill_group(self, group_id: int) -> None:
+        for p in self._groups.get(group_id, []):
+            if p.is_alive():
+                p.kill()
+        self.stop_group(group_id, timeout=0.5)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        for gid in list(self._groups):
+            self.stop_group(gid, timeout)
+
+
+def cpu_threads_per_rank(total_ranks: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, total_ranks))

@@ -1,0 +1,341 @@
+"""Ray launcher: every rank is a Ray actor on a placement-group bundle.
+
+Only start-up and death detection differ from the multiprocessing launcher. Rendezvous of each group goes
+through a small Ray actor acting as the torch.distributed store, because torch's TCPStore listens on every
+interface; messages still flow over the front end's ZMQ sockets (CURVE-authenticated when any rank sits
+on another node).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import ray
+import torch.distributed as dist
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from flotilla.launch.topology import GroupSpec
+from flotilla.worker.worker import WorkerArgs
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- store
+class _StoreActor:
+    """Key-value rendezvous for one torch.distributed group (threaded, so blocking gets can wait)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.cv = threading.Condition()
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.cv:
+            self.data[key] = value
+            self.cv.notify_all()
+
+    def get(self, key: str, timeout_s: float) -> bytes | None:
+        with self.cv:
+            self.cv.wait_for(lambda: key in self.data, timeout=timeout_s)
+            return self.data.get(key)
+
+    def add(self, key: str, amount: int) -> int:
+        with self.cv:
+            value = int(self.data.get(key, b"0")) + amount
+            self.data[key] = str(value).encode()
+            self.cv.notify_all()
+            return value
+
+    def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        with self.cv:
+            current = self.data.get(key)
+            if (current is None and expected == b"") or current == expected:
+                self.data[key] = desired
+                self.cv.notify_all()
+                return desired
+            return current if current is not None else expected
+
+    def check(self, keys: list[str]) -> bool:
+        with self.cv:
+            return all(k in self.data for k in keys)
+
+    def wait(self, keys: list[str], timeout_s: float) -> bool:
+        with self.cv:
+            return self.cv.wait_for(lambda: all(k in self.data for k in keys), timeout=timeout_s)
+
+    def delete_key(self, key: str) -> bool:
+        with self.cv:
+            return self.data.pop(key, None) is not None
+
+    def num_keys(self) -> int:
+        with self.cv:
+            return len(self.data)
+
+
+class RayStore(dist.Store):
+    """torch.distributed Store whose state lives in a ``_StoreActor``."""
+
+    def __init__(self, actor, timeout_s: float = 300.0):
+        super().__init__()
+        self.actor, self.timeout_s = actor, timeout_s
+
+    def set(self, key, value):
+        ray.get(self.actor.set.remote(key, value if isinstance(value, bytes) else str(value).encode()))
+
+    def get(self, key):
+        value = ray.get(self.actor.get.remote(key, self.timeout_s))
+        if value is None:
+            raise TimeoutError(f"rendezvous key {key!r} not set within {self.timeout_s}s")
+        return value
+
+    def add(self, key, amount):
+        return ray.get(self.actor.add.remote(key, amount))
+
+    def compare_set(self, key, expected, desired):
+        return ray.get(self.actor.compare_set.remote(key, bytes(expected), bytes(desired)))
+
+    def check(self, keys):
+        return ray.get(self.actor.check.remote(list(keys)))
+
+    def wait(self, keys, timeout=None):
+        t = timeout.total_seconds() if isinstance(timeout, timedelta) else self.timeout_s
+        if not ray.get(self.actor.wait.remote(list(keys), t)):
+            raise TimeoutError(f"rendezvous keys {list(keys)} not set within {t}s")
+
+    def delete_key(self, key):
+        return ray.get(self.actor.delete_key.remote(key))
+
+    def num_keys(self):
+        return ray.get(self.actor.num_keys.remote())
+
+    def set_timeout(self, timeout):
+        self.timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+def _interface_of(ip: str) -> str | None:
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
+
+
+class _RankActor:
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def run(self, args: WorkerArgs, store_actor) -> None:
+        from flotilla.worker.worker import run_worker
+
+        iface = _interface_of(ray.util.get_node_ip_address())
+        if iface:  # keep gloo / NCCL on this node's Ray address, never a wildcard
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+        run_worker(args, store=RayStore(store_actor) if store_actor is not None else None)
+
+
+@ray.remote(num_cpus=0)
+def _probe() -> tuple[str, str]:
+    return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
+
+
+# ---------------------------------------------------------------------------------------------- placement
+@dataclass
+class Slot:
+    bundle: int
+    node_ip: str
+    node_id: str
+
+
+def _resource(bundle: dict, key: str) -> float:
+    return float(bundle.get(key, 0.0))
+
+
+def plan_slots(bundles: list[dict], order: list[int], num_ranks: int, use_gpu: bool, gpus_per_rank: float,
+               held: dict[int, float]) -> list[int]:
+    """Bundle index of each rank: bundles in ``order``, each filled to its capacity (GPUs / gpus_per_rank on
+    GPU; CPUs, less what the calling actor holds there, on CPU). Pure, so it is unit-tested."""
+    slots: list[int] = []
+    for b in order:
+        if use_gpu:
+            cap = int(math.floor(_resource(bundles[b], "GPU") / gpus_per_rank + 1e-9))
+        else:
+            cap = int(math.floor(_resource(bundles[b], "CPU") - held.get(b, 0.0) + 1e-9))
+        slots.extend([b] * max(0, cap))
+    if len(slots) < num_ranks:
+        kind = "GPUs" if use_gpu else "CPUs"
+        raise ValueError(f"placement_group: bundles {order} have room for {len(slots)} ranks ({kind}), "
+                         f"{num_ranks} needed")
+    return slots[:num_ranks]
+
+
+def check_bundle_indices(indices: list[int] | None, num_bundles: int) -> list[int]:
+    if indices is None:
+        return list(range(num_bundles))
+    if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"bundle_indices: must be a list of ints, got {indices!r}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"bundle_indices: duplicates in {list(indices)}")
+    bad = [i for i in indices if not 0 <= i < num_bundles]
+    if bad:
+        raise ValueError(f"bundle_indices: {bad} out of range [0, {num_bundles})")
+    return list(indices)
+
+
+class RayLauncher:
+    def __init__(self, *, num_ranks: int, use_gpu: bool, gpus_per_rank: float = 1.0,
+                 placement_group: PlacementGroup | None = None, bundle_indices: list[int] | None = None,
+                 placement_timeout_s: float = 60.0, engine_name: str | None = None):
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+        if not (0 < gpus_per_rank <= 1 or (gpus_per_rank > 1 and float(gpus_per_rank).is_integer())):
+            raise ValueError(f"gpus_per_rank: must be in (0, 1] or a whole number, got {gpus_per_rank}")
+        self.name = engine_name or f"flotilla-{uuid.uuid4().hex[:8]}"
+        self.use_gpu, self.gpus_per_rank = use_gpu, gpus_per_rank
+        self._owns_pg = False
+        pg = placement_group if placement_group is not None else ray.util.get_current_placement_group()
+        if pg is None:
+            pg = self._create_pg(num_ranks, placement_timeout_s)
+            self._owns_pg = True
+        else:
+            self._wait_ready(pg, placement_timeout_s, remove=False)
+        self.pg = pg
+        try:
+            self._place(num_ranks, bundle_indices)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._groups: dict[int, dict] = {}
+
+    # -------------------------------------------------------------------------------------- placement
+    def _create_pg(self, num_ranks: int, timeout_s: float) -> PlacementGroup:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        key = "GPU" if self.use_gpu else "CPU"
+        per_node = max((n["Resources"].get(key, 0.0) for n in nodes), default=0.0)
+        need = num_ranks * (self.gpus_per_rank if self.use_gpu else 1.0)
+        if per_node <= 0:
+            raise ValueError(f"device: no alive Ray node has any {key} (needed {need})")
+        if need <= per_node:
+            bundles = [{"CPU": float(num_ranks), "GPU": need} if self.use_gpu else {"CPU": float(num_ranks)}]
+            strategy = "STRICT_PACK"
+        else:
+            ranks_per_node = max(1, int(per_node // (self.gpus_per_rank if self.use_gpu else 1.0)))
+            nnodes = math.ceil(num_ranks / ranks_per_node)
+            bundles = [{"CPU": float(ranks_per_node), "GPU": float(per_node)} if self.use_gpu
+                       else {"CPU": float(ranks_per_node)} for _ in range(nnodes)]
+            strategy = "SPREAD"
+        pg = placement_group(bundles, strategy=strategy, name=f"{self.name}-pg")
+        self._wait_ready(pg, timeout_s, remove=True)
+        return pg
+
+    @staticmethod
+    def _wait_ready(pg: PlacementGroup, timeout_s: float, remove: bool) -> None:
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            if remove:
+                remove_placement_group(pg)
+            raise RuntimeError(f"placement_group: {pg.bundle_specs} could not be scheduled within {timeout_s}s "
+                               "(infeasible on this cluster?)") from None
+
+    def _place(self, num_ranks: int, bundle_indices: list[int] | None) -> None:
+        bundles = self.pg.bundle_specs
+        order = check_bundle_indices(bundle_indices, len(bundles))
+        probes = [_probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=b)).remote() for b in order]
+        try:
+            where = dict(zip(order, ray.get(probes, timeout=60)))
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError("placement_group: probe tasks did not run within 60s") from None
+        here_ip = ray.util.get_node_ip_address()
+        here_node = ray.get_runtime_context().get_node_id()
+        # Bundles on the front end's node first, so rank 0 of the first group sits beside the sockets it uses.
+        order = sorted(order, key=lambda b: where[b][1] != here_node)
+        held: dict[int, float] = {}
+        if not self.use_gpu and ray.util.get_current_placement_group() is not None and \
+                ray.util.get_current_placement_group().id == self.pg.id:
+            mine = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            on_my_node = [b for b in order if where[b][1] == here_node]
+            if on_my_node:
+                held[on_my_node[0]] = mine
+        self.slots = [Slot(b, *where[b]) for b in plan_slots(bundles, order, num_ranks, self.use_gpu,
+                                                             self.gpus_per_rank, held)]
+        self.bind_host = here_ip
+        self.multi_node = len({s.node_id for s in self.slots} | {here_node}) > 1
+
+    # -------------------------------------------------------------------------------------- groups
+    def start_group(self, spec: GroupSpec, ranks: list[WorkerArgs]) -> None:
+        first = spec.first_global_rank
+        store = None
+        if spec.world_size > 1:
+            slot0 = self.slots[first]
+            store = ray.remote(_StoreActor).options(
+                name=f"{self.name}-store-g{spec.group_id}-{uuid.uuid4().hex[:4]}", num_cpus=0, max_concurrency=256,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot0.bundle),
+            ).remote()
+        actors, runs, pids = [], [], []
+        for wa in ranks:
+            slot = self.slots[first + wa.rank]
+            actor = ray.remote(_RankActor).options(
+                name=f"{self.name}-g{spec.group_id}-r{wa.rank}-{uuid.uuid4().hex[:4]}",
+                num_cpus=1, num_gpus=self.gpus_per_rank if self.use_gpu else 0, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.bundle),
+            ).remote()
+            actors.append(actor)
+        infos = ray.get([a.info.remote() for a in actors], timeout=300)
+        for actor, wa in zip(actors, ranks):
+            runs.append(actor.run.remote(wa, store))
+        self._groups[spec.group_id] = {"actors": actors, "runs": runs, "pids": [i["pid"] for i in infos],
+                                       "store": store, "nodes": [i["ip"] for i in infos],
+                                       "node_ids": [i["node_id"] for i in infos]}
+
+    def pids(self, group_id: int) -> list[int]:
+        return list(self._groups.get(group_id, {}).get("pids", []))
+
+    def dead_groups(self) -> dict[int, str]:
+        dead = {}
+        for gid, g in self._groups.items():
+            ready, _ = ray.wait(g["runs"], num_returns=len(g["runs"]), timeout=0)
+            if ready:
+                rank = g["runs"].index(ready[0])
+                try:
+                    ray.get(ready[0], timeout=1)
+                    why = "returned"
+                except Exception as e:  # RayActorError, a worker exception, ...
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                dead[gid] = f"rank {rank} actor ended ({why})"
+        return dead
+
+    def stop_group(self, group_id: int, timeout: float = 10.0) -> None:
+        g = self._groups.pop(group_id, None)
+        if g is None:
+            return
+        ray.wait(g["runs"], num_returns=len(g["runs"]), timeout=timeout)
+        for a in g["actors"] + ([g["store"]] if g["store"] is not None else []):
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+
+    def kill_group(self, group_id: int) -> None:
+        self.stop_group(group_id, timeout=0)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        for gid in list(getattr(self, "_groups", {})):
+            self.stop_group(gid, timeout)
+        if self._owns_pg and getattr(self, "pg", None) is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None

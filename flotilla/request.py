@@ -1,0 +1,113 @@
+"""A request as the front end tracks it: enough to stream it, finish it, or resume it elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from flotilla.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from flotilla.ipc.messages import TokenOutput
+from flotilla.sampling import SamplingParams
+
+
+@dataclass
+class RequestState:
+    rid: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    detok: IncrementalDetokenizer
+    target: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str = ""
+    cached_tokens: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    _async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stops = StopStringMatcher(self.sampling.stop)
+
+    # ------------------------------------------------------------------------------------------ updates
+    def apply(self, out: TokenOutput) -> bool:
+        """Take one step's output; returns True when a stop string ended the request here (the worker must
+        then be told to abort it)."""
+        if self.finished:
+            return False
+        if out.token_ids:
+            self.output_ids.extend(out.token_ids)
+            if out.logprobs:
+                self.logprobs.extend(out.logprobs)
+            if out.top_logprobs:
+                self.top_logprobs.extend(out.top_logprobs)
+            delta = self.detok.add(out.token_ids)
+            if out.finished:
+                delta += self.detok.flush()
+            self.text += delta
+            cut = self.stops.find(self.text, len(delta))
+            if cut is not None:
+                self.text = self.text[:cut]
+                self._finish("stop")
+                return True
+        if out.cached_tokens:
+            self.cached_tokens = out.cached_tokens
+        if out.finished:
+            if out.error:
+                self.error = out.error
+            self._finish(out.finish_reason or "stop")
+        return False
+
+    def fail(self, message: str) -> None:
+        if not self.finished:
+            self.error = message
+            self._finish("error")
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
+
+    # ------------------------------------------------------------------------------------------ views
+    def streamable_text(self) -> str:
+        """Text safe to show now: the tail that could still become a stop string is held back."""
+        if self.finished or not self.stops.holdback:
+            return self.text
+        return self.text[: max(0, len(self.text) - self.stops.holdback)]
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "request_id": self.rid,
+            "text": self.text,
+            "token_ids": list(self.output_ids),
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+        }
+        if self.sampling.logprobs:
+            out["logprobs"] = list(self.logprobs)
+            if self.sampling.top_logprobs:
+                out["top_logprobs"] = [list(t) for t in self.top_logprobs]
+        return out
+
+    # ------------------------------------------------------------------------------------------ waiting
+    def add_async_waiter(self) -> asyncio.Event:
+        ev = asyncio.Event()
+        self._async_waiters.append((asyncio.get_running_loop(), ev))
+        return ev
+
+    def remove_async_waiter(self, ev: asyncio.Event) -> None:
+        self._async_waiters = [(lp, e) for lp, e in self._async_waiters if e is not ev]
+
+    def wake(self) -> None:
+        for loop, ev in self._async_waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # the loop closed
+                pass
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be completed (its replica died, or the engine shut down)."""
+

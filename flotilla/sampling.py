@@ -1,0 +1,99 @@
+"""Per-request sampling parameters, validated at construction so bad input never reaches a worker."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    ``temperature == 0`` means greedy. ``top_k == -1`` (or 0) disables top-k. ``seed`` makes a request's
+    random draws reproducible regardless of what else is batched with it: each token's draw depends only on
+    (seed, index of the token in the output).
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check_int("max_new_tokens", self.max_new_tokens, lo=1)
+        _check_num("temperature", self.temperature, lo=0.0, hint=">= 0")
+        _check_num("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, hint="in (0, 1]")
+        _check_int("top_k", self.top_k, lo=-1, hint=">= -1 (-1 or 0 disables it)")
+        _check_num("min_p", self.min_p, lo=0.0, hi=1.0, hint="in [0, 1]")
+        _check_num("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True, hint="> 0")
+        _check_num("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0, hint="in [-2, 2]")
+        _check_num("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0, hint="in [-2, 2]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0, hi=2**63 - 1, hint="in [0, 2**63 - 1]")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop: every stop string must be a non-empty str, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, lo=0, hint="non-negative token ids")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs: must be a bool, got {self.logprobs!r}")
+        _check_int("top_logprobs", self.top_logprobs, lo=0, hi=20, hint="in [0, 20]")
+        if self.top_logprobs and not self.logprobs:
+            self.logprobs = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_any(cls, value: "SamplingParams | dict[str, Any] | None") -> "SamplingParams":
+        """Accept a SamplingParams, a plain dict (unknown keys are an error naming them) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"sampling_params: unknown field(s) {unknown}; allowed: {sorted(known)}")
+            return cls(**value)
+        raise ValueError(f"sampling_params: expected SamplingParams or dict, got {type(value).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: must be an int{' ' + hint if hint else ''}, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = hint or (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
+        raise ValueError(f"{name}: must be {rng}, got {value}")
+
+
+def _check_num(name: str, value: Any, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name}: must be a number {hint}, got {value!r}")
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    bad_hi = hi is not None and value > hi
+    if bad_lo or bad_hi:
+        raise ValueError(f"{name}: must be {hint}, got {value}")

@@ -1,0 +1,154 @@
+"""Builds the model on its device, owns the KV pool tensors, and turns a batch plan into logits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flotilla.config import EngineConfig
+from flotilla.distributed.dp_attention import dp_attention_mlp
+from flotilla.ipc.messages import SeqPlan
+from flotilla.model.attention import AttentionMetadata, make_backend
+from flotilla.model.loader import init_dummy, load_checkpoint
+from flotilla.model.models import model_class
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DEFAULT_KV_TOKENS = 16384
+
+
+@dataclass
+class ForwardInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_index: torch.Tensor   # rows of the hidden states whose logits are wanted
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, device: torch.device):
+        from transformers import AutoConfig
+
+        self.cfg = cfg
+        self.device = device
+        self.dtype = _DTYPES[cfg.dtype]
+        self.hf_config = AutoConfig.from_pretrained(cfg.model)
+        self.block_size = cfg.block_size
+        cls = model_class(cfg.hf_config)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(device):
+                self.model = cls(self.hf_config, max_positions=cfg.max_model_len)
+        finally:
+            torch.set_default_dtype(prev)
+        if cfg.load_format == "dummy":
+            init_dummy(self.model, cfg.seed)
+        else:
+            load_checkpoint(self.model, cfg.model)
+        self.model.eval()
+        self.vocab_size = self.hf_config.vocab_size
+        self.backend = make_backend(cfg.attention_backend, device.type)
+        self.num_blocks = 0  # set by allocate_kv once the TP group agreed on a size
+
+    # ------------------------------------------------------------------------------------------ memory
+    def _kv_bytes_per_block(self) -> int:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def plan_kv_blocks(self) -> int:
+        """Pages this rank could hold; the worker takes the minimum over its TP group."""
+        if self.cfg.kv_cache_tokens is not None:
+            return max(1, self.cfg.kv_cache_tokens // self.block_size)
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_TOKENS // self.block_size
+        peak = self._profile_peak_activation()
+        free, total = torch.cuda.mem_get_info(self.device)
+        # This process's share (gpu_memory_utilization of the card, less what it already holds), never more
+        # than is free: several ranks may share one GPU, each with its own fraction.
+        share = total * self.cfg.gpu_memory_utilization - torch.cuda.memory_reserved(self.device)
+        budget = min(share, free) - peak
+        blocks = int(budget // self._kv_bytes_per_block())
+        if blocks < 1:
+            raise RuntimeError(f"gpu_memory_utilization: no GPU memory left for the KV cache (free {free / 2**30:.1f} GiB, "
+                               f"activation peak {peak / 2**30:.1f} GiB)")
+        return blocks
+
+    def _profile_peak_activation(self) -> int:
+        """Run the largest prefill batch once against a one-page cache to learn the activation peak."""
+        self._allocate_kv(1)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = min(self.cfg.max_num_batched_tokens, self.cfg.max_model_len)
+        plan = SeqPlan([0] * n, 0, [0] * (-(-n // self.block_size)), True)
+        self.forward([plan])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self._free_kv()
+        return int(peak * 1.1)
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._allocate_kv(num_blocks)
+
+    def _allocate_kv(self, num_blocks: int) -> None:
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.backend = self.backend
+
+    def _free_kv(self) -> None:
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------ forward
+    def prepare(self, plans: list[SeqPlan]) -> ForwardInputs:
+        bs = self.block_size
+        q_lens = [len(p.token_ids) for p in plans]
+        ctx = [p.start + n for p, n in zip(plans, q_lens)]
+        total = sum(q_lens)
+        ids = np.fromiter((t for p in plans for t in p.token_ids), dtype=np.int64, count=total)
+        pos = np.concatenate([np.arange(p.start, c, dtype=np.int64) for p, c in zip(plans, ctx)]) if plans else \
+            np.zeros(0, np.int64)
+        max_blocks = max((len(p.block_table) for p in plans), default=1) or 1
+        tables = np.zeros((len(plans), max_blocks), dtype=np.int32)
+        for i, p in enumerate(plans):
+            tables[i, : len(p.block_table)] = p.block_table
+        seq_idx = np.repeat(np.arange(len(plans)), q_lens)
+        slots = tables[seq_idx, pos // bs].astype(np.int64) * bs + pos % bs
+        cu_q = np.zeros(len(plans) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu_q[1:])
+        sample_rows = [int(cu_q[i + 1]) - 1 for i, p in enumerate(plans) if p.sample]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            cu_q=torch.from_numpy(cu_q).to(dev, non_blocking=True),
+            context_lens=torch.tensor(ctx, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            q_lens_cpu=q_lens, context_lens_cpu=ctx, block_size=bs,
+            max_q_len=max(q_lens, default=0), max_context_len=max(ctx, default=0),
+            is_decode=bool(plans) and all(n == 1 for n in q_lens))
+        return ForwardInputs(torch.from_numpy(ids).to(dev, non_blocking=True),
+                             torch.from_numpy(pos).to(dev, non_blocking=True), meta,
+                             torch.tensor(sample_rows, dtype=torch.long).to(dev, non_blocking=True))
+
+    @torch.inference_mode()
+    def forward(self, plans: list[SeqPlan], dp_counts: list[int] | None = None) -> torch.Tensor:
+        """Logits [num sampled sequences, vocab] in float32 (every rank of the attention group gets them).
+
+        ``dp_counts``: with DP attention, the token count of every attention-DP group in this step.
+        """
+        inp = self.prepare(plans)
+        if dp_counts is None:
+            hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        else:
+            hidden = self.model(inp.input_ids, inp.positions, inp.meta, mlp_fn=dp_attention_mlp(dp_counts))
+        return self.model.compute_logits(hidden[inp.sample_index]).float()

@@ -1,0 +1,204 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step packs, within ``max_num_batched_tokens``: one token for every decoding sequence, the next
+chunk of every sequence still in prefill, then new sequences from the queue while pages and
+``max_num_seqs`` allow. When the pool cannot hold the next token of a running sequence, the most
+recently admitted one gives its pages back and returns to the head of the queue to be recomputed
+later (its finished pages usually survive in the prefix cache, so the recompute is cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from flotilla.ipc.messages import ReplicaLoad, SeqPlan, TokenOutput
+from flotilla.worker.kv_cache import KVBlockManager
+from flotilla.worker.sequence import Sequence
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    plans: list[SeqPlan]
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        return [s for s, p in zip(self.seqs, self.plans) if p.sample]
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVBlockManager):
+        self.cfg = cfg
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.by_rid: dict[str, Sequence] = {}
+        self._arrivals = 0
+        self.num_preemptions = 0
+        self.finished_outputs: list[TokenOutput] = []  # aborted / failed outside a step, flushed with the next step
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add(self, rid: str, prompt_ids: list[int], sampling, output_ids: list[int] | None = None) -> None:
+        output_ids = list(output_ids or [])
+        if rid in self.by_rid:
+            self.finished_outputs.append(TokenOutput(rid, [], True, "error", error=f"duplicate request id {rid!r}"))
+            return
+        tokens = list(prompt_ids) + output_ids
+        if len(tokens) > self.cfg.max_model_len or len(tokens) > self.kv.num_blocks * self.kv.block_size:
+            self.finished_outputs.append(TokenOutput(
+                rid, [], True, "error",
+                error=f"prompt: {len(tokens)} tokens exceed this replica's limit of {self.cfg.max_model_len}"))
+            return
+        seq = Sequence(rid, tokens, len(prompt_ids), sampling, self._arrivals, num_outputs_at_start=len(output_ids))
+        self._arrivals += 1
+        self.by_rid[rid] = seq
+        self.waiting.append(seq)
+
+    def abort(self, rid: str, reason: str = "abort") -> None:
+        seq = self.by_rid.get(rid)
+        if seq is None:
+            return
+        self._finish(seq, reason)
+        self.finished_outputs.append(TokenOutput(rid, [], True, reason, cached_tokens=max(seq.cached_tokens, 0)))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def flush_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def schedule(self) -> ScheduledBatch | None:
+        budget = self.cfg.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        plans: list[SeqPlan] = []
+        # Running sequences first, oldest first, so preemption hits the newest.
+        self.running.sort(key=lambda s: s.arrival)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.remaining_prefill, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+                continue
+            seqs.append(seq)
+            plans.append(self._plan(seq, n))
+            budget -= n
+            i += 1
+        # Then new sequences, while there is room.
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                blocks, cached = self.kv.match_prefix(seq.tokens)
+                seq.block_table, seq.num_computed = blocks, cached
+                if seq.cached_tokens < 0:
+                    seq.cached_tokens = cached
+            n = min(seq.remaining_prefill, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                self.kv.release(seq.block_table)
+                seq.block_table, seq.num_computed = [], 0
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seqs.append(seq)
+            plans.append(self._plan(seq, n))
+            budget -= n
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, plans)
+
+    def _plan(self, seq: Sequence, n: int) -> SeqPlan:
+        start = seq.num_computed
+        return SeqPlan(seq.tokens[start:start + n], start, list(seq.block_table), start + n == len(seq.tokens))
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = -(-num_tokens // self.kv.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        blocks = self.kv.allocate(need)
+        if blocks is None:
+            return False
+        seq.block_table.extend(blocks)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
+        self.kv.release(seq.block_table)
+        seq.block_table, seq.num_computed = [], 0
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------------------------------ results
+    def process(self, batch: ScheduledBatch, next_tokens: list[int], logprobs: list[float] | None = None,
+                top_logprobs: list[list[tuple[int, float]]] | None = None) -> list[TokenOutput]:
+        """Advance every scheduled sequence; ``next_tokens`` has one entry per sampled sequence."""
+        outputs = self.finished_outputs
+        self.finished_outputs = []
+        k = 0
+        for seq, plan in zip(batch.seqs, batch.plans):
+            if seq.finished:  # aborted while the step ran
+                continue
+            seq.num_computed += len(plan.token_ids)
+            if not plan.sample:
+                self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
+                continue
+            token = next_tokens[k]
+            out = TokenOutput(seq.rid, [token])
+            if logprobs is not None and seq.sampling.logprobs:
+                out.logprobs = [logprobs[k]]
+            if top_logprobs is not None and seq.sampling.top_logprobs:
+                out.top_logprobs = [top_logprobs[k]]
+            k += 1
+            seq.tokens.append(token)
+            self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
+            if not seq.reported_cached:
+                out.cached_tokens, seq.reported_cached = max(seq.cached_tokens, 0), True
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                out.finished, out.finish_reason = True, reason
+                self._finish(seq, reason)
+            outputs.append(out)
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        sp = seq.sampling
+        if (not sp.ignore_eos and token in self.cfg.eos_token_ids) or token in sp.stop_token_ids:
+            return "stop"
+        if seq.num_outputs >= sp.max_new_tokens or len(seq.tokens) >= self.cfg.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finished, seq.finish_reason = True, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        if seq.block_table:
+            self.kv.release(seq.block_table)
+            seq.block_table = []
+        self.by_rid.pop(seq.rid, None)
+
+    def load(self) -> ReplicaLoad:
+        seqs = list(self.running) + list(self.waiting)
+        return ReplicaLoad(
+            running=len(self.running), waiting=len(self.waiting),
+            outstanding_tokens=sum(s.outstanding_tokens for s in seqs),
+            kv_used=self.kv.usage(), kv_total_tokens=self.kv.num_blocks * self.kv.block_size,
+            cached_tokens=self.kv.cached_tokens())

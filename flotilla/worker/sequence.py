@@ -1,0 +1,43 @@
+"""A request as the worker sees it: its tokens, how many of them are in the KV cache, and its pages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flotilla.sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    rid: str
+    tokens: list[int]              # prompt followed by every generated token
+    prompt_len: int                # tokens[:prompt_len] is the user's prompt
+    sampling: SamplingParams
+    arrival: int                   # admission order, for LIFO preemption
+    num_outputs_at_start: int = 0  # outputs already produced elsewhere (a resumed request)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0          # tokens whose KV is in the cache
+    cached_tokens: int = -1        # prefix-cache hit at first admission (-1: not admitted yet)
+    reported_cached: bool = False
+    finished: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.tokens[: self.prompt_len]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def remaining_prefill(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return self.remaining_prefill + max(0, self.sampling.max_new_tokens - self.num_outputs)

@@ -1,0 +1,371 @@
+"""The OpenAI-compatible HTTP server, driven through the official ``openai`` client.
+
+One engine (dp_size=2, CPU, the tiny llama) and one uvicorn server on 127.0.0.1:0 serve the whole module; error
+paths that need a dead or missing engine use a small stand-in instead of real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from flotilla.request import RequestFailed
+from flotilla.server.http import ServerThread, build_app, set_engine
+
+MODEL = "tiny-llama"
+KEY = "sk-test-0123456789"
+PROMPT = "The capital of France is"
+
+
+# ============================================================================================ fixtures
+
+
+@pytest.fixture(scope="module")
+def engine(llama_path: str):
+    from flotilla.engine import Engine
+
+    eng = Engine(model=llama_path, device="cpu", dtype="float32", dp_size=2)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine) -> ServerThread:
+    srv = ServerThread(build_app(engine, MODEL, KEY)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (sample name, sorted labels)."""
+    text = httpx.get(f"{url}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def wait_until(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def chat_ids(engine, messages: list[dict[str, str]]) -> list[int]:
+    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ============================================================================================ happy paths
+
+
+def test_models_and_health(client: openai.OpenAI, server: ServerThread) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    r = httpx.get(f"{server.url}/health")  # open: no key
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert len(r.json()["replicas"]) == 2
+
+
+def test_chat(client: openai.OpenAI, engine) -> None:
+    messages = [{"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    ref = engine.generate(input_ids=[chat_ids(engine, messages)],
+                          sampling_params={"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True})[0]
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert choice.message.role == "assistant" and choice.message.content == ref["text"]
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    assert r.usage.prompt_tokens == ref["prompt_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_stream(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                            max_completion_tokens=7, stream=True, logprobs=True, top_logprobs=2,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True, "top_k": 50, "min_p": 0.0,
+                                                        "repetition_penalty": 1.1})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum(len(c.choices[0].logprobs.content) for c in content) == 7
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_equals_engine_greedy(client: openai.OpenAI, engine) -> None:
+    """Token for token: the server's greedy tokens (as logprob token strings) and logprobs are the engine's."""
+    sp = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True, "logprobs": True}
+    ref = engine.generate(PROMPT, sp)[0]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0,
+                                  extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    assert choice.text == ref["text"]
+    assert choice.logprobs.tokens == [engine.tokenizer.decode([t]) for t in ref["token_ids"]]
+    assert choice.logprobs.token_logprobs == pytest.approx(ref["logprobs"], abs=1e-3)
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == ref["prompt_tokens"]
+
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == ref["text"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completion_token_prompt_stop_and_batch(client: openai.OpenAI, engine) -> None:
+    ids = list(engine.tokenizer(PROMPT)["input_ids"])
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    by_text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    batch = client.completions.create(model=MODEL, prompt=[PROMPT, "Hello"], max_tokens=4, temperature=0,
+                                      seed=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == by_text.choices[0].text[:len(batch.choices[0].text)]
+    assert batch.usage.completion_tokens == 8
+    full = by_text.choices[0].text
+    if len(full) > 2:  # a stop string cuts the text before it
+        stop = full[1:3]
+        cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, stop=stop,
+                                        extra_body={"ignore_eos": True})
+        assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+# ============================================================================================ errors
+
+
+def test_wrong_or_missing_key(server: ServerThread) -> None:
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json")  # 401 before the body is parsed
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"top_p": 0}, "top_p"),
+    ({"temperature": -1}, "temperature"),
+    ({"n": 2}, "n"),
+    ({"max_tokens": 10**6}, "max_tokens"),
+    ({"logprobs": 99}, "logprobs"),
+    ({"extra_body": {"top_k": "many"}}, "top_k"),
+    ({"extra_body": {"not_a_param": 1}}, "not_a_param"),
+    ({"stop": 5}, "stop"),
+])
+def test_bad_parameter_is_400_naming_it(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=PROMPT, **kwargs)
+    assert err.value.status_code == 400
+    assert err.value.param == param and param in err.value.message
+
+
+def test_bad_chat_parameters(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    for kwargs, param in [({"n": 2}, "n"), ({"top_p": 0}, "top_p"), ({"max_completion_tokens": 0},
+                                                                     "max_completion_tokens"),
+                          ({"top_logprobs": 3}, "top_logprobs")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=msgs, **kwargs)
+        assert err.value.param == param, kwargs
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
+    assert err.value.param == "messages"
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-17", prompt="x", max_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "x"}])
+
+
+def test_validation_errors_are_400_not_422(server: ServerThread, auth: dict[str, str]) -> None:
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL}, headers=auth)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages" and err["type"] == "invalid_request_error"
+
+
+# ============================================================================================ load, metrics, aborts
+
+
+def test_64_concurrent_streams(server: ServerThread) -> None:
+    before = metrics(server.url)
+
+    async def one(ac: openai.AsyncOpenAI, i: int) -> tuple[int, int, str]:
+        common: dict[str, Any] = dict(model=MODEL, max_tokens=8, stream=True, stream_options={"include_usage": True},
+                                      temperature=0.8, seed=i, extra_body={"ignore_eos": True})
+        tokens, usage, finish = 0, None, None
+        if i % 2:
+            stream = await ac.chat.completions.create(messages=[{"role": "user", "content": f"Story {i}"}],
+                                                      logprobs=True, **common)
+            async for c in stream:
+                if c.choices and c.choices[0].logprobs:
+                    tokens += len(c.choices[0].logprobs.content)
+                if c.choices and c.choices[0].finish_reason:
+                    finish = c.choices[0].finish_reason
+                usage = c.usage or usage
+        else:
+            stream = await ac.completions.create(prompt=f"Request number {i} says", logprobs=0, **common)
+            async for c in stream:
+                if c.choices:
+                    tokens += len(c.choices[0].logprobs.tokens)
+                    finish = c.choices[0].finish_reason or finish
+                usage = c.usage or usage
+        return tokens, usage.completion_tokens, finish
+
+    async def main() -> list[tuple[int, int, str]]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60) as ac:
+            return await asyncio.gather(*(one(ac, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert results == [(8, 8, "length")] * 64
+    after = metrics(server.url)
+    gen = ("flotilla_generation_tokens_total", ())
+    assert after[gen] - before.get(gen, 0) == 64 * 8
+    assert after[("flotilla_prompt_tokens_total", ())] > before.get(("flotilla_prompt_tokens_total", ()), 0)
+    assert after[("flotilla_requests_total", (("finish_reason", "length"),))] >= 64
+
+
+def test_metrics(server: ServerThread, client: openai.OpenAI) -> None:
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, extra_body={"ignore_eos": True})
+    text = httpx.get(f"{server.url}/metrics").text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    for name in ("flotilla_prompt_tokens", "flotilla_generation_tokens", "flotilla_time_to_first_token_seconds",
+                 "flotilla_inter_token_latency_seconds", "flotilla_replica_running", "flotilla_replica_waiting",
+                 "flotilla_prefix_cache_hit_rate", "flotilla_prefix_cache_hit_tokens"):
+        assert name in names, name
+    m = metrics(server.url)
+    assert {labels for (name, labels) in m if name == "flotilla_replica_running"} == \
+        {(("replica", "0"),), (("replica", "1"),)}
+    assert m[("flotilla_time_to_first_token_seconds_count", ())] >= 1
+    assert m[("flotilla_inter_token_latency_seconds_count", ())] >= 1
+    assert 0.0 <= m[("flotilla_prefix_cache_hit_rate", ())] <= 1.0
+
+
+def test_stream_disconnect_aborts(server: ServerThread, engine, auth: dict[str, str]) -> None:
+    aborts = ("flotilla_requests_total", (("finish_reason", "abort"),))
+    before = metrics(server.url).get(aborts, 0)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": engine.max_model_len - 16, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=auth, timeout=30) as r:
+        assert r.status_code == 200
+        n = 0
+        for line in r.iter_lines():
+            n += line.startswith("data:")
+            if n == 2:
+                break
+        assert engine.stats()["num_requests_inflight"] == 1
+    t0 = time.monotonic()
+    assert wait_until(lambda: engine.stats()["num_requests_inflight"] == 0, timeout=5)
+    assert time.monotonic() - t0 < 5
+    assert wait_until(lambda: metrics(server.url).get(aborts, 0) == before + 1, timeout=2)
+
+
+def test_non_stream_disconnect_aborts(server: ServerThread, engine, auth: dict[str, str]) -> None:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": engine.max_model_len - 16, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=auth, timeout=0.5)
+    assert wait_until(lambda: engine.stats()["num_requests_inflight"] == 0, timeout=5)
+
+
+# ============================================================================================ no engine / dead replica
+
+
+class _DeadEngine:
+    """Stands in for an engine whose every replica died: stats say so and requests fail."""
+
+    max_model_len = 64
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def stats(self) -> dict[str, Any]:
+        return {"replicas": [{"id": 0, "alive": False, "running": 0, "waiting": 0}], "num_requests_inflight": 0}
+
+    async def stream_async(self, prompt=None, sampling_params=None, *, input_ids=None, request_id=None):
+        raise RequestFailed("no replica can take the request: replica 0 died")
+        yield  # pragma: no cover  (makes this an async generator, like the engine's)
+
+
+def test_not_ready_and_dead_replica_are_503(llama_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    app = build_app(None, MODEL, None)
+    with TestClient(app) as tc:
+        assert tc.get("/health").status_code == 503
+        r = tc.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+        assert tc.get("/metrics").status_code == 200
+        set_engine(app, _DeadEngine(AutoTokenizer.from_pretrained(llama_path)))
+        assert tc.get("/health").status_code == 503
+        r = tc.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                  "max_tokens": 2})
+        assert r.status_code == 503 and "died" in r.json()["error"]["message"]
+
+
+# ============================================================================================ CLI
+
+
+def test_cli_serve(llama_path: str) -> None:
+    """``flotilla serve --port 0`` prints its URL once ready, serves, and exits cleanly on SIGTERM."""
+    env = {**os.environ, "FLOTILLA_API_KEY": "cli-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "flotilla", "serve", "--model", llama_path, "--device", "cpu",
+                             "--dtype", "float32", "--port", "0", "--served-model-name", "cli-model",
+                             "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            m = re.match(r"flotilla: serving cli-model on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "no 'serving' line"
+        assert httpx.get(f"{url}/health").status_code == 200
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="cli-key", max_retries=0)
+        r = c.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
