@@ -112,6 +112,7 @@ class EngineConfig:
         from flotilla.model.models import check_architecture
 
         check_architecture(hf)
+        self._check_shapes(hf)
         self.hf_config = hf
         if self.load_format == "auto":
             self.load_format = "safetensors"
@@ -130,6 +131,22 @@ class EngineConfig:
         if self.tokenizer is None:
             self.tokenizer = str(path)
         return self
+
+    def _check_shapes(self, hf: dict[str, Any]) -> None:
+        """Refuse a layout the model cannot be split into, before any process starts."""
+        attn_tp = self.tp_size // self.dp_size if self.enable_dp_attention else self.tp_size
+        heads = int(hf.get("num_attention_heads") or 0)
+        kv_heads = int(hf.get("num_key_value_heads") or heads)
+        if heads % attn_tp:
+            raise ValueError(f"tp_size: num_attention_heads ({heads}) must be divisible by the attention TP size "
+                             f"({attn_tp})")
+        if kv_heads % attn_tp and attn_tp % kv_heads:
+            raise ValueError(f"tp_size: num_key_value_heads ({kv_heads}) and the attention TP size ({attn_tp}) must "
+                             "divide one another")
+        for key in ("intermediate_size", "moe_intermediate_size"):
+            size = hf.get(key)
+            if size and int(size) % self.tp_size:
+                raise ValueError(f"tp_size: {key} ({size}) must be divisible by tp_size ({self.tp_size})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

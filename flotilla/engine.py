@@ -85,11 +85,15 @@ class Engine:
         """The one thing RayEngine changes: how rank processes start and how their death is noticed."""
         from flotilla.launch.mp import MpLauncher
 
+        cfg = self.config
         num_devices = 0
-        if self.config.device == "cuda":
+        if cfg.device == "cuda":
             import torch
 
             num_devices = torch.cuda.device_count()
+            ranks = world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention)
+            if ranks > num_devices:  # ranks share GPUs: each takes its fraction of the memory budget
+                cfg.gpu_memory_utilization *= num_devices / (num_devices * -(-ranks // num_devices))
         return MpLauncher(self._private_dir, num_devices)
 
     def _worker_args(self, spec: GroupSpec) -> list[WorkerArgs]:

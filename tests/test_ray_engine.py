@@ -28,14 +28,14 @@ def expected(path):
 
 
 def _no_leftovers():
-    from ray.util import state
-
-    alive = [a for a in state.list_actors(filters=[("state", "=", "ALIVE")])]
-    pgs = [p for p in state.list_placement_groups() if p.state not in ("REMOVED",)]
+    """Named actors of any Flotilla engine still alive, and placement groups not removed."""
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("flotilla-")]
+    pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
     return alive, pgs
 
 
-@pytest.mark.parametrize("layout", [dict(dp_size=2), dict(tp_size=2), dict(tp_size=2, dp_size=2)])
+@pytest.mark.parametrize("layout", [dict(dp_size=2), dict(tp_size=2), dict(tp_size=2, dp_size=2),
+                                    dict(tp_size=2, dp_size=2, enable_dp_attention=True)])
 def test_driver_created_group_matches_transformers(ray_cluster, layout):
     path = tiny("llama")
     with RayEngine(model=path, **OPTS, **layout) as engine:
