@@ -93,7 +93,7 @@ class Engine:
             num_devices = torch.cuda.device_count()
             ranks = world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention)
             if ranks > num_devices:  # ranks share GPUs: each takes its fraction of the memory budget
-                cfg.gpu_memory_utilization *= num_devices / (num_devices * -(-ranks // num_devices))
+                cfg.gpu_memory_utilization /= -(-ranks // num_devices)
         return MpLauncher(self._private_dir, num_devices)
 
     def _worker_args(self, spec: GroupSpec) -> list[WorkerArgs]:
