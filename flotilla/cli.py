@@ -75,6 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flotilla.bench import cmd_bench as run
+
+    return run(args)
+
+
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (loopback by default; 0.0.0.0 exposes the server to the network)")
@@ -108,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_engine_args(p)
     _add_serve_args(p)
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("bench", help="offline throughput / latency benchmark (flotilla or transformers CB)")
+    from flotilla.bench import add_bench_args
+
+    add_bench_args(p)
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("make-tiny-model", help="build a tiny random Hugging Face checkpoint", add_help=False)
     p.set_defaults(fn=None)

@@ -48,6 +48,10 @@ class EngineConfig:
     host: str | None = None  # where tcp sockets bind when ranks span nodes (default: this node's Ray address)
     allow_wildcard_host: bool = False
     worker_start_timeout: float = 300.0
+    # failover
+    heartbeat_timeout_s: float = 60.0   # a leader silent this long is treated as dead
+    max_replica_restarts: int = 3       # per replica slot, over the engine's life
+    failover_timeout_s: float = 300.0   # how long a request waits when every replica is down
     # filled in by resolve(): the HF config as a dict, never passed by users
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -70,6 +74,13 @@ class EngineConfig:
             raise ValueError(f"block_size: must be a power of two >= 1, got {self.block_size!r}")
         if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("heartbeat_timeout_s", "failover_timeout_s", "worker_start_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name}: must be a number > 0, got {value!r}")
+        if isinstance(self.max_replica_restarts, bool) or not isinstance(self.max_replica_restarts, int) or \
+                self.max_replica_restarts < 0:
+            raise ValueError(f"max_replica_restarts: must be an int >= 0, got {self.max_replica_restarts!r}")
         if self.kv_cache_tokens is not None:
             _positive_int("kv_cache_tokens", self.kv_cache_tokens)
         if self.max_model_len is not None:

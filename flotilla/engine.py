@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from flotilla.config import EngineConfig
+from flotilla.control import ControlMixin
 from flotilla.detokenizer import IncrementalDetokenizer
 from flotilla.ipc.channel import ChannelHub
-from flotilla.ipc.messages import FlushCache, Shutdown, StepOutput, WorkerFailed, WorkerReady, from_worker_decoder
+from flotilla.ipc.messages import (ControlDone, FlushCache, Shutdown, StepOutput, WorkerFailed, WorkerReady,
+                                   from_worker_decoder)
 from flotilla.launch.topology import GroupSpec, layout, world_size
 from flotilla.request import RequestFailed, RequestState
 from flotilla.router.controller import DPController
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 SamplingLike = SamplingParams | dict[str, Any] | None
 
 
-class Engine:
+class Engine(ControlMixin):
     """Offline and online generation over one or more replicas.
 
     ``Engine(model=path, tp_size=2, dp_size=2)`` runs dp x tp rank processes on this machine; the
@@ -60,7 +62,19 @@ class Engine:
         self._in_ch: dict[int, Any] = {}
         self._in_addr: dict[int, str] = {}
         self._failures: dict[int, str] = {}
-        self._dead_groups: dict[int, str] = {}
+        # failover and scaling state (guarded by _topo)
+        self._topo = threading.RLock()
+        self._scale_lock = threading.Lock()
+        self._down: dict[int, str] = {}          # target -> why, until its replacement is ready
+        self._replaces: dict[int, list[int]] = {}  # new target -> the targets it replaces
+        self._restarts: dict[int, int] = {}      # restarts per slot (a group's first global rank)
+        self._retiring: set[int] = set()         # groups being scaled away: their exit is not a death
+        self._starting: set[int] = set()         # groups started but not ready yet
+        self._last_seen: dict[int, float] = {}
+        self._pending: list[tuple[RequestState, float]] = []  # waiting for any replica to come back
+        self._next_gid = itertools.count()
+        self._next_target = itertools.count()
+        self._init_control()  # weight updates, pause/resume, memory release (flotilla/control.py)
         self._private_dir = tempfile.mkdtemp(prefix="flotilla-")
         self._launcher = self._make_launcher()
         # Sockets bind on the front end's node: ipc:// when every rank is on it, tcp:// + CURVE otherwise.
@@ -71,8 +85,8 @@ class Engine:
         self._out_ch, self._out_addr = self._hub.bind("pull", "out", from_worker_decoder)
         try:
             for spec in layout(self.config.tp_size, self.config.dp_size, self.config.enable_dp_attention):
-                self._start_group(spec)
-            self._wait_ready()
+                self._start_group(self._renumber(spec))
+            self._wait_ready(list(self._groups))
         except BaseException:
             self._finalizer()
             raise
@@ -106,27 +120,36 @@ class Engine:
         return [WorkerArgs(config=cfg.to_dict(), replica_id=spec.targets[r // spec.attn_tp_size], rank=r,
                            world_size=spec.world_size, dist_init_method=None,
                            in_addr=self._in_addr[leaders[r]] if r in leaders else "", out_addr=self._out_addr,
-                           keys=keys, num_threads=threads)
+                           keys=keys, num_threads=threads, **self._replay_args())
                 for r in range(spec.world_size)]
 
+    def _renumber(self, spec: GroupSpec) -> GroupSpec:
+        """A fresh group id and fresh target ids: a restarted or added replica never reuses an id, so a late
+        message from a dead incarnation can never be mistaken for its successor's."""
+        targets = {t: next(self._next_target) for t in spec.targets}
+        return GroupSpec(next(self._next_gid), spec.world_size, spec.attn_tp_size,
+                         tuple((targets[t], r) for t, r in spec.leaders), spec.first_global_rank)
+
     def _start_group(self, spec: GroupSpec) -> None:
-        for t in spec.targets:
-            ch, addr = self._hub.bind("push", f"in{t}", None)
-            self._in_ch[t], self._in_addr[t] = ch, addr
-            self._group_of_target[t] = spec.group_id
-            self.controller.add_target(t, ch.send)
-        self._groups[spec.group_id] = spec
+        with self._topo:
+            for t in spec.targets:
+                ch, addr = self._hub.bind("push", f"in{t}", None)
+                self._in_ch[t], self._in_addr[t] = ch, addr
+                self._group_of_target[t] = spec.group_id
+            self._groups[spec.group_id] = spec
+            self._starting.add(spec.group_id)
         self._launcher.start_group(spec, self._worker_args(spec))
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, gids: list[int]) -> None:
+        """Block until the groups are ready (at start-up, before the engine loop runs)."""
         timeout = self.config.worker_start_timeout
         deadline = time.monotonic() + timeout
-        while set(self._ready) != set(self._group_of_target):
+        while any(g in self._starting for g in gids):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker_start_timeout: workers were not ready after {timeout}s")
             msg = self._out_ch.recv(200)
             if isinstance(msg, WorkerReady):
-                self._ready[msg.replica] = msg
+                self._on_ready(msg)
             elif isinstance(msg, WorkerFailed):
                 raise RuntimeError(f"a worker failed to start: {msg.message}")
             dead = self._launcher.dead_groups()
@@ -135,6 +158,41 @@ class Engine:
                 msg = self._out_ch.recv(0)
                 detail = msg.message if isinstance(msg, WorkerFailed) else dead
                 raise RuntimeError(f"a worker exited during start-up: {detail}")
+
+    def _on_ready(self, msg: WorkerReady) -> list[RequestState]:
+        """A target's leader is up: route to it, retire what it replaces, and hand it waiting requests."""
+        with self._topo:
+            t = msg.replica
+            gid = self._group_of_target.get(t)
+            if gid is None or gid not in self._groups:
+                return []
+            self._ready[t] = msg
+            self._last_seen[t] = time.monotonic()
+            self.controller.add_target(t, self._in_ch[t].send)
+            for old in self._replaces.pop(t, []):
+                self._down.pop(old, None)
+            if all(x in self._ready for x in self._groups[gid].targets):
+                self._starting.discard(gid)
+            pending, self._pending = self._pending, []
+        return [s for s, _ in pending if not self._redispatch(s)]
+
+    def _stop_routing(self, gid: int) -> list[RequestState]:
+        """Forget a group's targets; returns their unfinished requests."""
+        states: list[RequestState] = []
+        for t in self._groups[gid].targets:
+            states.extend(self.controller.remove_target(t))
+            self._ready.pop(t, None)
+            self._last_seen.pop(t, None)
+        return states
+
+    def _close_group_channels(self, gid: int) -> None:
+        for t in self._groups[gid].targets:
+            ch = self._in_ch.pop(t, None)
+            if ch is not None:
+                ch.close()
+        del self._groups[gid]
+        self._starting.discard(gid)
+        self._retiring.discard(gid)
 
     # ------------------------------------------------------------------------------------------ engine loop
     def _loop(self) -> None:
@@ -147,33 +205,93 @@ class Engine:
                     return
                 raise
             woken: list[RequestState] = []
+            now = time.monotonic()
             for msg in msgs:
                 if isinstance(msg, StepOutput):
+                    self._last_seen[msg.replica] = now
                     woken.extend(state for state, _ in self.controller.on_step(msg))
+                elif isinstance(msg, WorkerReady):
+                    woken.extend(self._on_ready(msg))
+                elif isinstance(msg, ControlDone):
+                    self._on_control_done(msg)
                 elif isinstance(msg, WorkerFailed):
                     log.error("worker failed: %s", msg.message)
-                    self._failures[self._group_of_target.get(msg.replica, -1)] = msg.message
-            now = time.monotonic()
+                    self._failures[self._group_of_target.get(msg.replica, -1)] = msg.message.splitlines()[0]
             if now - last_check > 0.2:
                 last_check = now
-                woken.extend(self._check_liveness())
+                woken.extend(self._check_liveness(now))
             if woken:
                 for state in woken:
                     state.wake()
                 with self._cv:
                     self._cv.notify_all()
 
-    def _check_liveness(self) -> list[RequestState]:
-        failed: list[RequestState] = []
-        for gid, reason in self._launcher.dead_groups().items():
-            reason = self._failures.get(gid, reason)
-            self._launcher.kill_group(gid)
-            self._dead_groups[gid] = reason
-            for t in self._groups[gid].targets:
-                for state in self.controller.mark_dead(t):
-                    self.controller.fail(state, f"replica {t} died: {reason}")
-                    failed.append(state)
-        return failed
+    def _check_liveness(self, now: float) -> list[RequestState]:
+        """Dead ranks (process exit, actor death) or silent leaders fail their group over."""
+        with self._topo:
+            dead = {g: r for g, r in self._launcher.dead_groups().items() if g in self._groups and g not in self._retiring}
+            limit = self.config.heartbeat_timeout_s
+            for t, seen in list(self._last_seen.items()):
+                gid = self._group_of_target.get(t)
+                if gid in self._groups and gid not in dead and gid not in self._retiring and now - seen > limit:
+                    dead[gid] = f"no heartbeat from replica {t} for {now - seen:.0f}s"
+            woken: list[RequestState] = []
+            for gid, reason in dead.items():
+                woken.extend(self._on_group_dead(gid, self._failures.pop(gid, reason)))
+            expired = [(s, d) for s, d in self._pending if now > d]
+            if expired:
+                self._pending = [(s, d) for s, d in self._pending if now <= d]
+                for s, _ in expired:
+                    self.controller.fail(s, f"no replica came back within failover_timeout_s "
+                                            f"({self.config.failover_timeout_s}s)")
+                    woken.append(s)
+        return woken
+
+    def _on_group_dead(self, gid: int, reason: str) -> list[RequestState]:
+        """Kill what is left of the group, resume its requests elsewhere, and restart it in the background."""
+        log.warning("replica group %d is down: %s", gid, reason)
+        self._launcher.kill_group(gid)
+        spec = self._groups[gid]
+        for t in spec.targets:
+            self._down[t] = reason
+        states = self._stop_routing(gid)
+        self._close_group_channels(gid)
+        slot = spec.first_global_rank
+        if self._restarts.get(slot, 0) < self.config.max_replica_restarts and not self._closed:
+            self._restarts[slot] = self._restarts.get(slot, 0) + 1
+            new = self._renumber(spec)
+            for t_new, t_old in zip(new.targets, spec.targets):
+                self._replaces[t_new] = [t_old]
+            self._starting.add(new.group_id)  # so requests wait for it rather than fail
+            threading.Thread(target=self._restart, args=(new,), name=f"flotilla-restart-{gid}", daemon=True).start()
+        return [s for s in states if not self._redispatch(s, f"replica died: {reason}")]
+
+    def _restart(self, spec: GroupSpec) -> None:
+        try:
+            self._start_group(spec)
+        except Exception as e:  # the launcher could not start it: leave it down
+            log.error("restarting replica group failed: %s", e)
+            with self._topo:
+                self._starting.discard(spec.group_id)
+                self._groups.pop(spec.group_id, None)
+
+    def _redispatch(self, state: RequestState, why: str = "") -> bool:
+        """Resume a request on a live target as a continuation (prompt + tokens so far). Returns False when it
+        finished or failed instead (the caller wakes its waiters)."""
+        if state.finished:
+            return False
+        if len(state.output_ids) >= state.sampling.max_new_tokens:
+            state.finish_locally("length")
+            return False
+        try:
+            self.controller.dispatch(state)
+            return True
+        except NoReplicaAvailable:
+            if self._starting and not self._closed:
+                self._pending.append((state, time.monotonic() + self.config.failover_timeout_s))
+                return True
+            self.controller.fail(state, why or "no replica is available")
+            return False
 
     # ------------------------------------------------------------------------------------------ requests
     def _new_state(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
@@ -201,10 +319,15 @@ class Engine:
     def _submit(self, state: RequestState) -> None:
         if self._closed:
             raise RequestFailed("the engine is shut down")
-        try:
-            self.controller.dispatch(state)
-        except NoReplicaAvailable as e:
-            raise RequestFailed(f"no replica can take the request: {e}") from None
+        with self._topo:
+            try:
+                self.controller.dispatch(state)
+                return
+            except NoReplicaAvailable as e:
+                if not self._starting:
+                    raise RequestFailed(f"no replica can take the request: {e}") from None
+                # every replica is down but one is restarting: wait for it (bounded)
+                self._pending.append((state, time.monotonic() + self.config.failover_timeout_s))
 
     def _wait(self, states: list[RequestState], on_finish=None, timeout: float | None = None) -> None:
         pending = list(states)
@@ -318,43 +441,133 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; it finishes with finish_reason "abort". False if it is not in flight."""
-        return self.controller.abort(request_id) is not None
+        state = self.controller.abort(request_id)
+        if state is not None and state.finished:  # it was held while paused: it ended in the front end
+            state.wake()
+            with self._cv:
+                self._cv.notify_all()
+        return state is not None
 
     def flush_cache(self) -> None:
         for ch in self._in_ch.values():
             ch.send(FlushCache())
 
+    # ------------------------------------------------------------------------------------------ scaling
+    def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
+        """Grow or shrink the number of data-parallel replicas while requests keep flowing.
+
+        New replicas start and join the routing once ready. Removed replicas (the newest first) stop getting
+        requests, finish what they hold for up to ``drain_timeout_s``, hand the rest to the others as
+        continuations, then stop.
+        """
+        if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+            raise ValueError(f"dp_size: must be an int >= 1, got {dp_size!r}")
+        if self.config.enable_dp_attention:
+            raise ValueError("dp_size: with enable_dp_attention the attention-DP groups live in one TP group; "
+                             "scaling them means restarting the engine with a new layout")
+        with self._scale_lock:
+            live = sorted(g for g in self._groups if g not in self._retiring)
+            if dp_size > len(live):
+                self._grow(dp_size - len(live))
+            for gid in live[dp_size:][::-1]:
+                self._retire(gid, drain_timeout_s)
+            self.config.dp_size = dp_size
+
+    def _grow(self, count: int) -> None:
+        from flotilla.launch.topology import replica_group
+
+        tp = self.config.tp_size
+        with self._topo:
+            used = {spec.first_global_rank for spec in self._groups.values()}
+            slots = list(itertools.islice((s for s in itertools.count(0, tp) if s not in used), count))
+            specs = [replica_group(next(self._next_gid), next(self._next_target), tp, slot) for slot in slots]
+        ensure = getattr(self._launcher, "ensure_capacity", None)
+        if ensure is not None:
+            ensure(max(slots) + tp)
+        for spec in specs:
+            self._start_group(spec)
+        deadline = time.monotonic() + self.config.worker_start_timeout
+        while any(spec.group_id in self._starting for spec in specs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker_start_timeout: new replicas not ready after "
+                                   f"{self.config.worker_start_timeout}s")
+            if any(spec.group_id not in self._groups for spec in specs):
+                raise RuntimeError("a new replica died while starting")
+            time.sleep(0.05)
+
+    def _retire(self, gid: int, drain_timeout_s: float) -> None:
+        with self._topo:
+            self._retiring.add(gid)
+            targets = list(self._groups[gid].targets)
+            for t in targets:
+                self.controller.set_accepting(t, False)
+        deadline = time.monotonic() + drain_timeout_s
+        while any(self.controller.requests_on(t) for t in targets) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._topo:
+            moved = [s for t in targets for s in self.controller.requests_on(t)]
+            for state in moved:
+                old = state.target
+                if self._redispatch(state):
+                    self.controller.abort_on(old, state.rid)
+                else:
+                    state.wake()
+            for t in targets:
+                self._in_ch[t].send(Shutdown(), timeout_ms=1000)
+        self._launcher.stop_group(gid, timeout=30)
+        with self._topo:
+            for state in self._stop_routing(gid):
+                if not self._redispatch(state):
+                    state.wake()
+            self._close_group_channels(gid)
+        with self._cv:
+            self._cv.notify_all()
+
     # ------------------------------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:
         replicas = []
-        with self.controller.lock:
+        with self._topo, self.controller.lock:
             for t, view in sorted(self.controller.views.items()):
                 gid = self._group_of_target[t]
                 replicas.append({
-                    "id": t, "group": gid, "pids": self._launcher.pids(gid),
-                    "alive": view.alive and gid not in self._dead_groups,
-                    "running": view.running, "waiting": view.waiting, "kv_used": view.kv_used,
-                    "cached_tokens": view.cached_tokens, "outstanding_tokens": view.outstanding_tokens,
-                    "num_steps": view.last_report.num_steps, "num_preemptions": view.last_report.num_preemptions,
+                    "id": t, "group": gid, "pids": self._launcher.pids(gid), "alive": view.alive,
+                    "accepting": view.accepting, "running": view.running, "waiting": view.waiting,
+                    "kv_used": view.kv_used, "cached_tokens": view.cached_tokens,
+                    "outstanding_tokens": view.outstanding_tokens, "num_steps": view.last_report.num_steps,
+                    "num_preemptions": view.last_report.num_preemptions,
+                    "weight_version": view.last_report.weight_version,
                 })
-            inflight = self.controller.inflight()
+            for t, reason in sorted(self._down.items()):
+                replicas.append({"id": t, "group": None, "pids": [], "alive": False, "accepting": False,
+                                 "running": 0, "waiting": 0, "kv_used": 0.0, "cached_tokens": 0,
+                                 "outstanding_tokens": 0, "num_steps": 0, "num_preemptions": 0, "weight_version": None,
+                                 "down_reason": reason, "restarting": any(t in old for old in self._replaces.values())})
+            inflight = self.controller.inflight() + len(self._pending)
+            restarts = sum(self._restarts.values())
         return {"replicas": replicas, "num_requests_inflight": inflight, "max_model_len": self.max_model_len,
-                "load_balance": self.config.load_balance}
+                "load_balance": self.config.load_balance, "dp_size": self.config.dp_size,
+                "replica_restarts": restarts, "weight_version": self._weight_version, "paused": self._paused}
+
+    def healthy(self) -> bool:
+        """Every replica slot has a live, ready replica (what /health reports)."""
+        with self._topo:
+            return not self._closed and not self._down and not self._starting
 
     # ------------------------------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
         if self._closed:
             return
-        for ch in self._in_ch.values():
+        self._closed = True
+        for ch in list(self._in_ch.values()):
             try:
-                ch.send(Shutdown())
+                ch.send(Shutdown(), timeout_ms=200)
             except Exception:
                 pass
         self._launcher.shutdown()
-        self._closed = True
         self._thread.join(timeout=5)
-        with self.controller.lock:
-            leftovers = list(self.controller.requests.values())
+        with self._topo, self.controller.lock:
+            leftovers = list(self.controller.requests.values()) + [s for s, _ in self._pending]
+            self._pending = []
         for state in leftovers:
             self.controller.fail(state, "the engine shut down")
             state.wake()
@@ -397,6 +610,8 @@ class _Cursor:
                                  "finished": finished, "finish_reason": s.finish_reason if finished else None}
         if s.sampling.logprobs:
             delta["logprobs"] = s.logprobs[self.tokens:self.tokens + len(ids)]
+            if s.sampling.top_logprobs:
+                delta["top_logprobs"] = [list(t) for t in s.top_logprobs[self.tokens:self.tokens + len(ids)]]
         self.tokens += len(ids)
         self.chars = len(text)
         if finished:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from flotilla.control import DEFAULT_TIMEOUT_S, collect_named_tensors, meta_tensor
 from flotilla.engine import Engine
 from flotilla.launch.topology import world_size
 
@@ -31,3 +33,49 @@ class RayEngine(Engine):
             cfg.gpu_memory_utilization *= share
         return RayLauncher(num_ranks=world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention),
                            use_gpu=cfg.device == "cuda", **self._ray_opts)
+
+    # ------------------------------------------------------------------------------------------ weight updates
+    def update_weights_from_refs(self, refs: Any, *, version: int | None = None, flush_cache: bool = True,
+                                 timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Like ``update_weights`` with the tensors in the Ray object store: ``refs`` is an ObjectRef or a
+        list of them, each holding a dict {name: tensor} or a list of (name, tensor) pairs. Every rank
+        actor fetches them itself (while requests keep running), the front end checks the names and
+        shapes the ranks report, and only then are requests paused and the weights copied in place.
+        Returns the new weight version. A replica restarted later cannot replay such an update: it comes
+        back with the checkpoint's weights (weight_version 0 in stats) until the next update."""
+        import ray
+
+        refs = [refs] if isinstance(refs, ray.ObjectRef) else list(refs)
+        if not refs or not all(isinstance(r, ray.ObjectRef) for r in refs):
+            raise ValueError("refs: expected an ObjectRef or a non-empty list of ObjectRefs")
+        key = f"refs-{uuid.uuid4().hex}"
+        with self._control_lock:
+            self._check_resident()
+            try:
+                staged = self._launcher.stage_weights(key, refs, timeout)
+            except ray.exceptions.RayTaskError as e:
+                raise ValueError(f"refs: the rank actors could not read the update: {str(e).splitlines()[-1]}") from None
+            try:
+                if not staged:
+                    raise RuntimeError("update_weights: no replica is up")
+                if any(s != staged[0] for s in staged[1:]):
+                    raise RuntimeError("refs: the ranks fetched different contents")
+                full = self._check_weights([(n, meta_tensor(n, shape, dtype)) for n, shape, dtype in staged[0]])
+                version = self._next_version(version)
+                return self._apply_update(f"staged:{key}", version, flush_cache, timeout, replay=None, full=full)
+            finally:
+                self._launcher.unstage_weights(key)
+
+    def update_weights(self, named_tensors: Any, *, version: int | None = None, flush_cache: bool = True,
+                       timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """As ``Engine.update_weights``; when ranks sit on other nodes the tensors travel through the object
+        store (a file in the front end's private folder is only readable on its own node)."""
+        if not self._launcher.multi_node:
+            return super().update_weights(named_tensors, version=version, flush_cache=flush_cache, timeout=timeout)
+        import ray
+
+        items = collect_named_tensors(named_tensors)
+        with self._control_lock:
+            self._check_weights(items)
+            ref = ray.put([(n, t.detach().cpu()) for n, t in items])
+            return self.update_weights_from_refs([ref], version=version, flush_cache=flush_cache, timeout=timeout)

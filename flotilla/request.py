@@ -60,6 +60,11 @@ class RequestState:
             self._finish(out.finish_reason or "stop")
         return False
 
+    def finish_locally(self, reason: str) -> None:
+        """End a request the front end knows is done (its budget was spent before its replica died)."""
+        self.text += self.detok.flush()
+        self._finish(reason)
+
     def fail(self, message: str) -> None:
         if not self.finished:
             self.error = message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -91,8 +92,9 @@ def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = No
 
 def _check_num(name: str, value: Any, lo: float | None = None, hi: float | None = None,
                lo_open: bool = False, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name}: must be a number {hint}, got {value!r}")
+    # NaN and +-inf are rejected too: an infinite temperature or penalty turns logits into NaNs on the worker
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number {hint}, got {value!r}")
     bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
     bad_hi = hi is not None and value > hi
     if bad_lo or bad_hi:

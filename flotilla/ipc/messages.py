@@ -35,7 +35,47 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToWorker = AddRequest | AbortRequest | FlushCache | Shutdown
+# Control operations (weight updates, pause, memory). Each carries the front end's ``op_id``; the leader answers
+# every one with a ``ControlDone`` for that id. The model-touching ones (UpdateWeights, ReleaseMemory,
+# ResumeMemory) travel on to every rank inside ``BatchPlan.op`` and are applied by all ranks in one step.
+class UpdateWeights(msgspec.Struct, tag=True):
+    """Copy new weights into the live parameters, in place, on every rank of the replica.
+
+    ``source``: a safetensors file or folder every rank can read, or ``staged:<key>`` for tensors a launcher
+    handed to each rank's process beforehand (see ``flotilla.worker.weight_sources``). ``flush_cache``:
+    drop all KV computed with the old weights (running requests recompute theirs)."""
+
+    op_id: int
+    source: str
+    version: int
+    flush_cache: bool = True
+
+
+class Pause(msgspec.Struct, tag=True):
+    """Stop scheduling (running requests keep their KV and continue after Resume)."""
+
+    op_id: int
+
+
+class Resume(msgspec.Struct, tag=True):
+    op_id: int
+
+
+class ReleaseMemory(msgspec.Struct, tag=True):
+    """Free the KV cache (running requests are preempted, to recompute later) and optionally offload weights."""
+
+    op_id: int
+    weights: bool = False
+
+
+class ResumeMemory(msgspec.Struct, tag=True):
+    op_id: int
+
+
+ModelOp = UpdateWeights | ReleaseMemory | ResumeMemory
+
+ToWorker = (AddRequest | AbortRequest | FlushCache | Shutdown | UpdateWeights | Pause | Resume | ReleaseMemory |
+            ResumeMemory)
 
 
 # ----------------------------------------------------------------------------------- worker -> front end
@@ -63,6 +103,7 @@ class ReplicaLoad(msgspec.Struct):
     cached_tokens: int = 0
     num_steps: int = 0
     num_preemptions: int = 0
+    weight_version: int = 0
 
 
 class StepOutput(msgspec.Struct, tag=True):
@@ -86,7 +127,17 @@ class WorkerFailed(msgspec.Struct, tag=True):
     message: str
 
 
-FromWorker = StepOutput | WorkerReady | WorkerFailed
+class ControlDone(msgspec.Struct, tag=True):
+    """A leader's answer to a control operation (``error`` set when any rank of the replica failed it)."""
+
+    replica: int
+    op_id: int
+    op: str
+    weight_version: int
+    error: str | None = None
+
+
+FromWorker = StepOutput | WorkerReady | WorkerFailed | ControlDone
 
 
 # ----------------------------------------------------------------------------------- rank 0 -> TP peers
@@ -102,6 +153,7 @@ class SeqPlan(msgspec.Struct, array_like=True):
 class BatchPlan(msgspec.Struct, tag=True):
     seqs: list[SeqPlan]
     kind: str = "forward"  # "forward" | "idle" | "stop"
+    op: ModelOp | None = None  # a control operation the leader holds, applied once every rank has it
 
 
 encoder = msgspec.msgpack.Encoder()

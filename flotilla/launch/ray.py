@@ -143,6 +143,32 @@ class _RankActor:
             os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
         run_worker(args, store=RayStore(store_actor) if store_actor is not None else None)
 
+    # Weight updates from the object store. ``run`` occupies one thread of this actor for its whole life, so
+    # rank actors are threaded (max_concurrency=2): these run beside it. The fetched tensors are handed to
+    # the worker through its Ray-free staging hook; an UpdateWeights with source "staged:<key>" reads them.
+    def stage_weights(self, key: str, refs: list) -> list[tuple[str, list[int] | None, str]]:
+        """Fetch ``refs`` (each a dict name -> tensor or a list of (name, tensor)), stage them for this rank,
+        and return (name, shape, dtype) of each, for the front end to check."""
+        import numpy as np
+        import torch
+
+        from flotilla.worker.weight_sources import stage
+
+        items = []
+        for obj in ray.get(list(refs)):
+            for name, t in (obj.items() if isinstance(obj, dict) else obj):
+                if isinstance(t, np.ndarray):
+                    t = torch.from_numpy(t)
+                items.append((name, t))
+        stage(key, items)
+        return [(n, list(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else (n, None, type(t).__name__)
+                for n, t in items]
+
+    def unstage_weights(self, key: str) -> None:
+        from flotilla.worker.weight_sources import unstage
+
+        unstage(key)
+
 
 @ray.remote(num_cpus=0)
 def _probe() -> tuple[str, str]:
@@ -152,6 +178,7 @@ def _probe() -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------- placement
 @dataclass
 class Slot:
+    pg: PlacementGroup
     bundle: int
     node_ip: str
     node_id: str
@@ -204,6 +231,9 @@ class RayLauncher:
         self.use_gpu, self.gpus_per_rank = use_gpu, gpus_per_rank
         self._owns_pg = False
         pg = placement_group if placement_group is not None else ray.util.get_current_placement_group()
+        self._extra_pgs: list[PlacementGroup] = []  # made when scaling up past the first group
+        self._timeout_s = placement_timeout_s
+        self._groups: dict[int, dict] = {}
         if pg is None:
             pg = self._create_pg(num_ranks, placement_timeout_s)
             self._owns_pg = True
@@ -211,11 +241,28 @@ class RayLauncher:
             self._wait_ready(pg, placement_timeout_s, remove=False)
         self.pg = pg
         try:
-            self._place(num_ranks, bundle_indices)
+            self.slots = self._place(pg, num_ranks, bundle_indices)
         except BaseException:
             self.shutdown()
             raise
-        self._groups: dict[int, dict] = {}
+        here = ray.get_runtime_context().get_node_id()
+        self.bind_host = ray.util.get_node_ip_address()
+        self.multi_node = len({s.node_id for s in self.slots} | {here}) > 1
+
+    def ensure_capacity(self, num_ranks: int) -> None:
+        """Room for ``num_ranks`` ranks in all: scaling up adds a placement group of its own (only when this
+        launcher made the first one; a caller's group is never grown behind its back)."""
+        missing = num_ranks - len(self.slots)
+        if missing <= 0:
+            return
+        if not self._owns_pg:
+            raise ValueError(f"placement_group: the caller's group has room for {len(self.slots)} ranks, "
+                             f"{num_ranks} needed")
+        pg = self._create_pg(missing, self._timeout_s)
+        self._extra_pgs.append(pg)
+        self.slots.extend(self._place(pg, missing, None))
+        here = ray.get_runtime_context().get_node_id()
+        self.multi_node = self.multi_node or any(s.node_id != here for s in self.slots)
 
     # -------------------------------------------------------------------------------------- placement
     def _create_pg(self, num_ranks: int, timeout_s: float) -> PlacementGroup:
@@ -234,7 +281,7 @@ class RayLauncher:
             bundles = [{"CPU": float(ranks_per_node), "GPU": float(per_node)} if self.use_gpu
                        else {"CPU": float(ranks_per_node)} for _ in range(nnodes)]
             strategy = "SPREAD"
-        pg = placement_group(bundles, strategy=strategy, name=f"{self.name}-pg")
+        pg = placement_group(bundles, strategy=strategy, name=f"{self.name}-pg-{uuid.uuid4().hex[:6]}")
         self._wait_ready(pg, timeout_s, remove=True)
         return pg
 
@@ -248,30 +295,27 @@ class RayLauncher:
             raise RuntimeError(f"placement_group: {pg.bundle_specs} could not be scheduled within {timeout_s}s "
                                "(infeasible on this cluster?)") from None
 
-    def _place(self, num_ranks: int, bundle_indices: list[int] | None) -> None:
-        bundles = self.pg.bundle_specs
+    def _place(self, pg: PlacementGroup, num_ranks: int, bundle_indices: list[int] | None) -> list[Slot]:
+        bundles = pg.bundle_specs
         order = check_bundle_indices(bundle_indices, len(bundles))
         probes = [_probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.pg, placement_group_bundle_index=b)).remote() for b in order]
+            pg, placement_group_bundle_index=b)).remote() for b in order]
         try:
             where = dict(zip(order, ray.get(probes, timeout=60)))
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError("placement_group: probe tasks did not run within 60s") from None
-        here_ip = ray.util.get_node_ip_address()
         here_node = ray.get_runtime_context().get_node_id()
         # Bundles on the front end's node first, so rank 0 of the first group sits beside the sockets it uses.
         order = sorted(order, key=lambda b: where[b][1] != here_node)
         held: dict[int, float] = {}
         if not self.use_gpu and ray.util.get_current_placement_group() is not None and \
-                ray.util.get_current_placement_group().id == self.pg.id:
+                ray.util.get_current_placement_group().id == pg.id:
             mine = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
             on_my_node = [b for b in order if where[b][1] == here_node]
             if on_my_node:
                 held[on_my_node[0]] = mine
-        self.slots = [Slot(b, *where[b]) for b in plan_slots(bundles, order, num_ranks, self.use_gpu,
-                                                             self.gpus_per_rank, held)]
-        self.bind_host = here_ip
-        self.multi_node = len({s.node_id for s in self.slots} | {here_node}) > 1
+        return [Slot(pg, b, *where[b]) for b in plan_slots(bundles, order, num_ranks, self.use_gpu,
+                                                           self.gpus_per_rank, held)]
 
     # -------------------------------------------------------------------------------------- groups
     def start_group(self, spec: GroupSpec, ranks: list[WorkerArgs]) -> None:
@@ -281,15 +325,15 @@ class RayLauncher:
             slot0 = self.slots[first]
             store = ray.remote(_StoreActor).options(
                 name=f"{self.name}-store-g{spec.group_id}-{uuid.uuid4().hex[:4]}", num_cpus=0, max_concurrency=256,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot0.bundle),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(slot0.pg, placement_group_bundle_index=slot0.bundle),
             ).remote()
         actors, runs, pids = [], [], []
         for wa in ranks:
             slot = self.slots[first + wa.rank]
             actor = ray.remote(_RankActor).options(
                 name=f"{self.name}-g{spec.group_id}-r{wa.rank}-{uuid.uuid4().hex[:4]}",
-                num_cpus=1, num_gpus=self.gpus_per_rank if self.use_gpu else 0, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot.bundle),
+                num_cpus=1, num_gpus=self.gpus_per_rank if self.use_gpu else 0, max_restarts=0, max_concurrency=2,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle),
             ).remote()
             actors.append(actor)
         infos = ray.get([a.info.remote() for a in actors], timeout=300)
@@ -298,6 +342,30 @@ class RayLauncher:
         self._groups[spec.group_id] = {"actors": actors, "runs": runs, "pids": [i["pid"] for i in infos],
                                        "store": store, "nodes": [i["ip"] for i in infos],
                                        "node_ids": [i["node_id"] for i in infos]}
+
+    def stage_weights(self, key: str, refs: list, timeout_s: float) -> list[list[tuple]]:
+        """Every live rank fetches ``refs`` from the object store and stages them; returns what each staged.
+        Ranks of groups that died meanwhile are skipped (failover deals with them)."""
+        calls = [a.stage_weights.remote(key, list(refs)) for g in self._groups.values() for a in g["actors"]]
+        out = []
+        try:
+            for call in calls:
+                try:
+                    out.append(ray.get(call, timeout=timeout_s))
+                except ray.exceptions.RayActorError:
+                    continue
+        except BaseException:
+            self.unstage_weights(key)
+            raise
+        return out
+
+    def unstage_weights(self, key: str) -> None:
+        calls = [a.unstage_weights.remote(key) for g in self._groups.values() for a in g["actors"]]
+        for call in calls:
+            try:
+                ray.get(call, timeout=30)
+            except Exception:
+                pass
 
     def pids(self, group_id: int) -> list[int]:
         return list(self._groups.get(group_id, {}).get("pids", []))
@@ -333,9 +401,13 @@ class RayLauncher:
     def shutdown(self, timeout: float = 10.0) -> None:
         for gid in list(getattr(self, "_groups", {})):
             self.stop_group(gid, timeout)
-        if self._owns_pg and getattr(self, "pg", None) is not None:
+        owned = ([self.pg] if self._owns_pg and getattr(self, "pg", None) is not None else []) + \
+            getattr(self, "_extra_pgs", [])
+        for pg in owned:
             try:
-                remove_placement_group(self.pg)
+                remove_placement_group(pg)
             except Exception:
                 pass
+        self._extra_pgs = []
+        if self._owns_pg:
             self.pg = None

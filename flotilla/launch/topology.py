@@ -39,6 +39,11 @@ def layout(tp_size: int, dp_size: int, enable_dp_attention: bool) -> list[GroupS
     return [GroupSpec(d, tp_size, tp_size, ((d, 0),), d * tp_size) for d in range(dp_size)]
 
 
+def replica_group(group_id: int, target: int, tp_size: int, first_global_rank: int) -> GroupSpec:
+    """One more plain replica (what scaling adds): ``tp_size`` ranks leading one target."""
+    return GroupSpec(group_id, tp_size, tp_size, ((target, 0),), first_global_rank)
+
+
 def world_size(tp_size: int, dp_size: int, enable_dp_attention: bool) -> int:
     return tp_size if enable_dp_attention else tp_size * dp_size
 

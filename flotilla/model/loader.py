@@ -84,7 +84,7 @@ class WeightRouter:
         scratch = torch.empty(param.shape, dtype=param.dtype, device="meta")
         try:
             _load_into(nn.Parameter(scratch, requires_grad=False), param, tensor.to("meta"), part)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, IndexError, TypeError) as e:
             raise ValueError(f"weights: {name!r}: {e}") from None
 
     def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -97,7 +97,7 @@ class WeightRouter:
             with torch.no_grad():
                 try:
                     _load_into(param, param, tensor.to(param.dtype), part)
-                except (ValueError, RuntimeError) as e:
+                except (ValueError, RuntimeError, IndexError, TypeError) as e:
                     raise ValueError(f"weights: {name!r}: {e}") from None
             loaded.add(target if part is None else f"{target}:{part}")
         return loaded

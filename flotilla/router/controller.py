@@ -21,6 +21,9 @@ class DPController:
         self.requests: dict[str, RequestState] = {}
         self.views: dict[int, ReplicaView] = {}
         self.senders: dict[int, Callable[[object], None]] = {}
+        # paused (weight updates, memory release): new requests wait here, in order, for resume()
+        self.paused = False
+        self.held: dict[str, RequestState] = {}
 
     # ------------------------------------------------------------------------------------------ targets
     def add_target(self, target: int, send: Callable[[object], None]) -> None:
@@ -36,16 +39,26 @@ class DPController:
             self.policy.forget_replica(target)
             return [s for s in self.requests.values() if s.target == target and not s.finished]
 
-    def mark_dead(self, target: int) -> list[RequestState]:
+    def set_accepting(self, target: int, accepting: bool) -> None:
+        """A draining target keeps its requests but gets no new ones."""
         with self.lock:
             if target in self.views:
-                self.views[target].alive = False
+                self.views[target].accepting = accepting
+
+    def requests_on(self, target: int) -> list[RequestState]:
+        with self.lock:
             return [s for s in self.requests.values() if s.target == target and not s.finished]
 
     # ------------------------------------------------------------------------------------------ requests
     def dispatch(self, state: RequestState, target: int | None = None) -> int:
-        """Pick a target (unless given) and send the request there; raises NoReplicaAvailable."""
+        """Pick a target (unless given) and send the request there; raises NoReplicaAvailable. While paused a
+        request without a given target is held (returns -1) until resume()."""
         with self.lock:
+            if target is None and self.paused:
+                state.target = -1
+                self.requests[state.rid] = state
+                self.held[state.rid] = state
+                return -1
             if target is None:
                 target = self.policy.select(list(self.views.values()), state.prompt_ids,
                                             state.sampling.max_new_tokens)
@@ -61,10 +74,35 @@ class DPController:
             state = self.requests.get(rid)
             if state is None:
                 return None
+            if self.held.pop(rid, None) is not None:  # never sent anywhere: it ends here
+                state.finish_locally(reason)
+                self._retire(state)
+                return state
             send = self.senders.get(state.target)
             if send is not None:
                 send(AbortRequest(rid, reason))
             return state
+
+    def pause(self) -> None:
+        with self.lock:
+            self.paused = True
+
+    def resume(self) -> list[RequestState]:
+        """Stop holding; returns the held requests, oldest first, for the caller to dispatch again."""
+        with self.lock:
+            self.paused = False
+            held = list(self.held.values())
+            self.held.clear()
+            for state in held:
+                self.requests.pop(state.rid, None)
+            return held
+
+    def abort_on(self, target: int, rid: str) -> None:
+        """Tell one target to drop a request that has moved elsewhere (its late output is ignored)."""
+        with self.lock:
+            send = self.senders.get(target)
+            if send is not None:
+                send(AbortRequest(rid, "moved"))
 
     def on_step(self, step: StepOutput) -> list[tuple[RequestState, bool]]:
         """Apply a step's outputs: (state, hit_stop_string) for each request that changed."""
@@ -75,8 +113,8 @@ class DPController:
                 view.on_report(step.load)
             for out in step.outputs:
                 state = self.requests.get(out.rid)
-                if state is None:
-                    continue
+                if state is None or state.target != step.replica:
+                    continue  # finished, or moved elsewhere after a failure: late tokens are not its own
                 was_finished = state.finished
                 hit_stop = state.apply(out)
                 if hit_stop:

@@ -609,7 +609,9 @@ def _completion_logprobs(text_of: _TokenText, delta_ids: list[int], lps: list[fl
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    block: dict[str, Any] = {"tokens": tokens, "token_logprobs": list(lps or [])[:len(tokens)],
+    lps = list(lps or [])
+    block: dict[str, Any] = {"tokens": tokens, "token_logprobs": [lps[k] if k < len(lps) else None
+                                                                   for k in range(len(tokens))],
                              "text_offset": offsets, "top_logprobs": None}
     if tops is not None:
         block["top_logprobs"] = [{text_of(int(tid)): float(lp) for tid, lp in row} for row in tops]
@@ -681,13 +683,14 @@ def _chat_job(body: ChatCompletionRequest, state: _ServerState, rid: str) -> tup
 
 def _chat_logprobs(text_of: _TokenText, delta_ids: list[int], lps: list[float] | None,
                    tops: list[Any] | None) -> dict[str, Any]:
-    def entry(tid: int, lp: float) -> dict[str, Any]:
+    def entry(tid: int, lp: float | None) -> dict[str, Any]:
         tok = text_of(int(tid))
-        return {"token": tok, "logprob": float(lp), "bytes": list(tok.encode("utf-8"))}
+        return {"token": tok, "logprob": None if lp is None else float(lp), "bytes": list(tok.encode("utf-8"))}
 
+    lps = list(lps or [])
     content = []
-    for k, (tid, lp) in enumerate(zip(delta_ids, lps or [])):
-        item = entry(tid, lp)
+    for k, tid in enumerate(delta_ids):  # one entry per token, even if the engine sent no logprob for it
+        item = entry(tid, lps[k] if k < len(lps) else None)
         item["top_logprobs"] = [entry(t, v) for t, v in tops[k]] if tops is not None and k < len(tops) else []
         content.append(item)
     return {"content": content}
@@ -781,7 +784,29 @@ def build_app(engine: Any, model_name: str, api_key: str | None = None) -> FastA
     _add_model_routes(app, state)
     _add_completion_route(app, state)
     _add_chat_route(app, state)
+    _add_admin_routes(app, state)
     return app
+
+
+class ScaleRequest(BaseModel):
+    dp_size: int
+    drain_timeout_s: float = 60.0
+
+
+def _add_admin_routes(app: FastAPI, state: _ServerState) -> None:
+    @app.post("/admin/scale")
+    async def scale(body: ScaleRequest) -> dict[str, Any]:
+        """Grow or shrink the data-parallel replicas while serving (behind the API key, like /v1)."""
+        engine = state.ready_engine()
+        try:
+            await asyncio.to_thread(engine.scale, body.dp_size, body.drain_timeout_s)
+        except ValueError as e:
+            raise _from_value_error(e, {}) from None
+        except (RuntimeError, TimeoutError) as e:
+            raise _unavailable(f"scaling failed: {e}") from None
+        stats = engine.stats()
+        return {"dp_size": stats.get("dp_size"), "replicas": [
+            {"id": r["id"], "alive": r["alive"]} for r in stats["replicas"]]}
 
 
 def set_engine(app: FastAPI, engine: Any) -> None:

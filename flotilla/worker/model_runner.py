@@ -14,6 +14,7 @@ from flotilla.ipc.messages import SeqPlan
 from flotilla.model.attention import AttentionMetadata, make_backend
 from flotilla.model.loader import init_dummy, load_checkpoint
 from flotilla.model.models import model_class
+from flotilla.worker.cuda_graph import CudaGraphRunner
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class ModelRunner:
             load_checkpoint(self.model, cfg.model)
         self.model.eval()
         self.vocab_size = self.hf_config.vocab_size
-        self.backend = make_backend(cfg.attention_backend, device.type)
+        self.backend = make_backend(cfg.attention_backend, device)
         self.num_blocks = 0  # set by allocate_kv once the TP group agreed on a size
+        self.graphs: CudaGraphRunner | None = None  # decode CUDA graphs (CUDA, single rank, Triton backend)
 
     # ------------------------------------------------------------------------------------------ memory
     def _kv_bytes_per_block(self) -> int:
@@ -95,6 +97,30 @@ class ModelRunner:
     def allocate_kv(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._allocate_kv(num_blocks)
+        if self._graphs_supported():
+            max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.max_num_seqs)
+            max_context = min(self.cfg.max_model_len, num_blocks * self.block_size)
+            self.graphs = CudaGraphRunner(self, max_bs, max_context)
+            self.graphs.capture()
+
+    def _graphs_supported(self) -> bool:
+        """Decode graphs need CUDA, a graph-safe attention backend, one rank (no collectives inside the
+        graph) and a dense model (the MoE layer sorts tokens on the host)."""
+        from flotilla.distributed import get_group
+        from flotilla.model.layers.moe import FusedMoE
+
+        if not (self.cfg.enable_cuda_graph and self.device.type == "cuda"):
+            return False
+        if not getattr(self.backend, "graph_safe", False):
+            log.info("CUDA graphs off: attention backend %r cannot be captured", self.backend.name)
+            return False
+        if get_group("tp").size > 1 or get_group("attn_tp").size > 1 or get_group("attn_dp").size > 1:
+            log.info("CUDA graphs off: only single-rank replicas capture decode graphs")
+            return False
+        if any(isinstance(m, FusedMoE) for m in self.model.modules()):
+            log.info("CUDA graphs off: MoE models run decode eagerly")
+            return False
+        return True
 
     def _allocate_kv(self, num_blocks: int) -> None:
         for attn in self.model.attention_layers():
@@ -104,10 +130,63 @@ class ModelRunner:
             attn.backend = self.backend
 
     def _free_kv(self) -> None:
+        # Graphs hold the KV tensors' addresses (and a memory pool): they die with the cache and are
+        # captured again by the next allocate_kv. Anything that moves the weights must do the same.
+        self.graphs = None
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------ weight updates
+    def update_weights(self, weights, progress=None) -> int:
+        """Copy (HF name, full tensor) pairs into the live parameters, in place (this rank's shard, in the
+        model's dtype): parameter storage never moves, so captured CUDA graphs stay valid. ``progress`` is
+        called now and then (the leader's heartbeat during a long load). Returns the number of parts loaded."""
+        from flotilla.model.loader import WeightRouter
+
+        if getattr(self, "_offloaded", None):
+            raise RuntimeError("weights are released; resume memory before updating them")
+        router = getattr(self, "_router", None)
+        if router is None:
+            router = self._router = WeightRouter(self.model)
+
+        def ticking():
+            for i, item in enumerate(weights):
+                if progress is not None and i % 8 == 0:
+                    progress()
+                yield item
+
+        loaded = router.load(ticking())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return len(loaded)
+
+    def release_memory(self, weights: bool = False) -> None:
+        """Free the KV cache (and its CUDA graphs); with ``weights``, move the parameters to host memory."""
+        self._free_kv()
+        if weights and not getattr(self, "_offloaded", None):
+            pin = self.device.type == "cuda"
+            self._offloaded = {}
+            for name, p in self.model.named_parameters():
+                host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+                host.copy_(p.data)
+                self._offloaded[name] = host
+                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """Undo release_memory: weights back on the device, a zeroed KV cache of the same size (graphs are
+        captured again, since the buffers moved)."""
+        offloaded = getattr(self, "_offloaded", None)
+        if offloaded:
+            for name, p in self.model.named_parameters():
+                if name in offloaded:
+                    p.data = offloaded[name].to(self.device)
+            self._offloaded = {}
+        if self.model.attention_layers()[0].k_cache is None:
+            self.allocate_kv(self.num_blocks)
 
     # ------------------------------------------------------------------------------------------ forward
     def prepare(self, plans: list[SeqPlan]) -> ForwardInputs:
@@ -136,6 +215,9 @@ class ModelRunner:
             q_lens_cpu=q_lens, context_lens_cpu=ctx, block_size=bs,
             max_q_len=max(q_lens, default=0), max_context_len=max(ctx, default=0),
             is_decode=bool(plans) and all(n == 1 for n in q_lens))
+        plan = getattr(self.backend, "plan", None)
+        if plan is not None:
+            plan(meta)  # per-forward work a backend would otherwise redo in every layer
         return ForwardInputs(torch.from_numpy(ids).to(dev, non_blocking=True),
                              torch.from_numpy(pos).to(dev, non_blocking=True), meta,
                              torch.tensor(sample_rows, dtype=torch.long).to(dev, non_blocking=True))
@@ -145,7 +227,11 @@ class ModelRunner:
         """Logits [num sampled sequences, vocab] in float32 (every rank of the attention group gets them).
 
         ``dp_counts``: with DP attention, the token count of every attention-DP group in this step.
+        A decode batch that fits a captured CUDA graph replays it; the logits are then a view of the graph's
+        output buffer, valid until the next forward.
         """
+        if self.graphs is not None and dp_counts is None and self.graphs.can_run(plans):
+            return self.graphs.run(plans)
         inp = self.prepare(plans)
         if dp_counts is None:
             hidden = self.model(inp.input_ids, inp.positions, inp.meta)

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,13 +19,15 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.distributed import destroy_groups, get_group, init_groups
 from flotilla.ipc.channel import CurveKeys, connect
-from flotilla.ipc.messages import (AbortRequest, AddRequest, BatchPlan, FlushCache, Shutdown, StepOutput,
+from flotilla.ipc.messages import (AbortRequest, AddRequest, BatchPlan, ControlDone, FlushCache, Pause, ReleaseMemory,
+                                   Resume, ResumeMemory, Shutdown, StepOutput, UpdateWeights,
                                    WorkerFailed, WorkerReady, batch_plan_decoder, encoder, from_worker_decoder,
                                    to_worker_decoder)
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.model_runner import ModelRunner
 from flotilla.worker.sampler import Sampler, SamplingBatch
 from flotilla.worker.scheduler import Scheduler, SchedulerConfig
+from flotilla.worker.weight_sources import open_source
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ class WorkerArgs:
     device_index: int | None = None
     num_threads: int | None = None
     backend: str | None = None
+    # weight updates made before this rank started (a restarted replica catches up): sources applied in order
+    # on top of the checkpoint, and the version they amount to
+    weights_sources: list[str] = field(default_factory=list)
+    weight_version: int = 0
 
 
 def eos_ids(model_path: str, hf_config: dict) -> tuple[int, ...]:
@@ -86,6 +92,8 @@ def run_worker(args: WorkerArgs, store=None) -> None:
         if get_group("attn_tp").rank == 0:
             out_ch = connect("push", args.out_addr, from_worker_decoder, args.keys)
         runner = ModelRunner(cfg, device)
+        for source in args.weights_sources:
+            runner.update_weights(open_source(source))
         tp = get_group("tp")
         num_blocks = min(v[0] for v in tp.all_gather_ints([runner.plan_kv_blocks()]))
         runner.allocate_kv(num_blocks)
@@ -118,11 +126,15 @@ class _Leader:
         self.sampler = Sampler()
         self.steps = 0
         self.last_sent = time.monotonic()
+        # control state: paused (no scheduling), KV released, model ops waiting for every rank to take them
+        self.paused = self.released = False
+        self.model_ops: list = []
+        self.weight_version = args.weight_version
         out_ch.send(WorkerReady(args.replica_id, args.rank, os.getpid(), runner.num_blocks, cfg.block_size, max_len))
 
     def next_plan(self, busy_elsewhere: bool):
         """Take the front end's messages, then schedule; returns (plan to share, batch or None)."""
-        wait_ms = 0 if (self.sched.has_work() or busy_elsewhere) else 50
+        wait_ms = 0 if ((self.sched.has_work() and not (self.paused or self.released)) or busy_elsewhere) else 50
         for msg in self.in_ch.recv_many(wait_ms):
             if isinstance(msg, AddRequest):
                 self.sched.add(msg.rid, msg.prompt_ids, msg.sampling, msg.output_ids)
@@ -130,12 +142,18 @@ class _Leader:
                 self.sched.abort(msg.rid, msg.reason)
             elif isinstance(msg, FlushCache):
                 self.sched.flush_prefix_cache()
+            elif isinstance(msg, (Pause, Resume)):
+                self.paused = isinstance(msg, Pause)
+                self.reply(msg.op_id, "pause" if self.paused else "resume")
+            elif isinstance(msg, (UpdateWeights, ReleaseMemory, ResumeMemory)):
+                self.model_ops.append(msg)
             elif isinstance(msg, Shutdown):
                 return BatchPlan([], kind="stop"), None
-        batch = self.sched.schedule()
+        op = self.model_ops[0] if self.model_ops else None
+        batch = None if (self.paused or self.released) else self.sched.schedule()
         if batch is None:
-            return BatchPlan([], kind="idle"), None
-        return BatchPlan(batch.plans), batch
+            return BatchPlan([], kind="idle", op=op), None
+        return BatchPlan(batch.plans, op=op), batch
 
     def finish_step(self, batch, logits) -> None:
         if batch is not None:
@@ -145,11 +163,44 @@ class _Leader:
             outputs, self.sched.finished_outputs = self.sched.finished_outputs, []
         now = time.monotonic()
         if outputs or now - self.last_sent > HEARTBEAT_S:
-            load = self.sched.load()
-            load.num_steps = self.steps
-            load.num_preemptions = self.sched.num_preemptions
-            self.out_ch.send(StepOutput(self.args.replica_id, outputs, load))
-            self.last_sent = now
+            self.report(outputs)
+
+    def report(self, outputs=None) -> None:
+        load = self.sched.load()
+        load.num_steps = self.steps
+        load.num_preemptions = self.sched.num_preemptions
+        load.weight_version = self.weight_version
+        self.out_ch.send(StepOutput(self.args.replica_id, outputs or [], load))
+        self.last_sent = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Called during a long weight load, so the front end does not take the replica for dead."""
+        if time.monotonic() - self.last_sent > HEARTBEAT_S:
+            self.report()
+
+    def reply(self, op_id: int, op: str, error: str | None = None) -> None:
+        self.out_ch.send(ControlDone(self.args.replica_id, op_id, op, self.weight_version, error))
+
+    def op_done(self, op, error: str | None) -> None:
+        """Every rank applied (or failed) ``op``: update the bookkeeping, report, answer the front end."""
+        self.model_ops.pop(0)
+        if isinstance(op, UpdateWeights):
+            name = "update_weights"
+            if op.flush_cache:  # even after a failure: the weights may be half new
+                self.sched.drop_all_kv()
+            if error is None:
+                self.weight_version = op.version
+        elif isinstance(op, ReleaseMemory):
+            name = "release_memory"
+            self.released = True  # even after a failure: some ranks may have freed their cache
+            self.sched.drop_all_kv()
+        else:
+            name = "resume_memory"
+            if error is None:
+                self.released = False
+        outputs, self.sched.finished_outputs = self.sched.finished_outputs, []
+        self.report(outputs)  # the new weight version reaches stats() before the answer does
+        self.reply(op.op_id, name, error)
 
     def close(self) -> None:
         self.in_ch.close()
@@ -162,6 +213,11 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
     attention, all attention groups then exchange their token counts: a group with nothing to do still
     runs an empty forward whenever another group works, so the MLP collectives line up; when no group
     has work, nobody runs a forward and the leaders wait on their sockets.
+
+    Control operations that touch the model (weight updates, memory release) ride along in the plan until
+    every rank has one: with DP attention each leader got its own copy from the front end, possibly in
+    different steps, so the exchanged counts carry each group's pending op id and all ranks apply the op
+    in the first step where every group holds the same one. No forward ever mixes old and new weights.
     """
     attn_tp, attn_dp = get_group("attn_tp"), get_group("attn_dp")
     leader = _Leader(args, cfg, runner, out_ch) if attn_tp.rank == 0 else None
@@ -173,31 +229,71 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
                 payload = encoder.encode(plan) if leader else None
                 plan = batch_plan_decoder.decode(attn_tp.broadcast_bytes(payload))
             counts = None
+            op_id = plan.op.op_id if plan.op is not None else 0
             if attn_dp.size > 1:
                 mine = sum(len(s.token_ids) for s in plan.seqs)
-                shared = get_group("tp").all_gather_ints([mine, int(plan.kind == "stop")])
-                if any(stop for _, stop in shared):
+                shared = get_group("tp").all_gather_ints([mine, int(plan.kind == "stop"), op_id])
+                if any(stop for _, stop, _ in shared):
                     return
                 counts = [shared[a * attn_tp.size][0] for a in range(attn_dp.size)]
                 busy_elsewhere = any(counts)
                 run = busy_elsewhere
+                apply_op = op_id != 0 and all(o == op_id for _, _, o in shared)
             else:
                 if plan.kind == "stop":
                     return
                 run = plan.kind == "forward"
+                apply_op = op_id != 0
             logits = runner.forward(plan.seqs, dp_counts=counts) if run else None
             if leader:
                 leader.finish_step(batch, logits)
+            if apply_op:
+                _apply_model_op(args, runner, plan.op, leader)
     finally:
         if leader:
             leader.close()
+
+
+def _apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: _Leader | None) -> None:
+    """Every rank of the group runs this in the same step; the leaders learn whether all ranks succeeded."""
+    error = None
+    try:
+        if isinstance(op, UpdateWeights):
+            runner.update_weights(open_source(op.source), progress=leader.heartbeat if leader else None)
+        elif isinstance(op, ReleaseMemory):
+            runner.release_memory(op.weights)
+        elif isinstance(op, ResumeMemory):
+            runner.resume_memory()
+    except Exception as e:  # reported to the front end; the rank keeps serving
+        error = f"rank {args.rank}: {type(e).__name__}: {e}"
+        log.error("replica %d: %s failed: %s", args.replica_id, type(op).__name__, error)
+    failed = [r for r, (f,) in enumerate(get_group("tp").all_gather_ints([int(error is not None)])) if f]
+    if leader is not None:
+        if failed and error is None:
+            error = f"rank(s) {failed} failed (see their logs)"
+        leader.op_done(op, error)
+
+
+class _RowIds:
+    """``seqs[r].<attr>`` computed on access (a list-like of one id list per row)."""
+
+    def __init__(self, seqs, attr: str):
+        self.seqs, self.attr = seqs, attr
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, r: int) -> list[int]:
+        return getattr(self.seqs[r], self.attr)
 
 
 def _sample(sampler: Sampler, logits: torch.Tensor, batch, runner: ModelRunner):
     seqs = batch.sampled
     if not seqs:
         return [], None, None
-    sb = SamplingBatch.build([s.sampling for s in seqs], [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+    # Lazy views: the sampler reads a row's ids only for penalties or seeds, and slicing every prompt and
+    # output on every step costs ~1 ms of host time at batch 256.
+    sb = SamplingBatch.build([s.sampling for s in seqs], _RowIds(seqs, "prompt_ids"), _RowIds(seqs, "output_ids"),
                              runner.vocab_size, logits.device)
     out = sampler(logits, sb)
     tokens = out.token_ids.tolist()

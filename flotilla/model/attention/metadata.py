@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ class AttentionMetadata:
     max_q_len: int
     max_context_len: int
     is_decode: bool                   # every sequence contributes exactly one token
+    extra: dict[str, Any] = field(default_factory=dict)  # a backend's per-forward plan (e.g. Triton's query tiles)
 
     @property
     def num_seqs(self) -> int:

@@ -20,6 +20,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        # A backend may bring its own store (Triton's skips negative slots: padded CUDA-graph rows).
+        store = getattr(self.backend, "write_kv", write_kv)
+        store(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         o = self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale)
         return o.reshape(-1, self.num_heads * self.head_dim)

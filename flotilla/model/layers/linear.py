@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flotilla.distributed import ParallelGroup, get_group
+from flotilla.model.layers import fused
 
 
 def _set_loader(param: nn.Parameter, loader) -> nn.Parameter:
@@ -19,6 +20,13 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs loaded {tuple(loaded.shape)}")
     param.data.copy_(loaded)
+
+
+def _expect_rows(loaded: torch.Tensor, rows: int, dim: int = 0) -> None:
+    """The full (unsharded) tensor must have exactly ``rows`` along ``dim``: narrowing alone would accept a
+    larger tensor and silently load a slice of it."""
+    if loaded.dim() <= dim or loaded.shape[dim] != rows:
+        raise ValueError(f"shape mismatch: expected {rows} along dim {dim}, got {tuple(loaded.shape)}")
 
 
 class ColumnParallelLinear(nn.Module):
@@ -37,10 +45,15 @@ class ColumnParallelLinear(nn.Module):
                      if bias else None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _expect_rows(loaded, self.out_features)
         shard = loaded.shape[0] // self.group.size
         default_weight_loader(param, loaded.narrow(0, self.group.rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.use_fused(x):  # batch-1 decode: a Triton GEMV where it measured faster than cuBLAS (CUDA only)
+            y = fused.gemv(x, self.weight, self.bias)
+            if y is not None:
+                return y
         return F.linear(x, self.weight, self.bias)
 
 
@@ -54,6 +67,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
         if shard_id is None:
             raise ValueError("a merged projection needs the index of the part being loaded")
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(f"unknown part {shard_id!r} of a projection fused from {len(self.output_sizes)}")
+        _expect_rows(loaded, self.output_sizes[shard_id])
         tp = self.group.size
         offset = sum(self.output_sizes[:shard_id]) // tp
         size = self.output_sizes[shard_id] // tp
@@ -87,8 +103,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         hd, rank, tp = self.head_dim, self.group.rank, self.group.size
         q_size, kv_size = self.num_heads * hd, self.num_kv_heads * hd
         if shard_id == "q":
+            _expect_rows(loaded, q_size * tp)
             dst, start = param.data.narrow(0, 0, q_size), rank * q_size
         elif shard_id in ("k", "v"):
+            _expect_rows(loaded, self.total_kv_heads * hd)
             base = q_size if shard_id == "k" else q_size + kv_size
             dst = param.data.narrow(0, base, kv_size)
             kv_rank = rank // (tp // self.total_kv_heads) if tp > self.total_kv_heads else rank
@@ -116,10 +134,13 @@ class RowParallelLinear(nn.Module):
                      if bias else None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _expect_rows(loaded, self.in_local * self.group.size, dim=1)
         default_weight_loader(param, loaded.narrow(1, self.group.rank * self.in_local, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = fused.gemv(x, self.weight) if fused.use_fused(x) else None  # see ColumnParallelLinear.forward
+        if y is None:
+            y = F.linear(x, self.weight)
         y = self.group.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias

@@ -61,6 +61,9 @@ class FusedMoE(nn.Module):
     def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, part: tuple[int, int]) -> None:
         expert, which = part
         n = self.inter_local
+        self._check_part(expert, loaded, 0)
+        if which not in (0, 1):
+            raise ValueError(f"unknown gate/up part {which!r}")
         src = loaded.narrow(0, self.group.rank * n, n)
         dst = param.data[expert].narrow(0, which * n, n)
         if dst.shape != src.shape:
@@ -69,11 +72,20 @@ class FusedMoE(nn.Module):
 
     def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, expert: int) -> None:
         n = self.inter_local
+        self._check_part(expert, loaded, 1)
         src = loaded.narrow(1, self.group.rank * n, n)
         dst = param.data[expert]
         if dst.shape != src.shape:
             raise ValueError(f"shape mismatch: expected {tuple(dst.shape)}, got {tuple(src.shape)}")
         dst.copy_(src)
+
+    def _check_part(self, expert: int, loaded: torch.Tensor, split_dim: int) -> None:
+        """A real expert id, and the full (unsharded) intermediate size along the dimension TP splits."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range [0, {self.num_experts})")
+        full = self.inter_local * self.group.size
+        if loaded.dim() != 2 or loaded.shape[split_dim] != full:
+            raise ValueError(f"shape mismatch: expected {full} along dim {split_dim}, got {tuple(loaded.shape)}")
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:

@@ -71,9 +71,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata, mlp_fn) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
-        return h + mlp_fn(self.mlp, self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata, mlp_fn,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it is added). The add is left to
+        the next norm, which fuses it (``RMSNorm.add``); the sums are the same, in the same order."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm.add(h, residual)
+        x, residual = self.post_attention_layernorm.add(self.self_attn(positions, x, meta), residual)
+        return mlp_fn(self.mlp, x), residual
 
 
 def _plain_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +98,12 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, mlp_fn=_plain_mlp):
         h = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            h = layer(positions, h, meta, mlp_fn)
-        return self.norm(h)
+            h, residual = layer(positions, h, meta, mlp_fn, residual)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm.add(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

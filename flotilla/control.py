@@ -1,0 +1,374 @@
+"""Weight updates, pause/resume and memory release: the front-end half (``Engine`` mixes this in).
+
+The flow of an update (see docs/weight_updates.md):
+
+1. Validate every (name, tensor) against a copy of the model built on the ``meta`` device (tp=1, so the
+   full Hugging Face shapes): unknown names, wrong shapes and non-float tensors are refused here, naming
+   the parameter, before any rank is told anything.
+2. Make the tensors readable by every rank: ``update_weights`` writes them into one safetensors file in
+   the engine's private 0700 folder; ``update_weights_from_disk`` passes the caller's file or folder; the
+   Ray engine stages object refs in each rank actor (``staged:<key>``).
+3. Pause (stop dispatching, leaders stop scheduling), send ``UpdateWeights`` to every leader, wait for
+   every ``ControlDone``, resume. Each leader hands the op to all its ranks inside the batch plan, and all
+   ranks copy their shard into the live parameters in place in one step.
+
+Only one control operation runs at a time (``_control_lock``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory, UpdateWeights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+
+# safetensors header dtype codes of float types (anything else is refused as not floating point)
+_SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ENGINE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _PendingOp:
+    def __init__(self, name: str, targets: set[int]):
+        self.name = name
+        self.pending = set(targets)
+        self.errors: dict[int, str] = {}
+
+
+def meta_tensor(name: str, shape: Any, dtype: str) -> torch.Tensor:
+    """A shape-only stand-in for a tensor described by metadata (object refs, a safetensors header)."""
+    if shape is None:
+        raise ValueError(f"weights: {name!r}: expected a tensor, got {dtype}")
+    torch_dtype = getattr(torch, _SAFETENSORS_FLOATS.get(dtype, dtype.removeprefix("torch.")), None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"weights: {name!r}: dtype {dtype} is not a floating-point type")
+    return torch.empty(tuple(shape), dtype=torch_dtype, device="meta")
+
+
+def collect_named_tensors(named_tensors: Any) -> list[tuple[str, Any]]:
+    """A dict, or an iterable of (name, tensor) pairs, as a list."""
+    if isinstance(named_tensors, dict):
+        return list(named_tensors.items())
+    items = []
+    for item in named_tensors:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"weights: expected (name, tensor) pairs, got {type(item).__name__}")
+        items.append((item[0], item[1]))
+    return items
+
+
+class ControlMixin:
+    """Public: ``pause``, ``resume``, ``update_weights``, ``update_weights_from_disk``, ``release_memory``,
+    ``resume_memory``, ``weight_version``. Needs the Engine's ``_cv``, ``_topo``, ``_ready``, ``_in_ch``,
+    ``controller``, ``config``, ``_private_dir`` and ``_redispatch``."""
+
+    def _init_control(self) -> None:
+        self._control_lock = threading.RLock()
+        self._op_ids = itertools.count(1)
+        self._ops: dict[int, _PendingOp] = {}
+        self._paused = False
+        self._paused_for_memory = False
+        self._memory_released = False
+        self._weight_version = 0
+        # what a replica started later (failover, scale-up) loads on top of the checkpoint to catch up:
+        # sources in order, or None when an update cannot be replayed (it came from object refs)
+        self._replay: list[str] | None = []
+        self._meta = None
+
+    # ------------------------------------------------------------------------------------------ public
+    @property
+    def weight_version(self) -> int:
+        """The version of the weights every replica serves (0: the checkpoint the engine started with)."""
+        return self._weight_version
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self, timeout: float = 60.0) -> None:
+        """Stop dispatching and scheduling. Requests submitted while paused wait in the front end; running
+        requests keep their KV and continue after ``resume()``. Returns once every replica has stopped."""
+        with self._control_lock:
+            if self._paused:
+                return
+            self.controller.pause()
+            self._paused = True
+            try:
+                self._control(Pause, "pause", timeout)
+            except BaseException:
+                self._paused = False
+                self._control(Resume, "resume", timeout, check=False)
+                self._release_held()
+                raise
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Undo ``pause()``: replicas schedule again and the requests held meanwhile are dispatched."""
+        with self._control_lock:
+            if not self._paused:
+                return
+            if self._memory_released:
+                raise RuntimeError("resume: memory is released; call resume_memory() first")
+            try:
+                self._control(Resume, "resume", timeout)
+            finally:
+                self._paused = self._paused_for_memory = False
+                self._release_held()
+
+    def update_weights(self, named_tensors: Any, *, version: int | None = None, flush_cache: bool = True,
+                       timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Load new weights into every replica and TP rank, in place, without a restart.
+
+        ``named_tensors``: (Hugging Face parameter name, tensor) pairs or a dict, any subset of the model's
+        parameters, any float dtype (converted to the engine's), on any device. Everything is checked before
+        anything is written: an unknown name or a wrong shape raises ``ValueError`` naming the parameter and
+        the old weights keep serving. Requests are paused around the update; with ``flush_cache`` no KV
+        computed with the old weights is reused (running requests recompute theirs). Returns the new
+        weight version (``version`` if given, else the previous one + 1).
+        """
+        items = collect_named_tensors(named_tensors)
+        with self._control_lock:
+            full = self._check_weights(items)
+            version = self._next_version(version)
+            path = self._write_update_file(items, version)
+            return self._apply_update(path, version, flush_cache, timeout, replay=path, full=full)
+
+    def update_weights_from_disk(self, path: str | os.PathLike, *, version: int | None = None,
+                                 flush_cache: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Like ``update_weights`` from a safetensors file or a checkpoint folder that every rank can read
+        (on several nodes: a shared filesystem). Headers are checked first; the folder must stay in place
+        while a later-started replica may need to replay it."""
+        from safetensors import safe_open
+
+        from flotilla.model.loader import safetensors_files
+
+        p = Path(path).resolve()
+        if p.is_file():
+            files = [p]
+        elif p.is_dir():
+            files = safetensors_files(p)
+        else:
+            raise ValueError(f"path: {str(path)!r} is neither a file nor a folder")
+        items = []
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    sl = st.get_slice(name)
+                    items.append((name, meta_tensor(name, sl.get_shape(), sl.get_dtype())))
+        with self._control_lock:
+            full = self._check_weights(items)
+            version = self._next_version(version)
+            return self._apply_update(str(p), version, flush_cache, timeout, replay=str(p), full=full)
+
+    def release_memory(self, weights: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Free every replica's KV cache (and, with ``weights``, move the weights to host memory) so a
+        trainer can use the GPU. Pauses the engine first; running requests will recompute their KV."""
+        with self._control_lock:
+            if self._memory_released:
+                return
+            if not self._paused:
+                self.pause(timeout)
+                self._paused_for_memory = True
+            self._control(lambda i: ReleaseMemory(i, weights), "release_memory", timeout)
+            self._memory_released = True
+
+    def resume_memory(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Re-take the memory ``release_memory`` freed (the same number of KV blocks) and, if that call
+        paused the engine, resume it."""
+        with self._control_lock:
+            if not self._memory_released:
+                return
+            self._control(ResumeMemory, "resume_memory", timeout)
+            self._memory_released = False
+            if self._paused_for_memory:
+                self.resume(timeout)
+
+    # ------------------------------------------------------------------------------------------ engine hooks
+    def _on_control_done(self, msg: ControlDone) -> None:
+        """Engine loop: a leader answered a control operation."""
+        with self._cv:
+            op = self._ops.get(msg.op_id)
+            if op is not None:
+                op.pending.discard(msg.replica)
+                if msg.error:
+                    op.errors[msg.replica] = msg.error
+            self._cv.notify_all()
+
+    def _replay_args(self) -> dict[str, Any]:
+        """WorkerArgs fields for a replica that starts now: the updates to replay, and their version."""
+        replay = getattr(self, "_replay", [])
+        version = getattr(self, "_weight_version", 0)
+        if replay is None:
+            log.warning("a replica starts with the checkpoint's weights: update v%d came from object refs and "
+                        "cannot be replayed (its stats show weight_version 0 until the next update)", version)
+            return {"weights_sources": [], "weight_version": 0}
+        return {"weights_sources": list(replay), "weight_version": version}
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _control(self, make: Callable[[int], Any], name: str, timeout: float, check: bool = True) -> None:
+        """Send one control op to every ready leader and wait until each answered (or died)."""
+        with self._topo:
+            targets = set(self._ready)
+        if not targets:
+            if not check:
+                return
+            raise RuntimeError(f"{name}: no replica is up")
+        op_id = next(self._op_ids)
+        op = _PendingOp(name, targets)
+        with self._cv:
+            self._ops[op_id] = op
+        try:
+            msg = make(op_id)
+            with self.controller.lock:  # the lock every send to a replica's channel is made under
+                for t in sorted(targets):
+                    ch = self._in_ch.get(t)
+                    try:
+                        if ch is None:
+                            raise KeyError(t)
+                        ch.send(msg)
+                    except Exception as e:  # gone: the failover path takes care of it
+                        log.warning("%s: replica %d unreachable (%s)", name, t, e)
+                        with self._cv:
+                            op.pending.discard(t)
+            deadline = time.monotonic() + timeout
+            with self._cv:
+                while True:
+                    waiting = {t for t in op.pending if t in self._ready}  # a replica that died answers no more
+                    if not waiting:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        if not check:
+                            return
+                        raise TimeoutError(f"{name}: replica(s) {sorted(waiting)} did not answer within {timeout}s")
+                    self._cv.wait(min(left, 0.2))
+        finally:
+            with self._cv:
+                self._ops.pop(op_id, None)
+        if op.errors and check:
+            detail = "; ".join(f"replica {t}: {e}" for t, e in sorted(op.errors.items()))
+            raise RuntimeError(f"{name} failed: {detail}")
+
+    def _release_held(self) -> None:
+        held = self.controller.resume()
+        woken = []
+        with self._topo:
+            for state in held:
+                if not self._redispatch(state):
+                    woken.append(state)
+        for state in woken:
+            state.wake()
+        with self._cv:
+            self._cv.notify_all()
+
+    def _meta_model(self):
+        """(router, expected part names) of the model built on the meta device with tp=1 (no memory)."""
+        if self._meta is None:
+            from transformers import AutoConfig
+
+            from flotilla.model.loader import WeightRouter, _expected_names
+            from flotilla.model.models import model_class
+
+            hf = AutoConfig.from_pretrained(self.config.model)
+            with torch.device("meta"):
+                model = model_class(self.config.hf_config)(hf, max_positions=self.config.max_model_len)
+            self._meta = (WeightRouter(model), _expected_names(model))
+        return self._meta
+
+    def _check_weights(self, items: Iterable[tuple[Any, Any]]) -> bool:
+        """Refuse a bad update before any rank sees it; True when it covers every weight of the model."""
+        router, expected = self._meta_model()
+        covered: set[str] = set()
+        seen: set[str] = set()
+        for name, tensor in items:
+            if not isinstance(name, str):
+                raise ValueError(f"weights: parameter names must be strings, got {name!r}")
+            if name in seen:
+                raise ValueError(f"weights: {name!r} appears more than once")
+            seen.add(name)
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"weights: {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+            if not tensor.is_floating_point():
+                raise ValueError(f"weights: {name!r}: dtype {tensor.dtype} is not a floating-point type")
+            router.check(name, tensor)
+            hit = router.resolve(name)
+            if hit is not None:
+                target, _, part = hit
+                covered.add(target if part is None else f"{target}:{part}")
+        if not seen:
+            raise ValueError("weights: the update holds no tensors")
+        return covered >= expected
+
+    def _next_version(self, version: int | None) -> int:
+        if version is None:
+            return self._weight_version + 1
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version: must be an int >= 0, got {version!r}")
+        return version
+
+    def _check_resident(self) -> None:
+        if self._memory_released:
+            raise RuntimeError("update_weights: memory is released; call resume_memory() first")
+
+    def _apply_update(self, source: str, version: int, flush_cache: bool, timeout: float, *,
+                      replay: str | None, full: bool) -> int:
+        with self._control_lock:
+            self._check_resident()
+            was_paused = self._paused
+            if not was_paused:
+                self.pause(timeout)
+            try:
+                self._control(lambda i: UpdateWeights(i, source, version, flush_cache), "update_weights", timeout)
+                self._weight_version = version
+                if replay is None:
+                    self._replay = None
+                elif full:
+                    self._replay = [replay]
+                elif self._replay is not None:
+                    self._replay.append(replay)
+            finally:
+                self._prune_update_files()
+                if not was_paused:
+                    self.resume(timeout)
+            return version
+
+    def _write_update_file(self, items: list[tuple[str, torch.Tensor]], version: int) -> str:
+        """One safetensors file in the private folder, in the engine's dtype, that every rank memory-maps."""
+        from safetensors.torch import save_file
+
+        dtype = _ENGINE_DTYPES.get(self.config.dtype, torch.float32)
+        out: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        for name, tensor in items:
+            t = tensor.detach().to(dtype=dtype).to("cpu").contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in storages and t.numel():  # safetensors refuses tensors that share memory
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+            out[name] = t
+        path = os.path.join(self._private_dir, f"weights-v{version}-{uuid.uuid4().hex[:8]}.safetensors")
+        save_file(out, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return path
+
+    def _prune_update_files(self) -> None:
+        """Keep only the update files a later-started replica would replay."""
+        keep = set(self._replay or [])
+        for f in Path(self._private_dir).glob("weights-v*.safetensors*"):
+            if str(f) not in keep:
+                try:
+                    f.unlink()
+                except OSError:
+                    pass

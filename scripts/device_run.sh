@@ -1,0 +1,63 @@
+#!/bin/bash
+# The GPU runs behind docs/benchmarks.md, in the stages the device lease allows (each well under 10 minutes).
+# Run from the repository root on the GPU machine, after the wheel prelude (../shared/device/prelude.sh):
+#   bash scripts/device_run.sh check    # kernels vs reference, engine greedy equality, first benchmarks
+#   bash scripts/device_run.sh report   # the report figures (transformers CB side by side, sglang-random)
+# Logs and JSON results are written to $RES and packed after every step into $OUT/results.tgz (the device
+# tool returns at most 8 files), so what finished comes back even if a later step runs out of time.
+set -uo pipefail
+FINAL="${OUT:-./out}"
+RES="${RES:-/tmp/flotilla-results}"
+OUT="$RES"
+mkdir -p "$OUT" "$FINAL"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export FLOTILLA_TINY_CACHE="${FLOTILLA_TINY_CACHE:-/tmp/flotilla-tiny}"
+stage="${1:-check}"
+
+step() {  # step NAME TIMEOUT_S CMD...: run with a limit, log to $OUT/NAME.log, never stop the stage
+  local name="$1" limit="$2"; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+  echo "=== $name rc=$rc"
+  tar -czf "$FINAL/results.tgz" -C "$OUT" .
+}
+
+bench() {  # bench NAME TIMEOUT_S ARGS...: flotilla bench writing $OUT/NAME.json
+  local name="$1" limit="$2"; shift 2
+  step "$name" "$limit" python3 -m flotilla bench "$@" --json "$OUT/$name.json"
+}
+
+case "$stage" in
+  check)
+    python3 -c "import msgspec, zmq, triton, transformers, torch; print('imports ok', msgspec.__version__, zmq.__version__, triton.__version__, transformers.__version__, torch.__version__)" || exit 1
+    TAIL=40 step kernels 150 python3 scripts/gpu_check.py kernels --out "$OUT"
+    TAIL=12 step equality 200 python3 scripts/gpu_check.py equality --out "$OUT"
+    bench nanovllm_qwen06 150 --model-shape qwen3-0.6b --workload nanovllm
+    bench decode_llama8b 120 --model-shape llama-3.1-8b --workload random --num-prompts 1 --input-len 1024 \
+      --output-len 256 --warmup-requests 2 --roofline
+    TAIL=80 step runner 150 python3 scripts/gpu_check.py runner --out "$OUT"
+    ;;
+  tune)
+    TAIL=12 step sweep 200 python3 scripts/gpu_check.py sweep --out "$OUT"
+    TAIL=70 step runner 200 python3 scripts/gpu_check.py runner --out "$OUT"
+    bench decode_llama8b 120 --model-shape llama-3.1-8b --workload random --num-prompts 1 --input-len 1024 \
+      --output-len 256 --warmup-requests 2 --roofline
+    bench sglang_random_llama8b 200 --model-shape llama-3.1-8b --workload sglang-random
+    ;;
+  perf)  # profiles of one decode step, and the llama-3.1-8b figures
+    TAIL=45 step runner_llama8b 150 python3 scripts/gpu_check.py runner --runner-cases llama-3.1-8b:1:1024 --out "$OUT"
+    TAIL=45 step runner_qwen06 150 python3 scripts/gpu_check.py runner --runner-cases qwen3-0.6b:256:800 --out "$OUT"
+    bench decode_llama8b 120 --model-shape llama-3.1-8b --workload random --num-prompts 1 --input-len 1024 \
+      --output-len 256 --warmup-requests 2 --roofline
+    bench sglang_random_llama8b 200 --model-shape llama-3.1-8b --workload sglang-random
+    bench nanovllm_qwen06 120 --model-shape qwen3-0.6b --workload nanovllm
+    ;;
+  report)  # Flotilla and transformers CB on the nanovllm workload, one after the other on one GPU
+    bench nanovllm_qwen06 120 --model-shape qwen3-0.6b --workload nanovllm
+    bench nanovllm_qwen06_transformers 420 --model-shape qwen3-0.6b --workload nanovllm --backend transformers
+    ;;
+  *)
+    echo "unknown stage $stage"; exit 2 ;;
+esac
