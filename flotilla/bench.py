@@ -176,6 +176,8 @@ def run_flotilla(args: argparse.Namespace, model: str, wl: Workload) -> tuple[li
         kwargs["enable_prefix_caching"] = prefix
     if args.ray:
         from flotilla.ray_engine import RayEngine as EngineCls
+
+        kwargs["gpus_per_rank"] = args.gpus_per_rank
     else:
         from flotilla.engine import Engine as EngineCls
     t0 = time.perf_counter()
@@ -218,7 +220,7 @@ def run_transformers(args: argparse.Namespace, model: str, wl: Workload) -> tupl
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
     hf.eval()
     gen = GenerationConfig(max_new_tokens=max(wl.output_lens), do_sample=wl.temperature > 0,
-                           temperature=wl.temperature if wl.temperature > 0 else None, top_p=None, top_k=None,
+                           temperature=wl.temperature if wl.temperature > 0 else None, top_p=1.0, top_k=0,
                            eos_token_id=-1, pad_token_id=0)
     cm_kwargs: dict[str, Any] = dict(generation_config=gen, block=True, timeout=30)
     if "workload_hints" in inspect.signature(hf.continuous_batching_context_manager).parameters:
@@ -320,6 +322,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-size", type=int, default=1)
     p.add_argument("--enable-dp-attention", action="store_true")
     p.add_argument("--ray", action="store_true", help="run the rank workers as Ray actors")
+    p.add_argument("--gpus-per-rank", type=float, default=1.0, help="with --ray: below 1, ranks share a GPU")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--no-cuda-graph", action="store_true")
     p.add_argument("--prefix-caching", default=None, choices=["on", "off"],

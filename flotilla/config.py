@@ -29,6 +29,8 @@ class EngineConfig:
     tp_size: int = 1
     dp_size: int = 1
     enable_dp_attention: bool = False
+    pp_size: int = 1                              # pipeline stages per replica (world per replica = pp x tp)
+    pp_layer_partition: list[int] | None = None   # decoder layers per stage (default: an even split)
     # memory
     block_size: int = 16
     gpu_memory_utilization: float = 0.85
@@ -67,6 +69,19 @@ class EngineConfig:
         _choice("attention_backend", self.attention_backend, _ATTENTION)
         _positive_int("tp_size", self.tp_size)
         _positive_int("dp_size", self.dp_size)
+        _positive_int("pp_size", self.pp_size)
+        if self.pp_size > 1 and self.enable_dp_attention:
+            raise ValueError("pp_size: pipeline parallelism is not supported with enable_dp_attention "
+                             f"(got pp_size={self.pp_size}); use pp_size=1 or enable_dp_attention=False")
+        if self.pp_layer_partition is not None:
+            part = self.pp_layer_partition
+            if not isinstance(part, (list, tuple)) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                                          for n in part):
+                raise ValueError(f"pp_layer_partition: must be a list of ints >= 1 (layers per stage), got {part!r}")
+            if len(part) != self.pp_size:
+                raise ValueError(f"pp_layer_partition: needs one entry per stage (pp_size={self.pp_size}), "
+                                 f"got {len(part)}: {list(part)}")
+            self.pp_layer_partition = list(part)
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("cuda_graph_max_bs", self.cuda_graph_max_bs)
@@ -100,7 +115,7 @@ class EngineConfig:
     @property
     def world_size(self) -> int:
         """Ranks in one failure domain: a replica, or the whole DP-attention group."""
-        return self.tp_size if self.enable_dp_attention else self.tp_size
+        return self.tp_size if self.enable_dp_attention else self.tp_size * self.pp_size
 
     @property
     def num_replicas(self) -> int:
@@ -154,6 +169,13 @@ class EngineConfig:
         if kv_heads % attn_tp and attn_tp % kv_heads:
             raise ValueError(f"tp_size: num_key_value_heads ({kv_heads}) and the attention TP size ({attn_tp}) must "
                              "divide one another")
+        layers = int(hf.get("num_hidden_layers") or 0)
+        if self.pp_size > 1 and self.pp_size > layers:
+            raise ValueError(f"pp_size: the model has {layers} decoder layers (num_hidden_layers), fewer than "
+                             f"pp_size={self.pp_size} stages")
+        if self.pp_layer_partition is not None and sum(self.pp_layer_partition) != layers:
+            raise ValueError(f"pp_layer_partition: {self.pp_layer_partition} sums to {sum(self.pp_layer_partition)}, "
+                             f"but the model has {layers} decoder layers (num_hidden_layers)")
         for key in ("intermediate_size", "moe_intermediate_size"):
             size = hf.get(key)
             if size and int(size) % self.tp_size:

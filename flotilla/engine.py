@@ -84,7 +84,8 @@ class Engine(ControlMixin):
         self._finalizer = weakref.finalize(self, _cleanup, self._launcher, self._hub, self._private_dir)
         self._out_ch, self._out_addr = self._hub.bind("pull", "out", from_worker_decoder)
         try:
-            for spec in layout(self.config.tp_size, self.config.dp_size, self.config.enable_dp_attention):
+            for spec in layout(self.config.tp_size, self.config.dp_size, self.config.enable_dp_attention,
+                              self.config.pp_size):
                 self._start_group(self._renumber(spec))
             self._wait_ready(list(self._groups))
         except BaseException:
@@ -105,7 +106,7 @@ class Engine(ControlMixin):
             import torch
 
             num_devices = torch.cuda.device_count()
-            ranks = world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention)
+            ranks = world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention, cfg.pp_size)
             if ranks > num_devices:  # ranks share GPUs: each takes its fraction of the memory budget
                 cfg.gpu_memory_utilization /= -(-ranks // num_devices)
         return MpLauncher(self._private_dir, num_devices)
@@ -115,9 +116,9 @@ class Engine(ControlMixin):
 
         leaders = {r: t for t, r in spec.leaders}
         cfg = self.config
-        threads = cpu_threads_per_rank(world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention))
+        threads = cpu_threads_per_rank(world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention, cfg.pp_size))
         keys = self._hub.keys.for_client() if self._hub.keys else None
-        return [WorkerArgs(config=cfg.to_dict(), replica_id=spec.targets[r // spec.attn_tp_size], rank=r,
+        return [WorkerArgs(config=cfg.to_dict(), replica_id=spec.target_of_rank(r), rank=r,
                            world_size=spec.world_size, dist_init_method=None,
                            in_addr=self._in_addr[leaders[r]] if r in leaders else "", out_addr=self._out_addr,
                            keys=keys, num_threads=threads, **self._replay_args())
@@ -128,7 +129,7 @@ class Engine(ControlMixin):
         message from a dead incarnation can never be mistaken for its successor's."""
         targets = {t: next(self._next_target) for t in spec.targets}
         return GroupSpec(next(self._next_gid), spec.world_size, spec.attn_tp_size,
-                         tuple((targets[t], r) for t, r in spec.leaders), spec.first_global_rank)
+                         tuple((targets[t], r) for t, r in spec.leaders), spec.first_global_rank, spec.pp_size)
 
     def _start_group(self, spec: GroupSpec) -> None:
         with self._topo:
@@ -476,14 +477,14 @@ class Engine(ControlMixin):
     def _grow(self, count: int) -> None:
         from flotilla.launch.topology import replica_group
 
-        tp = self.config.tp_size
+        tp, pp = self.config.tp_size, self.config.pp_size
         with self._topo:
             used = {spec.first_global_rank for spec in self._groups.values()}
-            slots = list(itertools.islice((s for s in itertools.count(0, tp) if s not in used), count))
-            specs = [replica_group(next(self._next_gid), next(self._next_target), tp, slot) for slot in slots]
+            slots = list(itertools.islice((s for s in itertools.count(0, tp * pp) if s not in used), count))
+            specs = [replica_group(next(self._next_gid), next(self._next_target), tp, slot, pp) for slot in slots]
         ensure = getattr(self._launcher, "ensure_capacity", None)
         if ensure is not None:
-            ensure(max(slots) + tp)
+            ensure(max(slots) + tp * pp)
         for spec in specs:
             self._start_group(spec)
         deadline = time.monotonic() + self.config.worker_start_timeout
@@ -536,6 +537,8 @@ class Engine(ControlMixin):
                     "outstanding_tokens": view.outstanding_tokens, "num_steps": view.last_report.num_steps,
                     "num_preemptions": view.last_report.num_preemptions,
                     "weight_version": view.last_report.weight_version,
+                    "stage_forwards": list(view.last_report.stage_forwards),
+                    "max_in_flight": view.last_report.max_in_flight,
                 })
             for t, reason in sorted(self._down.items()):
                 replicas.append({"id": t, "group": None, "pids": [], "alive": False, "accepting": False,

@@ -31,7 +31,7 @@ class RayEngine(Engine):
         if cfg.device == "cuda" and share < 1:
             # ranks sharing a GPU each take their fraction of the memory budget
             cfg.gpu_memory_utilization *= share
-        return RayLauncher(num_ranks=world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention),
+        return RayLauncher(num_ranks=world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention, cfg.pp_size),
                            use_gpu=cfg.device == "cuda", **self._ray_opts)
 
     # ------------------------------------------------------------------------------------------ weight updates

@@ -58,6 +58,12 @@ case "$stage" in
     bench nanovllm_qwen06 120 --model-shape qwen3-0.6b --workload nanovllm
     bench nanovllm_qwen06_transformers 420 --model-shape qwen3-0.6b --workload nanovllm --backend transformers
     ;;
+  verify)  # correctness of the final tree: kernels vs reference, greedy tokens graph/eager/torch/transformers
+    TAIL=40 step kernels 200 python3 scripts/gpu_check.py kernels --out "$OUT"
+    TAIL=12 step equality 240 python3 scripts/gpu_check.py equality --out "$OUT"
+    bench decode_llama8b 120 --model-shape llama-3.1-8b --workload random --num-prompts 1 --input-len 1024 \
+      --output-len 256 --warmup-requests 2 --roofline
+    ;;
   *)
     echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -95,7 +95,7 @@ def get_group(name: str = "tp") -> ParallelGroup:
 
 
 def init_groups(rank: int, world_size: int, init_method: str | None, backend: str, attn_tp_size: int | None = None,
-                timeout_s: float = 600.0, store: dist.Store | None = None) -> None:
+                timeout_s: float = 600.0, store: dist.Store | None = None, pp_size: int = 1) -> None:
     """Join the replica's (or DP-attention group's) world and build its sub-groups.
 
     ``tp`` spans the whole world (the MLP/MoE group). With DP attention, ``attn_tp`` is each block of
@@ -109,6 +109,10 @@ def init_groups(rank: int, world_size: int, init_method: str | None, backend: st
         world = dist.group.WORLD
     else:
         world = None
+    _GROUPS["world"] = ParallelGroup("world", rank, world_size, world)
+    if pp_size > 1:
+        _init_pipeline_groups(rank, world_size, pp_size, world)
+        return
     _GROUPS["tp"] = ParallelGroup("tp", rank, world_size, world)
     dp = world_size // attn_tp_size
     attn_tp = attn_dp = None
@@ -124,6 +128,25 @@ def init_groups(rank: int, world_size: int, init_method: str | None, backend: st
             attn_dp = pg if dp < world_size else world
     _GROUPS["attn_tp"] = ParallelGroup("attn_tp", rank % attn_tp_size, attn_tp_size, attn_tp)
     _GROUPS["attn_dp"] = ParallelGroup("attn_dp", rank // attn_tp_size, dp, attn_dp)
+
+
+def _init_pipeline_groups(rank: int, world_size: int, pp_size: int, world) -> None:
+    """Pipeline layout: rank = stage * tp + tp_rank. ``tp`` (and ``attn_tp``, the same group) holds one
+    stage's ranks; ``pp`` holds the whole world, its rank being the stage; ``attn_dp`` is trivial."""
+    if world_size % pp_size:
+        raise ValueError(f"pp_size: must divide the group's world size, got pp_size={pp_size}, world={world_size}")
+    tp = world_size // pp_size
+    stage = rank // tp
+    mine = None
+    for s in range(pp_size):
+        ranks = list(range(s * tp, (s + 1) * tp))
+        pg = dist.new_group(ranks) if tp > 1 else None  # every rank makes every group, in the same order
+        if s == stage:
+            mine = pg
+    _GROUPS["tp"] = ParallelGroup("tp", rank % tp, tp, mine)
+    _GROUPS["attn_tp"] = ParallelGroup("attn_tp", rank % tp, tp, mine)
+    _GROUPS["attn_dp"] = ParallelGroup("attn_dp", 0, 1, None)
+    _GROUPS["pp"] = ParallelGroup("pp", stage, pp_size, world)
 
 
 def destroy_groups() -> None:

@@ -104,6 +104,10 @@ class ReplicaLoad(msgspec.Struct):
     num_steps: int = 0
     num_preemptions: int = 0
     weight_version: int = 0
+    # pipeline parallel (pp_size > 1): forwards run by each stage so far, and the most micro-batches that
+    # were in flight at once
+    stage_forwards: list[int] = []
+    max_in_flight: int = 0
 
 
 class StepOutput(msgspec.Struct, tag=True):

@@ -4,6 +4,7 @@ shard), from (name, tensor) pairs (weight updates), or random ("dummy") for benc
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"model: cannot read {f.name}: {e}") from None
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 class WeightRouter:
     """Maps Hugging Face parameter names onto the model's (possibly fused) parameters."""
 
@@ -54,11 +58,31 @@ class WeightRouter:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
         self.tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        self.stage = getattr(model, "pp_stage", None)  # a pipeline stage holds only its own layers' weights
+
+    def _off_stage(self, name: str) -> str | None:
+        """For a pipeline stage: ``name`` as this stage holds it, or None when it lives on another stage."""
+        st = self.stage
+        m = _LAYER.match(name)
+        if m is not None:
+            return name if st.start <= int(m.group(1)) < st.end else None
+        if name.startswith("model.embed_tokens."):
+            if st.is_first:
+                return name
+            # tied embeddings: the last stage's LM head is the embedding matrix
+            return name.replace("model.embed_tokens.", "lm_head.", 1) if self.tied and st.is_last else None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return name if st.is_last else None
+        return name
 
     def resolve(self, name: str) -> tuple[str, nn.Parameter, object] | None:
         """(our name, parameter, part id) for an HF name; None for names we deliberately skip."""
         if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
             return None
+        if self.stage is not None:
+            name = self._off_stage(name)
+            if name is None:
+                return None
         for hf_part, (ours, part) in self.packed.items():
             token = f".{hf_part}."
             if token in name:

@@ -44,7 +44,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(device):
-                self.model = cls(self.hf_config, max_positions=cfg.max_model_len)
+                self.model = cls(self.hf_config, max_positions=cfg.max_model_len, **self._stage_kwargs(cfg))
         finally:
             torch.set_default_dtype(prev)
         if cfg.load_format == "dummy":
@@ -56,6 +56,34 @@ class ModelRunner:
         self.backend = make_backend(cfg.attention_backend, device)
         self.num_blocks = 0  # set by allocate_kv once the TP group agreed on a size
         self.graphs: CudaGraphRunner | None = None  # decode CUDA graphs (CUDA, single rank, Triton backend)
+
+    # ------------------------------------------------------------------------------------------ pipeline
+    def _stage_kwargs(self, cfg: EngineConfig) -> dict:
+        """With pp_size > 1: this rank's pipeline stage (its layer range), for the model's constructor."""
+        self.pp_stage = None
+        if cfg.pp_size == 1:
+            return {}
+        from flotilla.distributed import get_group
+        from flotilla.distributed.pipeline import stage_info
+
+        self.pp_stage = stage_info(get_group("pp").rank, self.hf_config.num_hidden_layers, cfg.pp_size,
+                                   cfg.pp_layer_partition)
+        return {"pp_stage": self.pp_stage}
+
+    def _dummy_hidden(self, n: int) -> torch.Tensor | None:
+        if self.pp_stage is None or self.pp_stage.is_first:
+            return None
+        return torch.zeros((n, self.hf_config.hidden_size), dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward_stage(self, plans: list[SeqPlan], hidden_in: torch.Tensor | None) -> torch.Tensor:
+        """One pipeline stage's forward: the hidden states to pass on (a stage other than the last), or the
+        float32 logits of the sampled rows (the last). ``hidden_in``: the previous stage's (None on the first)."""
+        inp = self.prepare(plans)
+        hidden = self.model(inp.input_ids, inp.positions, inp.meta, hidden_in=hidden_in)
+        if not self.pp_stage.is_last:
+            return hidden
+        return self.model.compute_logits(hidden[inp.sample_index]).float()
 
     # ------------------------------------------------------------------------------------------ memory
     def _kv_bytes_per_block(self) -> int:
@@ -88,7 +116,10 @@ class ModelRunner:
         base = torch.cuda.memory_allocated(self.device)
         n = min(self.cfg.max_num_batched_tokens, self.cfg.max_model_len)
         plan = SeqPlan([0] * n, 0, [0] * (-(-n // self.block_size)), True)
-        self.forward([plan])
+        if self.pp_stage is not None:
+            self.forward_stage([plan], self._dummy_hidden(n))
+        else:
+            self.forward([plan])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         self._free_kv()
@@ -114,7 +145,8 @@ class ModelRunner:
         if not getattr(self.backend, "graph_safe", False):
             log.info("CUDA graphs off: attention backend %r cannot be captured", self.backend.name)
             return False
-        if get_group("tp").size > 1 or get_group("attn_tp").size > 1 or get_group("attn_dp").size > 1:
+        if get_group("tp").size > 1 or get_group("attn_tp").size > 1 or get_group("attn_dp").size > 1 or \
+                get_group("pp").size > 1:
             log.info("CUDA graphs off: only single-rank replicas capture decode graphs")
             return False
         if any(isinstance(m, FusedMoE) for m in self.model.modules()):

@@ -88,16 +88,22 @@ def run_worker(args: WorkerArgs, store=None) -> None:
             device = torch.device("cpu")
         backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
         attn_tp = cfg.tp_size // cfg.dp_size if cfg.enable_dp_attention else cfg.tp_size
-        init_groups(args.rank, args.world_size, args.dist_init_method, backend, attn_tp_size=attn_tp, store=store)
+        init_groups(args.rank, args.world_size, args.dist_init_method, backend, attn_tp_size=attn_tp, store=store,
+                    pp_size=cfg.pp_size)
         if get_group("attn_tp").rank == 0:
             out_ch = connect("push", args.out_addr, from_worker_decoder, args.keys)
         runner = ModelRunner(cfg, device)
         for source in args.weights_sources:
             runner.update_weights(open_source(source))
-        tp = get_group("tp")
-        num_blocks = min(v[0] for v in tp.all_gather_ints([runner.plan_kv_blocks()]))
+        world = get_group("world")  # every rank of the group (all TP ranks; with pp, all stages) agrees
+        num_blocks = min(v[0] for v in world.all_gather_ints([runner.plan_kv_blocks()]))
         runner.allocate_kv(num_blocks)
-        _rank_loop(args, cfg, runner, out_ch)
+        if cfg.pp_size > 1:
+            from flotilla.worker.pipeline import pipeline_rank_loop
+
+            pipeline_rank_loop(args, cfg, runner, out_ch)
+        else:
+            _rank_loop(args, cfg, runner, out_ch)
     except BaseException as e:  # report, then die: the launcher notices the exit
         msg = f"replica {args.replica_id} rank {args.rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
         log.error(msg)
@@ -130,10 +136,13 @@ class _Leader:
         self.paused = self.released = False
         self.model_ops: list = []
         self.weight_version = args.weight_version
+        self.pipeline = None  # with pp_size > 1: the pipeline loop's state (stage_forwards(), max_in_flight)
         out_ch.send(WorkerReady(args.replica_id, args.rank, os.getpid(), runner.num_blocks, cfg.block_size, max_len))
 
-    def next_plan(self, busy_elsewhere: bool):
-        """Take the front end's messages, then schedule; returns (plan to share, batch or None)."""
+    def next_plan(self, busy_elsewhere: bool, hold: bool = False, **schedule_kw):
+        """Take the front end's messages, then schedule; returns (plan to share, batch or None).
+        ``schedule_kw``: passed to ``Scheduler.schedule`` (pipeline micro-batches exclude what is in flight);
+        ``hold``: schedule nothing this time (the pipeline drains before a model op)."""
         wait_ms = 0 if ((self.sched.has_work() and not (self.paused or self.released)) or busy_elsewhere) else 50
         for msg in self.in_ch.recv_many(wait_ms):
             if isinstance(msg, AddRequest):
@@ -150,7 +159,7 @@ class _Leader:
             elif isinstance(msg, Shutdown):
                 return BatchPlan([], kind="stop"), None
         op = self.model_ops[0] if self.model_ops else None
-        batch = None if (self.paused or self.released) else self.sched.schedule()
+        batch = None if (self.paused or self.released or hold) else self.sched.schedule(**schedule_kw)
         if batch is None:
             return BatchPlan([], kind="idle", op=op), None
         return BatchPlan(batch.plans, op=op), batch
@@ -170,6 +179,8 @@ class _Leader:
         load.num_steps = self.steps
         load.num_preemptions = self.sched.num_preemptions
         load.weight_version = self.weight_version
+        if self.pipeline is not None:
+            load.stage_forwards, load.max_in_flight = self.pipeline.stage_forwards(), self.pipeline.max_in_flight
         self.out_ch.send(StepOutput(self.args.replica_id, outputs or [], load))
         self.last_sent = time.monotonic()
 
@@ -267,7 +278,7 @@ def _apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: _Leader |
     except Exception as e:  # reported to the front end; the rank keeps serving
         error = f"rank {args.rank}: {type(e).__name__}: {e}"
         log.error("replica %d: %s failed: %s", args.replica_id, type(op).__name__, error)
-    failed = [r for r, (f,) in enumerate(get_group("tp").all_gather_ints([int(error is not None)])) if f]
+    failed = [r for r, (f,) in enumerate(get_group("world").all_gather_ints([int(error is not None)])) if f]
     if leader is not None:
         if failed and error is None:
             error = f"rank(s) {failed} failed (see their logs)"

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from flotilla.distributed import ParallelGroup, get_group
-from flotilla.model.layers import fused
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,8 +43,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size, group)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = fused.gemv(hidden, self.weight) if fused.use_fused(hidden) else None  # batch-1 decode (CUDA)
-        if logits is None:
-            logits = F.linear(hidden, self.weight)
+        logits = F.linear(hidden, self.weight)
         logits = self.group.all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

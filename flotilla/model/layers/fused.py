@@ -1,10 +1,12 @@
-"""Fused Triton kernels for the small per-token layers (RMSNorm, rotary, SiLU-and-mul), CUDA only.
+"""Fused Triton kernels for the small per-token layers (RMSNorm, residual add + RMSNorm, rotary,
+SiLU-and-mul), CUDA only.
 
-Why: at decode batch sizes the eager torch versions of these layers launch 7-14 tiny kernels each (RMSNorm
-upcasts, squares, averages, ...), so a 32-layer model spends more time launching elementwise kernels than
-reading its weights. Each function here does the same arithmetic in one launch. The rounding steps of the
-torch reference are reproduced (bf16 products rounded where torch rounds them), so the fused path gives the
-same numbers as the torch path up to the order of one float32 sum.
+Why: at decode batch sizes the eager torch versions of these layers launch 3-14 tiny kernels each (RMSNorm
+upcasts, squares, averages, ...). Even inside a CUDA graph those cost llama-3.1-8b 1.8 ms of a 6.3 ms batch-1
+decode step on an H100 (8.07 ms with the hooks off, docs/benchmarks.md). Each function here does the same
+arithmetic in one launch, rounding to the model dtype wherever the torch reference
+rounds. Measured on an H100 in bf16: RMSNorm, add + RMSNorm and SiLU-and-mul are bit-identical to the torch
+layers; rotary differs by one bf16 ulp on ~19% of elements (relative error 2e-3; cause not pinned down).
 
 The torch code in norm.py / rotary.py / activation.py stays the reference and is what runs on CPU; those
 layers call in here only for CUDA tensors when Triton imports. ``FLOTILLA_FUSED=0`` turns the hooks off
@@ -106,25 +108,6 @@ if HAS_TRITON:
         tl.store(Y + r * N + cols, (w * h).to(dt), mask=m)
 
     @triton.jit
-    def _gemv_kernel(X, W, B, Y, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[n] = sum_k x[k] W[n, k] (+ b[n]) for one row x: each program streams BLOCK_N rows of W."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = rows < N
-        w_rows = W + rows.to(tl.int64)[:, None] * K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            km = ks < K
-            x = tl.load(X + ks, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(B + rows, mask=rm, other=0.0).to(tl.float32)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rm)
-
-    @triton.jit
     def _silu_and_mul_kernel(X, Y, I, BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -214,60 +197,3 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, y, r, n, eps, BLOCK=block,
                                             num_warps=4 if block <= 1024 else 8)
     return y, r
-
-
-# --------------------------------------------------------------------------------------------------- GEMV
-# One-token decode (batch size 1) makes every linear layer a matrix-vector product that only has to stream
-# its weight once. cuBLAS picks split-K kernels for some of these shapes, which adds a reduction kernel and
-# reaches ~2.1-2.8 TB/s on an H100; a plain row-streaming Triton GEMV may do better. Which one runs is
-# decided per weight shape by timing both the first time that shape is seen outside a CUDA-graph capture,
-# so the fused path can never be slower than cuBLAS, and graph replays and eager runs use the same kernel.
-GEMV_ENABLED: bool = ENABLED and os.environ.get("FLOTILLA_GEMV", "1") != "0"
-GEMV_CONFIGS: list[tuple[int, int, int, int]] = [(16, 512, 4, 3), (8, 1024, 4, 3), (32, 256, 4, 4)]  # BN, BK, warps, stages
-_gemv_choice: dict[tuple, tuple[int, int, int, int] | None] = {}
-
-
-def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg) -> torch.Tensor:
-    n, k = weight.shape
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = cfg
-    _gemv_kernel[(triton.cdiv(n, bn),)](x, weight, bias if bias is not None else weight, y, n, k,
-                                        HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                                        num_stages=stages)
-    return y
-
-
-def _time(fn, iters: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``F.linear`` for a single row ``x`` [1, K] when a Triton GEMV was measured faster than cuBLAS for this
-    weight shape; None means: use ``F.linear``."""
-    if (not GEMV_ENABLED or x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous() or not weight.is_contiguous()
-            or x.dtype != weight.dtype or weight.dtype not in (torch.bfloat16, torch.float16)):
-        return None
-    key = (tuple(weight.shape), weight.dtype, bias is not None, x.device)
-    if key not in _gemv_choice:
-        if torch.cuda.is_current_stream_capturing():
-            return None  # never time inside a capture (shapes are always seen in the warm-up before it)
-        import torch.nn.functional as F
-
-        best, best_t = None, _time(lambda: F.linear(x, weight, bias))
-        for cfg in GEMV_CONFIGS:
-            try:
-                t = _time(lambda: _launch_gemv(x, weight, bias, cfg))
-            except Exception:  # a config that does not compile for this shape is skipped
-                continue
-            if t < best_t * 0.97:  # a clear win only: ties stay with cuBLAS
-                best, best_t = cfg, t
-        _gemv_choice[key] = best
-    cfg = _gemv_choice[key]
-    return None if cfg is None else _launch_gemv(x, weight, bias, cfg)

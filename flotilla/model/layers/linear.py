@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from flotilla.distributed import ParallelGroup, get_group
-from flotilla.model.layers import fused
 
 
 def _set_loader(param: nn.Parameter, loader) -> nn.Parameter:
@@ -50,10 +49,6 @@ class ColumnParallelLinear(nn.Module):
         default_weight_loader(param, loaded.narrow(0, self.group.rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.use_fused(x):  # batch-1 decode: a Triton GEMV where it measured faster than cuBLAS (CUDA only)
-            y = fused.gemv(x, self.weight, self.bias)
-            if y is not None:
-                return y
         return F.linear(x, self.weight, self.bias)
 
 
@@ -138,9 +133,7 @@ class RowParallelLinear(nn.Module):
         default_weight_loader(param, loaded.narrow(1, self.group.rank * self.in_local, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fused.gemv(x, self.weight) if fused.use_fused(x) else None  # see ColumnParallelLinear.forward
-        if y is None:
-            y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight)
         y = self.group.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias

@@ -87,20 +87,45 @@ def _plain_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp(x)
 
 
+class MissingLayer(nn.Module):
+    """Stands for a decoder layer that lives on another pipeline stage: no parameters, never called.
+    Placeholders keep each real layer at its checkpoint index, so parameter names match the checkpoint's."""
+
+
 class DecoderModel(nn.Module):
-    def __init__(self, cfg, max_positions: int, qkv_bias: bool, qk_norm: bool, make_mlp):
+    """``stage``: with pipeline parallelism, the pipeline stage this rank runs (its layer range
+    [start, end); the first stage owns the embedding, the last the final norm). None: the whole model."""
+
+    def __init__(self, cfg, max_positions: int, qkv_bias: bool, qk_norm: bool, make_mlp, stage=None):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group=get_group("attn_tp"))
+        n = cfg.num_hidden_layers
+        start, end = (stage.start, stage.end) if stage is not None else (0, n)
+        self.is_first = stage is None or stage.is_first
+        self.is_last = stage is None or stage.is_last
+        self.start, self.end = start, end
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group=get_group("attn_tp")) \
+            if self.is_first else None
         self.rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.rotary, qkv_bias, qk_norm, make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            DecoderLayer(cfg, self.rotary, qkv_bias, qk_norm, make_mlp(cfg, i)) if start <= i < end else MissingLayer()
+            for i in range(n))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, mlp_fn=_plain_mlp):
-        h = self.embed_tokens(input_ids)
+    def stage_layers(self) -> list[nn.Module]:
+        return list(self.layers) if self.start == 0 and self.end == len(self.layers) else \
+            list(self.layers[self.start:self.end])
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, mlp_fn=_plain_mlp,
+                hidden_in: torch.Tensor | None = None):
+        """The final normed hidden states; on a pipeline stage other than the last, the residual stream after
+        its layers (``hidden_in``: that of the previous stage, on a stage other than the first)."""
+        h = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden_in
+        layers = self.layers if self.start == 0 and self.end == len(self.layers) else self.layers[self.start:self.end]
         residual = None
-        for layer in self.layers:
+        for layer in layers:
             h, residual = layer(positions, h, meta, mlp_fn, residual)
+        if not self.is_last:
+            return h if residual is None else h + residual
         if residual is None:  # no layers
             return self.norm(h)
         return self.norm.add(h, residual)[0]
@@ -115,12 +140,14 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg, max_positions: int):
+    def __init__(self, cfg, max_positions: int, pp_stage=None):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, max_positions, self.qkv_bias, self.qk_norm, self.make_mlp)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group=get_group("attn_tp"))
-        if getattr(cfg, "tie_word_embeddings", False):
+        self.pp_stage = pp_stage  # flotilla.distributed.pipeline.StageInfo, or None for the whole model
+        self.model = DecoderModel(cfg, max_positions, self.qkv_bias, self.qk_norm, self.make_mlp, stage=pp_stage)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group=get_group("attn_tp")) \
+            if self.model.is_last else None
+        if getattr(cfg, "tie_word_embeddings", False) and self.model.is_last and self.model.is_first:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @staticmethod
@@ -128,14 +155,16 @@ class LlamaForCausalLM(nn.Module):
         return MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                mlp_fn=_plain_mlp) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, mlp_fn)
+                mlp_fn=_plain_mlp, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden_in is None:
+            return self.model(input_ids, positions, meta, mlp_fn)
+        return self.model(input_ids, positions, meta, mlp_fn, hidden_in=hidden_in)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.stage_layers()]
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
