@@ -92,64 +92,22 @@ class Scheduler:
     def schedule(self, exclude: set[str] | None = None, max_seqs: int | None = None) -> ScheduledBatch | None:
         """The next batch. ``exclude``: rids in flight in another (pipeline) micro-batch, neither scheduled nor
         preempted until their results are processed. ``max_seqs``: at most this many sequences in the batch."""
-        if exclude or max_seqs is not None:
-            return self._schedule_limited(exclude or set(), max_seqs or self.cfg.max_num_seqs)
+        exclude = exclude or frozenset()
+        limit = max_seqs or self.cfg.max_num_seqs
         budget = self.cfg.max_num_batched_tokens
         seqs: list[Sequence] = []
         plans: list[SeqPlan] = []
         # Running sequences first, oldest first, so preemption hits the newest.
         self.running.sort(key=lambda s: s.arrival)
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.remaining_prefill, budget)
-            if not self._grow(seq, seq.num_computed + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-                continue
-            seqs.append(seq)
-            plans.append(self._plan(seq, n))
-            budget -= n
-            i += 1
-        # Then new sequences, while there is room.
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table:
-                blocks, cached = self.kv.match_prefix(seq.tokens)
-                seq.block_table, seq.num_computed = blocks, cached
-                if seq.cached_tokens < 0:
-                    seq.cached_tokens = cached
-            n = min(seq.remaining_prefill, budget)
-            if not self._grow(seq, seq.num_computed + n):
-                self.kv.release(seq.block_table)
-                seq.block_table, seq.num_computed = [], 0
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
-            seqs.append(seq)
-            plans.append(self._plan(seq, n))
-            budget -= n
-        if not seqs:
-            return None
-        return ScheduledBatch(seqs, plans)
-
-    def _schedule_limited(self, exclude: set[str], max_seqs: int) -> ScheduledBatch | None:
-        """``schedule`` for pipeline micro-batches: sequences in flight elsewhere are skipped and never preempted
-        (their pages are being written by a later stage); at most ``max_seqs`` sequences."""
-        budget = self.cfg.max_num_batched_tokens
-        seqs: list[Sequence] = []
-        plans: list[SeqPlan] = []
-        self.running.sort(key=lambda s: s.arrival)
-        i = 0
-        while i < len(self.running) and budget > 0 and len(seqs) < max_seqs:
+        while i < len(self.running) and budget > 0 and len(seqs) < limit:
             seq = self.running[i]
             if seq.rid in exclude:
                 i += 1
                 continue
             n = min(seq.remaining_prefill, budget)
             if not self._grow(seq, seq.num_computed + n):
+                # never a sequence in flight elsewhere (a later stage still writes its pages) or in this batch
                 victim = next((v for v in reversed(self.running) if v.rid not in exclude and v not in seqs), None)
                 if victim is None:
                     break
@@ -161,7 +119,8 @@ class Scheduler:
             plans.append(self._plan(seq, n))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and len(seqs) < max_seqs:
+        # Then new sequences, while there is room.
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and len(seqs) < limit:
             seq = self.waiting[0]
             if not seq.block_table:
                 blocks, cached = self.kv.match_prefix(seq.tokens)

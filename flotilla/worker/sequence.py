@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from flotilla.sampling import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's list removals must not compare token lists
 class Sequence:
     rid: str
     tokens: list[int]              # prompt followed by every generated token
