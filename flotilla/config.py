@@ -111,16 +111,6 @@ class EngineConfig:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise ValueError("model: must be a path to a Hugging Face checkpoint folder")
 
-    # ------------------------------------------------------------------------------------------ derived
-    @property
-    def world_size(self) -> int:
-        """Ranks in one failure domain: a replica, or the whole DP-attention group."""
-        return self.tp_size if self.enable_dp_attention else self.tp_size * self.pp_size
-
-    @property
-    def num_replicas(self) -> int:
-        return 1 if self.enable_dp_attention else self.dp_size
-
     def resolve(self) -> "EngineConfig":
         """Read config.json (raising ValueError on a missing or malformed checkpoint) and fill derived fields."""
         path = Path(self.model)

@@ -36,33 +36,39 @@ def _wait_until(cond, timeout=60.0):
         time.sleep(0.1)
 
 
-def _stream_all(engine, prompts, sp, out: dict, start: threading.Event | None = None):
-    """Consume one stream per prompt in threads; out[i] = list of deltas."""
+def _start_streams(engine, prompts, sp) -> tuple[dict[int, list], list[threading.Thread]]:
+    """One streaming consumer thread per prompt; returns once some stream has tokens (so a kill lands
+    mid-run). out[i] becomes prompt i's list of deltas when its thread ends."""
+    out: dict[int, list] = {}
+    started = threading.Event()
+
     def run(i, p):
         deltas = []
         for d in engine.stream(p, sp):
             deltas.append(d)
-            if start is not None and len(deltas) == 2:
-                start.set()
+            if len(deltas) == 2:
+                started.set()
         out[i] = deltas
     threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts)]
     for t in threads:
         t.start()
-    return threads
+    assert started.wait(60)
+    return out, threads
+
+
+def _streamed_tokens(out: dict[int, list]) -> list[list[int]]:
+    """Every token each stream saw, in order (a duplicate or a gap would show here)."""
+    return [[tok for d in out[i] for tok in d["token_ids"]] for i in range(len(out))]
 
 
 def test_kill_one_replica_mid_run_loses_nothing():
     path = tiny("llama")
     with Engine(model=path, dp_size=2, **OPTS) as engine:
-        out: dict[int, list] = {}
-        started = threading.Event()
-        threads = _stream_all(engine, PROMPTS12, GREEDY, out, started)
-        assert started.wait(60)
+        out, threads = _start_streams(engine, PROMPTS12, GREEDY)
         killed = _kill_group(engine, 0)
         for t in threads:
             t.join(120)
-        tokens = [[tok for d in out[i] for tok in d["token_ids"]] for i in range(len(PROMPTS12))]
-        assert tokens == expected(path, PROMPTS12)  # each token once: no duplicate, none missing
+        assert _streamed_tokens(out) == expected(path, PROMPTS12)  # each token once: no duplicate, none missing
         for i in range(len(PROMPTS12)):
             assert out[i][-1]["finish_reason"] == "length"
             assert "".join(d["text"] for d in out[i]) == out[i][-1]["result"]["text"]
@@ -80,16 +86,13 @@ def test_kill_one_replica_mid_run_loses_nothing():
 def test_kill_the_only_replica_requests_wait_for_its_restart():
     path = tiny("llama")
     with Engine(model=path, dp_size=1, **OPTS) as engine:
-        out: dict[int, list] = {}
-        started = threading.Event()
-        threads = _stream_all(engine, PROMPTS, GREEDY, out, started)
-        assert started.wait(60)
+        out, threads = _start_streams(engine, PROMPTS, GREEDY)
         _kill_group(engine, 0)
         time.sleep(0.3)
         late = engine.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0]  # submitted while it is down
         for t in threads:
             t.join(120)
-        assert [[tok for d in out[i] for tok in d["token_ids"]] for i in range(len(PROMPTS))] == expected(path, PROMPTS)
+        assert _streamed_tokens(out) == expected(path, PROMPTS)
         assert late["token_ids"] == expected(path, PROMPTS[:1])[0]
 
 
@@ -98,15 +101,11 @@ def test_seeded_sampling_survives_failover():
     sp = SamplingParams(max_new_tokens=N, temperature=0.9, top_k=40, seed=5, ignore_eos=True)
     with Engine(model=path, dp_size=2, **OPTS) as engine:
         undisturbed = engine.generate(PROMPTS, sp, use_tqdm=False)
-        out: dict[int, list] = {}
-        started = threading.Event()
-        threads = _stream_all(engine, PROMPTS, sp, out, started)
-        assert started.wait(60)
+        out, threads = _start_streams(engine, PROMPTS, sp)
         _kill_group(engine, 1)
         for t in threads:
             t.join(120)
-    assert [[tok for d in out[i] for tok in d["token_ids"]] for i in range(len(PROMPTS))] == \
-        [o["token_ids"] for o in undisturbed]
+    assert _streamed_tokens(out) == [o["token_ids"] for o in undisturbed]
 
 
 def test_scale_up_and_down_while_serving():
@@ -152,17 +151,13 @@ def test_ray_kill_replica_and_scale():
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         with RayEngine(model=path, dp_size=2, **OPTS) as engine:
-            out: dict[int, list] = {}
-            started = threading.Event()
-            threads = _stream_all(engine, PROMPTS12, GREEDY, out, started)
-            assert started.wait(60)
+            out, threads = _start_streams(engine, PROMPTS12, GREEDY)
             gid = engine.stats()["replicas"][0]["group"]
             for actor in engine._launcher._groups[gid]["actors"]:
                 ray.kill(actor)
             for t in threads:
                 t.join(180)
-            assert [[tok for d in out[i] for tok in d["token_ids"]] for i in range(len(PROMPTS12))] == \
-                expected(path, PROMPTS12)
+            assert _streamed_tokens(out) == expected(path, PROMPTS12)
             _wait_until(lambda: engine.healthy(), 120)
             engine.scale(3)  # needs a new placement group: the first one holds two ranks
             outs = engine.generate(PROMPTS12, GREEDY, use_tqdm=False)

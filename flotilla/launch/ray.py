@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -170,6 +169,11 @@ class _RankActor:
         unstage(key)
 
 
+# Made once: ray.remote on a class per actor would register it anew each time.
+_STORE_ACTOR = ray.remote(_StoreActor)
+_RANK_ACTOR = ray.remote(_RankActor)
+
+
 @ray.remote(num_cpus=0)
 def _probe() -> tuple[str, str]:
     return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
@@ -323,14 +327,14 @@ class RayLauncher:
         store = None
         if spec.world_size > 1:
             slot0 = self.slots[first]
-            store = ray.remote(_StoreActor).options(
+            store = _STORE_ACTOR.options(
                 name=f"{self.name}-store-g{spec.group_id}-{uuid.uuid4().hex[:4]}", num_cpus=0, max_concurrency=256,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(slot0.pg, placement_group_bundle_index=slot0.bundle),
             ).remote()
-        actors, runs, pids = [], [], []
+        actors, runs = [], []
         for wa in ranks:
             slot = self.slots[first + wa.rank]
-            actor = ray.remote(_RankActor).options(
+            actor = _RANK_ACTOR.options(
                 name=f"{self.name}-g{spec.group_id}-r{wa.rank}-{uuid.uuid4().hex[:4]}",
                 num_cpus=1, num_gpus=self.gpus_per_rank if self.use_gpu else 0, max_restarts=0, max_concurrency=2,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(slot.pg, placement_group_bundle_index=slot.bundle),
