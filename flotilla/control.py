@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory, UpdateWeights
+from flotilla.request import wake_all
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,7 @@ class ControlMixin:
             for state in held:
                 if not self._redispatch(state):
                     woken.append(state)
-        for state in woken:
-            state.wake()
+        wake_all(woken)
         with self._cv:
             self._cv.notify_all()
 

@@ -25,7 +25,7 @@ from flotilla.ipc.channel import ChannelHub
 from flotilla.ipc.messages import (ControlDone, FlushCache, Shutdown, StepOutput, WorkerFailed, WorkerReady,
                                    from_worker_decoder)
 from flotilla.launch.topology import GroupSpec, layout, world_size
-from flotilla.request import RequestFailed, RequestState
+from flotilla.request import RequestFailed, RequestState, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.policies import NoReplicaAvailable
 from flotilla.sampling import SamplingParams
@@ -222,8 +222,7 @@ class Engine(ControlMixin):
                 last_check = now
                 woken.extend(self._check_liveness(now))
             if woken:
-                for state in woken:
-                    state.wake()
+                wake_all(woken)
                 with self._cv:
                     self._cv.notify_all()
 
@@ -573,7 +572,7 @@ class Engine(ControlMixin):
             self._pending = []
         for state in leftovers:
             self.controller.fail(state, "the engine shut down")
-            state.wake()
+        wake_all(leftovers)
         with self._cv:
             self._cv.notify_all()
         self._finalizer()

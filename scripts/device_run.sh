@@ -3,6 +3,7 @@
 # Run from the repository root on the GPU machine, after the wheel prelude (../shared/device/prelude.sh):
 #   bash scripts/device_run.sh check    # kernels vs reference, engine greedy equality, first benchmarks
 #   bash scripts/device_run.sh report   # the report figures (transformers CB side by side, sglang-random)
+#   bash scripts/device_run.sh ray      # RayEngine vs Engine, dp=1 and dp=2 sharing one GPU (docs/benchmarks.md §8)
 # Logs and JSON results are written to $RES and packed after every step into $OUT/results.tgz (the device
 # tool returns at most 8 files), so what finished comes back even if a later step runs out of time.
 set -uo pipefail
@@ -63,6 +64,26 @@ case "$stage" in
     TAIL=12 step equality 240 python3 scripts/gpu_check.py equality --out "$OUT"
     bench decode_llama8b 120 --model-shape llama-3.1-8b --workload random --num-prompts 1 --input-len 1024 \
       --output-len 256 --warmup-requests 2 --roofline
+    ;;
+  ray)  # RayEngine vs Engine (mp) on one GPU, dp=1 and dp=2 sharing it; then the same tree before the front-end
+        # change (a copy of the previous commit's flotilla/ in .fe_old, carried with the call), side by side
+    step frontend 60 bash -c "python3 scripts/frontend_bench.py --json $OUT/frontend.json; \
+      cd .fe_old && PYTHONPATH=\$PWD:\$PYTHONPATH python3 ../scripts/frontend_bench.py --json $OUT/frontend_old.json"
+    bench mp_dp1 120 --model-shape qwen3-0.6b --workload nanovllm
+    bench ray_dp1 150 --model-shape qwen3-0.6b --workload nanovllm --ray
+    bench mp_dp2 150 --model-shape qwen3-0.6b --workload nanovllm --dp-size 2
+    bench ray_dp2 150 --model-shape qwen3-0.6b --workload nanovllm --dp-size 2 --ray --gpus-per-rank 0.5
+    for dp in 1 2; do
+      step "old_mp_dp$dp" 150 bash -c "cd .fe_old && PYTHONPATH=\$PWD:\$PYTHONPATH python3 -m flotilla bench --model-shape qwen3-0.6b \
+        --workload nanovllm --dp-size $dp --json $OUT/old_mp_dp$dp.json"
+    done
+    ;;
+  ray-throughput)  # the same four layouts on a throughput-bound workload (1024 requests, 256 in / 256 out)
+    wl=(--model-shape qwen3-0.6b --workload random --num-prompts 1024 --input-len 256 --output-len 256)
+    bench tp_mp_dp1 150 "${wl[@]}"
+    bench tp_ray_dp2 150 "${wl[@]}" --dp-size 2 --ray --gpus-per-rank 0.5
+    bench tp_mp_dp2 150 "${wl[@]}" --dp-size 2
+    bench tp_ray_dp1 150 "${wl[@]}" --ray
     ;;
   *)
     echo "unknown stage $stage"; exit 2 ;;
