@@ -166,7 +166,8 @@ def run_flotilla(args: argparse.Namespace, model: str, wl: Workload) -> tuple[li
         tp_size=args.tp_size, dp_size=args.dp_size, enable_dp_attention=args.enable_dp_attention, device=args.device,
         dtype=args.dtype, load_format=args.load_format, attention_backend=args.attention_backend,
         enable_cuda_graph=not args.no_cuda_graph, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization)
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        cuda_graph_max_bs=args.cuda_graph_max_bs)
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
     if args.kv_cache_tokens:
@@ -329,6 +330,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="default: off for sglang-random, the engine's default otherwise")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=256, help="largest decode batch replayed from a CUDA "
+                   "graph (raise it with --max-num-seqs)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)

@@ -24,7 +24,7 @@ from flotilla.detokenizer import IncrementalDetokenizer
 from flotilla.ipc.channel import ChannelHub
 from flotilla.ipc.messages import (ControlDone, FlushCache, Shutdown, StepOutput, WorkerFailed, WorkerReady,
                                    from_worker_decoder)
-from flotilla.launch.topology import GroupSpec, layout, world_size
+from flotilla.launch.topology import GroupSpec, group_world_size, layout, world_size
 from flotilla.request import RequestFailed, RequestState, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.policies import NoReplicaAvailable
@@ -76,7 +76,11 @@ class Engine(ControlMixin):
         self._next_target = itertools.count()
         self._init_control()  # weight updates, pause/resume, memory release (flotilla/control.py)
         self._private_dir = tempfile.mkdtemp(prefix="flotilla-")
-        self._launcher = self._make_launcher()
+        try:
+            self._launcher = self._make_launcher()
+        except BaseException:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            raise
         # Sockets bind on the front end's node: ipc:// when every rank is on it, tcp:// + CURVE otherwise.
         tcp = self._launcher.multi_node
         self._hub = ChannelHub(host=(self.config.host or self._launcher.bind_host) if tcp else None, use_tcp=tcp,
@@ -107,6 +111,11 @@ class Engine(ControlMixin):
 
             num_devices = torch.cuda.device_count()
             ranks = world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention, cfg.pp_size)
+            per_group = group_world_size(cfg)
+            if per_group > num_devices:  # NCCL cannot put two ranks of one group on one device
+                raise ValueError(f"tp_size: one replica's {per_group} ranks (tp_size={cfg.tp_size} x "
+                                 f"pp_size={cfg.pp_size}) need a GPU each, and {num_devices} are visible; "
+                                 "only whole replicas share GPUs")
             if ranks > num_devices:  # ranks share GPUs: each takes its fraction of the memory budget
                 cfg.gpu_memory_utilization /= -(-ranks // num_devices)
         return MpLauncher(self._private_dir, num_devices)

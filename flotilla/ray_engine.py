@@ -7,7 +7,7 @@ from typing import Any
 
 from flotilla.control import DEFAULT_TIMEOUT_S, collect_named_tensors, meta_tensor
 from flotilla.engine import Engine
-from flotilla.launch.topology import world_size
+from flotilla.launch.topology import group_world_size, world_size
 
 
 class RayEngine(Engine):
@@ -19,6 +19,9 @@ class RayEngine(Engine):
 
     def __init__(self, model: str, *, placement_group=None, bundle_indices: list[int] | None = None,
                  gpus_per_rank: float = 1.0, placement_timeout_s: float = 60.0, **kwargs: Any):
+        if isinstance(gpus_per_rank, bool) or not isinstance(gpus_per_rank, (int, float)) or not (
+                0 < gpus_per_rank <= 1 or (gpus_per_rank > 1 and float(gpus_per_rank).is_integer())):
+            raise ValueError(f"gpus_per_rank: must be in (0, 1] or a whole number, got {gpus_per_rank!r}")
         self._ray_opts = dict(placement_group=placement_group, bundle_indices=bundle_indices,
                               gpus_per_rank=gpus_per_rank, placement_timeout_s=placement_timeout_s)
         super().__init__(model, **kwargs)
@@ -28,6 +31,10 @@ class RayEngine(Engine):
 
         cfg = self.config
         share = self._ray_opts["gpus_per_rank"]
+        if cfg.device == "cuda" and share < 1 and group_world_size(cfg) > 1:
+            raise ValueError(f"gpus_per_rank: {share} puts ranks of one TP/PP group on one GPU, which NCCL cannot "
+                             f"do; a fraction is for replicas of one rank (tp_size=1, pp_size=1), got "
+                             f"tp_size={cfg.tp_size}, pp_size={cfg.pp_size}")
         if cfg.device == "cuda" and share < 1:
             # ranks sharing a GPU each take their fraction of the memory budget
             cfg.gpu_memory_utilization *= share

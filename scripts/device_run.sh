@@ -85,6 +85,12 @@ case "$stage" in
     bench tp_mp_dp2 150 "${wl[@]}" --dp-size 2
     bench tp_ray_dp1 150 "${wl[@]}" --ray
     ;;
+  ray-concurrency)  # is two replicas on one GPU more than twice the batch? dp=1 with 512 sequences beside them
+    wl=(--model-shape qwen3-0.6b --workload random --num-prompts 1024 --input-len 256 --output-len 256)
+    bench cc_mp_dp1_seqs512 150 "${wl[@]}" --max-num-seqs 512 --cuda-graph-max-bs 512
+    bench cc_ray_dp2 150 "${wl[@]}" --dp-size 2 --ray --gpus-per-rank 0.5
+    bench cc_mp_dp1 150 "${wl[@]}"
+    ;;
   *)
     echo "unknown stage $stage"; exit 2 ;;
 esac

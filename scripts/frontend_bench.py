@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import threading
 import time
 
@@ -31,7 +32,11 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
     from flotilla.router.controller import DPController
     from flotilla.sampling import SamplingParams
 
-    tok = AutoTokenizer.from_pretrained(str(write_shape("qwen3-0.6b")))
+    folder = write_shape("qwen3-0.6b")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     rng = random.Random(seed)
     vocab = len(tok)
     ctl = DPController("round_robin")
@@ -96,12 +101,12 @@ def main() -> None:
     a = p.parse_args()
     runs = [run(a.requests, a.steps, seed) for seed in range(a.repeat)]
     runs.sort(key=lambda r: r["tokens_per_s"])
-    best = runs[len(runs) // 2]
-    print(f"front end: {best['tokens']} tokens from {a.requests} streams in {best['seconds']:.3f} s = "
-          f"{best['tokens_per_s']:,.0f} tok/s ({best['us_per_token']:.2f} us/token; median of {a.repeat})")
+    median = runs[len(runs) // 2]
+    print(f"front end: {median['tokens']} tokens from {a.requests} streams in {median['seconds']:.3f} s = "
+          f"{median['tokens_per_s']:,.0f} tok/s ({median['us_per_token']:.2f} us/token; median of {a.repeat})")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"median": best, "runs": runs}, f, indent=2)
+            json.dump({"median": median, "runs": runs}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_bench_cli_tiny_model(backend: str, llama_path: str, tmp_path, capsys) -
     out = tmp_path / "bench.json"
     rc = cli_main(["bench", "--model", llama_path, "--backend", backend, "--device", "cpu", "--workload", "random",
                    "--num-prompts", "4", "--input-len", "12", "--output-len", "6", "--warmup-requests", "1",
-                   "--json", str(out)])
+                   "--cuda-graph-max-bs", "32", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "output tokens/s" in printed and "TTFT ms" in printed and "TPOT ms" in printed
@@ -58,6 +58,19 @@ def test_bench_cli_tiny_model(backend: str, llama_path: str, tmp_path, capsys) -
     assert r["output_throughput"] > 0 and r["request_throughput"] > 0 and r["duration_s"] > 0
     for key in ("ttft_ms", "tpot_ms", "itl_ms"):
         assert set(r[key]) == {"mean", "p50", "p90", "p99"} and r[key]["p50"] >= 0
+    if backend == "flotilla":
+        assert r["engine_config"]["cuda_graph_max_bs"] == 32
+
+
+def test_frontend_bench_streams_every_token(tmp_path) -> None:
+    """scripts/frontend_bench.py (docs/benchmarks.md §9): every replayed token reaches its stream."""
+    out = tmp_path / "fe.json"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "scripts" / "frontend_bench.py"), "--requests", "8", "--steps", "5",
+                    "--repeat", "1", "--json", str(out)], check=True, timeout=120, cwd=root,
+                   env={**os.environ, "PYTHONPATH": str(root)})
+    r = json.loads(out.read_text())["median"]
+    assert r["tokens"] == 8 * 5 and r["tokens_per_s"] > 0
 
 
 def test_bench_cli_rejects_bad_arguments(llama_path: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import pytest
+import torch
 
 from conftest import PROMPTS, hf_greedy, hf_tokenize, tiny
 from flotilla import Engine, SamplingParams
@@ -193,6 +196,19 @@ def test_bad_engine_options():
                           ({"no_such_option": 1}, "no_such_option")]:
         with pytest.raises(ValueError, match=field):
             Engine(model=path, **kwargs)
+
+
+def test_more_ranks_per_replica_than_gpus_is_refused_before_any_process_starts(monkeypatch):
+    """NCCL cannot put two ranks of one TP group on one device: whole replicas may share GPUs, ranks may not."""
+    import tempfile
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(ValueError, match=r"tp_size: one replica's 2 ranks .* 1 are visible"):
+        Engine(model=tiny("llama"), device="cuda", tp_size=2, dp_size=2)
+    with pytest.raises(ValueError, match=r"tp_size: one replica's 4 ranks \(tp_size=2 x pp_size=2\)"):
+        Engine(model=tiny("llama"), device="cuda", tp_size=2, pp_size=2)
+    assert not {d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("flotilla-")}
 
 
 def test_dummy_weights_and_shutdown_leaves_no_children():

@@ -47,7 +47,9 @@ def test_driver_created_group_matches_transformers(ray_cluster, layout):
     assert not alive and not pgs
 
 
-def test_engine_inside_an_actor_on_callers_group(ray_cluster):
+@pytest.mark.parametrize("layout", [dict(dp_size=2, tp_size=2), dict(tp_size=2, dp_size=2, enable_dp_attention=True)],
+                         ids=["dp2xtp2", "dp_attention"])
+def test_engine_inside_an_actor_on_callers_group(ray_cluster, layout):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -57,16 +59,16 @@ def test_engine_inside_an_actor_on_callers_group(ray_cluster):
 
     @ray.remote(num_cpus=1)
     class Trainer:
-        def generate(self, path, prompts):
+        def generate(self, path, prompts, layout):
             from flotilla.ray_engine import RayEngine as RE
 
-            with RE(model=path, dp_size=2, tp_size=2, device="cpu", dtype="float32") as eng:
+            with RE(model=path, device="cpu", dtype="float32", **layout) as eng:
                 return [o["token_ids"] for o in eng.generate(prompts, GREEDY, use_tqdm=False)], \
                     eng._launcher.pg.id.hex()
 
     trainer = Trainer.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
         pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote()
-    tokens, used_pg = ray.get(trainer.generate.remote(path, PROMPTS), timeout=240)
+    tokens, used_pg = ray.get(trainer.generate.remote(path, PROMPTS, layout), timeout=240)
     assert tokens == expected(path)
     assert used_pg == pg.id.hex()
     ray.kill(trainer)
@@ -93,6 +95,18 @@ def test_bundle_indices_validation_and_infeasible_group(ray_cluster):
         RayEngine(model=path, dp_size=64, placement_timeout_s=3, **OPTS)
     alive, pgs = _no_leftovers()
     assert not alive and not pgs
+
+
+def test_gpus_per_rank_is_validated_before_anything_starts():
+    path = tiny("llama")
+    for bad in (0, -0.5, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="gpus_per_rank"):
+            RayEngine(model=path, gpus_per_rank=bad, **OPTS)
+    # a fraction of a GPU is for one-rank replicas: NCCL cannot run two ranks of one TP group on one device
+    for layout in (dict(tp_size=2), dict(pp_size=2), dict(tp_size=2, dp_size=2, enable_dp_attention=True)):
+        with pytest.raises(ValueError, match="gpus_per_rank: 0.5 puts ranks of one TP/PP group on one GPU"):
+            RayEngine(model=path, device="cuda", gpus_per_rank=0.5, **layout)
+    assert not ray.is_initialized() or not _no_leftovers()[0]
 
 
 def test_actor_death_fails_requests_quickly(ray_cluster):

@@ -229,8 +229,6 @@ class RayLauncher:
                  placement_timeout_s: float = 60.0, engine_name: str | None = None):
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)
-        if not (0 < gpus_per_rank <= 1 or (gpus_per_rank > 1 and float(gpus_per_rank).is_integer())):
-            raise ValueError(f"gpus_per_rank: must be in (0, 1] or a whole number, got {gpus_per_rank}")
         self.name = engine_name or f"flotilla-{uuid.uuid4().hex[:8]}"
         self.use_gpu, self.gpus_per_rank = use_gpu, gpus_per_rank
         self._owns_pg = False

@@ -62,6 +62,12 @@ def world_size(tp_size: int, dp_size: int, enable_dp_attention: bool, pp_size: i
     return tp_size if enable_dp_attention else tp_size * dp_size * pp_size
 
 
+def group_world_size(cfg) -> int:
+    """Ranks in one torch.distributed group (one replica, or the one DP-attention group) for an EngineConfig:
+    these ranks talk over NCCL, so on GPUs each needs a device of its own."""
+    return layout(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention, cfg.pp_size)[0].world_size
+
+
 def device_index(global_rank: int, num_devices: int) -> int | None:
     """GPU of a rank on one node (mp launcher): ranks fill devices in order, wrapping when shared."""
     return None if num_devices <= 0 else global_rank % num_devices
