@@ -31,11 +31,11 @@ class RayEngine(Engine):
 
         cfg = self.config
         share = self._ray_opts["gpus_per_rank"]
-        if cfg.device == "cuda" and share < 1 and group_world_size(cfg) > 1:
-            raise ValueError(f"gpus_per_rank: {share} puts ranks of one TP/PP group on one GPU, which NCCL cannot "
-                             f"do; a fraction is for replicas of one rank (tp_size=1, pp_size=1), got "
-                             f"tp_size={cfg.tp_size}, pp_size={cfg.pp_size}")
         if cfg.device == "cuda" and share < 1:
+            if group_world_size(cfg) > 1:
+                raise ValueError(f"gpus_per_rank: {share} puts ranks of one TP/PP group on one GPU, which NCCL "
+                                 f"cannot do; a fraction is for replicas of one rank (tp_size=1, pp_size=1), got "
+                                 f"tp_size={cfg.tp_size}, pp_size={cfg.pp_size}")
             # ranks sharing a GPU each take their fraction of the memory budget
             cfg.gpu_memory_utilization *= share
         return RayLauncher(num_ranks=world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention, cfg.pp_size),

@@ -51,7 +51,8 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
                                                       finish_reason="length" if k == steps - 1 else None)
                                           for s in states], ReplicaLoad(running=requests)))
             for k in range(steps)]
-    wake_all = getattr(request_mod, "wake_all", None)
+    wake_all = getattr(request_mod, "wake_all", None)  # absent in trees before the batched wake-ups, which
+    # this script also measures (docs/benchmarks.md §9 runs it on the previous commit's flotilla/)
 
     def replay() -> None:
         for raw in wire:
