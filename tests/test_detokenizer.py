@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from flotilla.detokenizer import IncrementalDetokenizer
-from tests.conftest import tiny
+from conftest import tiny
 
 TEXTS = [
     "The fox walked down to the river. It was cold, and the water ran clear!",
