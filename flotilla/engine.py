@@ -29,7 +29,7 @@ from flotilla.request import RequestFailed, RequestState, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.policies import NoReplicaAvailable
 from flotilla.sampling import SamplingParams
-from flotilla.worker.worker import WorkerArgs
+from flotilla.launch.worker_args import WorkerArgs
 
 log = logging.getLogger(__name__)
 

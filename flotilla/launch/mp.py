@@ -7,7 +7,7 @@ import os
 import uuid
 
 from flotilla.launch.topology import GroupSpec, device_index
-from flotilla.worker.worker import WorkerArgs
+from flotilla.launch.worker_args import WorkerArgs
 
 
 def _mp_entry(args: WorkerArgs) -> None:

@@ -22,7 +22,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flotilla.launch.topology import GroupSpec
-from flotilla.worker.worker import WorkerArgs
+from flotilla.launch.worker_args import WorkerArgs
 
 log = logging.getLogger(__name__)
 

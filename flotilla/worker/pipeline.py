@@ -22,7 +22,8 @@ from flotilla.distributed import get_group
 from flotilla.distributed.pipeline import StageLink
 from flotilla.ipc.messages import batch_plan_decoder, encoder
 from flotilla.worker.model_runner import ModelRunner
-from flotilla.worker.worker import WorkerArgs, _apply_model_op, _Leader
+from flotilla.launch.worker_args import WorkerArgs
+from flotilla.worker.worker import _apply_model_op, _Leader
 
 IDLE_PING_S = 1.0  # an idle leader still sends an idle plan down the pipeline this often
 

@@ -11,18 +11,18 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from flotilla.config import EngineConfig
 from flotilla.distributed import destroy_groups, get_group, init_groups
-from flotilla.ipc.channel import CurveKeys, connect
+from flotilla.ipc.channel import connect
 from flotilla.ipc.messages import (AbortRequest, AddRequest, BatchPlan, ControlDone, FlushCache, Pause, ReleaseMemory,
                                    Resume, ResumeMemory, Shutdown, StepOutput, UpdateWeights,
                                    WorkerFailed, WorkerReady, batch_plan_decoder, encoder, from_worker_decoder,
                                    to_worker_decoder)
+from flotilla.launch.worker_args import WorkerArgs
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.model_runner import ModelRunner
 from flotilla.worker.sampler import Sampler, SamplingBatch
@@ -32,25 +32,6 @@ from flotilla.worker.weight_sources import open_source
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # an idle replica still reports its load this often (the front end's liveness signal)
-
-
-@dataclass
-class WorkerArgs:
-    config: dict
-    replica_id: int
-    rank: int
-    world_size: int
-    dist_init_method: str | None
-    in_addr: str
-    out_addr: str
-    keys: CurveKeys | None = None
-    device_index: int | None = None
-    num_threads: int | None = None
-    backend: str | None = None
-    # weight updates made before this rank started (a restarted replica catches up): sources applied in order
-    # on top of the checkpoint, and the version they amount to
-    weights_sources: list[str] = field(default_factory=list)
-    weight_version: int = 0
 
 
 def eos_ids(model_path: str, hf_config: dict) -> tuple[int, ...]:

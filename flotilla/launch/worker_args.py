@@ -1,0 +1,27 @@
+"""What a launcher hands each rank process to start it: plain data, so the front end can build it without
+importing the worker or model code (the worker imports this, not the other way round)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flotilla.ipc.channel import CurveKeys
+
+
+@dataclass
+class WorkerArgs:
+    config: dict
+    replica_id: int   # the replica (routed unit) this rank works for
+    rank: int
+    world_size: int
+    dist_init_method: str | None
+    in_addr: str
+    out_addr: str
+    keys: CurveKeys | None = None
+    device_index: int | None = None
+    num_threads: int | None = None
+    backend: str | None = None
+    # weight updates made before this rank started (a restarted replica catches up): sources applied in order
+    # on top of the checkpoint, and the version they amount to
+    weights_sources: list[str] = field(default_factory=list)
+    weight_version: int = 0
