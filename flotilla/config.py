@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from flotilla.launch.topology import check_layout
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -60,6 +62,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Frozen once resolved: every process (front end, launchers, workers) must see the same settings, so
+        # a per-rank difference (a GPU memory share) goes into that rank's copy, never into this object.
+        if self.__dict__.get("_resolved", False):
+            raise AttributeError(f"EngineConfig is frozen after resolve(): cannot set {name!r} "
+                                 "(build a new config with dataclasses.replace)")
+        super().__setattr__(name, value)
+
     # ------------------------------------------------------------------------------------------ checks
     def validate(self) -> None:
         _choice("dtype", self.dtype, _DTYPES)
@@ -67,12 +77,7 @@ class EngineConfig:
         _choice("load_format", self.load_format, _LOAD_FORMATS)
         _choice("load_balance", self.load_balance, _LOAD_BALANCE)
         _choice("attention_backend", self.attention_backend, _ATTENTION)
-        _positive_int("tp_size", self.tp_size)
-        _positive_int("dp_size", self.dp_size)
-        _positive_int("pp_size", self.pp_size)
-        if self.pp_size > 1 and self.enable_dp_attention:
-            raise ValueError("pp_size: pipeline parallelism is not supported with enable_dp_attention "
-                             f"(got pp_size={self.pp_size}); use pp_size=1 or enable_dp_attention=False")
+        check_layout(self.tp_size, self.dp_size, self.enable_dp_attention, self.pp_size)
         if self.pp_layer_partition is not None:
             part = self.pp_layer_partition
             if not isinstance(part, (list, tuple)) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
@@ -100,10 +105,6 @@ class EngineConfig:
             _positive_int("kv_cache_tokens", self.kv_cache_tokens)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
-        if self.enable_dp_attention and self.tp_size % self.dp_size:
-            raise ValueError(
-                f"dp_size: with enable_dp_attention, dp_size must divide tp_size; got dp_size={self.dp_size}, "
-                f"tp_size={self.tp_size}")
         if self.host is not None and self.host in _WILDCARDS and not self.allow_wildcard_host:
             raise ValueError(
                 f"host: {self.host!r} listens on every interface; pass a specific address (default: this node's address) "
@@ -146,6 +147,8 @@ class EngineConfig:
             self.max_model_len = limit
         if self.tokenizer is None:
             self.tokenizer = str(path)
+        self.validate()
+        object.__setattr__(self, "_resolved", True)
         return self
 
     def _check_shapes(self, hf: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Weight updates, pause/resume and memory release: the front-end half (``Engine`` mixes this in).
+"""Weight updates, pause/resume and memory release: the front end's control plane.
 
 The flow of an update (see docs/weight_updates.md):
 
@@ -6,13 +6,14 @@ The flow of an update (see docs/weight_updates.md):
    full Hugging Face shapes): unknown names, wrong shapes and non-float tensors are refused here, naming
    the parameter, before any rank is told anything.
 2. Make the tensors readable by every rank: ``update_weights`` writes them into one safetensors file in
-   the engine's private 0700 folder; ``update_weights_from_disk`` passes the caller's file or folder; the
-   Ray engine stages object refs in each rank actor (``staged:<key>``).
+   the engine's private 0700 folder; ``update_weights_from_disk`` passes the caller's file or folder; a
+   launcher with a ``WeightStager`` (Ray: the object store) stages tensors in each rank's process
+   (``staged:<key>``), which is also how tensors reach ranks on other nodes.
 3. Pause (stop dispatching, leaders stop scheduling), send ``UpdateWeights`` to every leader, wait for
    every ``ControlDone``, resume. Each leader hands the op to all its ranks inside the batch plan, and all
    ranks copy their shard into the live parameters in place in one step.
 
-Only one control operation runs at a time (``_control_lock``).
+Only one control operation runs at a time (``ControlPlane.lock``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,21 @@ from typing import Any
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory, UpdateWeights
 from flotilla.request import wake_all
+
+if TYPE_CHECKING:
+    from flotilla.config import EngineConfig
+    from flotilla.launch.base import WeightStager
+    from flotilla.router.controller import DPController
+    from flotilla.router.fleet import ReplicaFleet
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
+CONTROL_SEND_TIMEOUT_MS = 2000  # a control op waits this long for a replica just started to connect
 
 # safetensors header dtype codes of float types (anything else is refused as not floating point)
 _SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -71,13 +81,20 @@ def collect_named_tensors(named_tensors: Any) -> list[tuple[str, Any]]:
     return items
 
 
-class ControlMixin:
-    """Public: ``pause``, ``resume``, ``update_weights``, ``update_weights_from_disk``, ``release_memory``,
-    ``resume_memory``, ``weight_version``. Needs the Engine's ``_cv``, ``_topo``, ``_ready``, ``_in_ch``,
-    ``controller``, ``config``, ``_private_dir`` and ``_redispatch``."""
+class ControlPlane:
+    """Public: ``pause``, ``resume``, ``update_weights``, ``update_weights_from_disk``,
+    ``update_weights_staged``, ``release_memory``, ``resume_memory``, ``weight_version``.
 
-    def _init_control(self) -> None:
-        self._control_lock = threading.RLock()
+    ``fleet`` says which replicas are up and sends to them; ``controller`` holds and releases requests while
+    paused; ``stager`` (the launcher's, or None) stages tensors in the rank processes; ``files_shared``:
+    whether a file in ``private_dir`` is readable by every rank (all ranks on this node)."""
+
+    def __init__(self, config: "EngineConfig", controller: "DPController", fleet: "ReplicaFleet",
+                 private_dir: str, stager: "WeightStager | None", files_shared: bool):
+        self.config, self.controller, self.fleet = config, controller, fleet
+        self.private_dir, self.stager, self.files_shared = private_dir, stager, files_shared
+        self.lock = threading.RLock()
+        self._cv = threading.Condition()
         self._op_ids = itertools.count(1)
         self._ops: dict[int, _PendingOp] = {}
         self._paused = False
@@ -85,7 +102,7 @@ class ControlMixin:
         self._memory_released = False
         self._weight_version = 0
         # what a replica started later (failover, scale-up) loads on top of the checkpoint to catch up:
-        # sources in order, or None when an update cannot be replayed (it came from object refs)
+        # sources in order, or None when an update cannot be replayed (it was staged, not a file)
         self._replay: list[str] | None = []
         self._meta = None
 
@@ -102,7 +119,7 @@ class ControlMixin:
     def pause(self, timeout: float = 60.0) -> None:
         """Stop dispatching and scheduling. Requests submitted while paused wait in the front end; running
         requests keep their KV and continue after ``resume()``. Returns once every replica has stopped."""
-        with self._control_lock:
+        with self.lock:
             if self._paused:
                 return
             self.controller.pause()
@@ -117,7 +134,7 @@ class ControlMixin:
 
     def resume(self, timeout: float = 60.0) -> None:
         """Undo ``pause()``: replicas schedule again and the requests held meanwhile are dispatched."""
-        with self._control_lock:
+        with self.lock:
             if not self._paused:
                 return
             if self._memory_released:
@@ -140,8 +157,13 @@ class ControlMixin:
         weight version (``version`` if given, else the previous one + 1).
         """
         items = collect_named_tensors(named_tensors)
-        with self._control_lock:
+        with self.lock:
             full = self._check_weights(items)
+            if not self.files_shared:  # ranks on other nodes cannot read the private folder
+                if self.stager is None:
+                    raise RuntimeError("update_weights: ranks on other nodes and no weight stager")
+                return self._update_staged(lambda key: self.stager.stage_tensors(key, items, timeout), version,
+                                           flush_cache, timeout)
             version = self._next_version(version)
             path = self._write_update_file(items, version)
             return self._apply_update(path, version, flush_cache, timeout, replay=path, full=full)
@@ -168,15 +190,45 @@ class ControlMixin:
                 for name in st.keys():
                     sl = st.get_slice(name)
                     items.append((name, meta_tensor(name, sl.get_shape(), sl.get_dtype())))
-        with self._control_lock:
+        with self.lock:
             full = self._check_weights(items)
             version = self._next_version(version)
             return self._apply_update(str(p), version, flush_cache, timeout, replay=str(p), full=full)
 
+    def update_weights_staged(self, payload: Any, *, version: int | None = None, flush_cache: bool = True,
+                              timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Like ``update_weights`` with the tensors staged by the launcher's ``WeightStager`` from
+        ``payload`` (Ray: object refs, each holding a dict {name: tensor} or (name, tensor) pairs). Every rank
+        fetches them itself while requests keep running, the front end checks the names and shapes the ranks
+        report, and only then are requests paused and the weights copied in place. A replica started later
+        cannot replay such an update: it comes back with the checkpoint's weights (weight_version 0 in
+        stats) until the next update."""
+        if self.stager is None:
+            raise RuntimeError("update_weights_staged: this launcher has no weight stager")
+        with self.lock:
+            return self._update_staged(lambda key: self.stager.stage(key, payload, timeout), version,
+                                       flush_cache, timeout)
+
+    def _update_staged(self, stage: Callable[[str], list], version: int | None, flush_cache: bool,
+                       timeout: float) -> int:
+        key = f"staged-{uuid.uuid4().hex}"
+        self._check_resident()
+        staged = stage(key)
+        try:
+            if not staged:
+                raise RuntimeError("update_weights: no replica is up")
+            if any(s != staged[0] for s in staged[1:]):
+                raise RuntimeError("update_weights: the ranks staged different contents")
+            full = self._check_weights([(n, meta_tensor(n, shape, dtype)) for n, shape, dtype in staged[0]])
+            version = self._next_version(version)
+            return self._apply_update(f"staged:{key}", version, flush_cache, timeout, replay=None, full=full)
+        finally:
+            self.stager.unstage(key)
+
     def release_memory(self, weights: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Free every replica's KV cache (and, with ``weights``, move the weights to host memory) so a
         trainer can use the GPU. Pauses the engine first; running requests will recompute their KV."""
-        with self._control_lock:
+        with self.lock:
             if self._memory_released:
                 return
             if not self._paused:
@@ -188,7 +240,7 @@ class ControlMixin:
     def resume_memory(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Re-take the memory ``release_memory`` freed (the same number of KV blocks) and, if that call
         paused the engine, resume it."""
-        with self._control_lock:
+        with self.lock:
             if not self._memory_released:
                 return
             self._control(ResumeMemory, "resume_memory", timeout)
@@ -197,7 +249,7 @@ class ControlMixin:
                 self.resume(timeout)
 
     # ------------------------------------------------------------------------------------------ engine hooks
-    def _on_control_done(self, msg: ControlDone) -> None:
+    def on_control_done(self, msg: ControlDone) -> None:
         """Engine loop: a leader answered a control operation."""
         with self._cv:
             op = self._ops.get(msg.op_id)
@@ -207,10 +259,9 @@ class ControlMixin:
                     op.errors[msg.replica] = msg.error
             self._cv.notify_all()
 
-    def _replay_args(self) -> dict[str, Any]:
+    def replay_args(self) -> dict[str, Any]:
         """WorkerArgs fields for a replica that starts now: the updates to replay, and their version."""
-        replay = getattr(self, "_replay", [])
-        version = getattr(self, "_weight_version", 0)
+        replay, version = self._replay, self._weight_version
         if replay is None:
             log.warning("a replica starts with the checkpoint's weights: update v%d came from object refs and "
                         "cannot be replayed (its stats show weight_version 0 until the next update)", version)
@@ -220,8 +271,7 @@ class ControlMixin:
     # ------------------------------------------------------------------------------------------ internals
     def _control(self, make: Callable[[int], Any], name: str, timeout: float, check: bool = True) -> None:
         """Send one control op to every ready leader and wait until each answered (or died)."""
-        with self._topo:
-            targets = set(self._ready)
+        targets = self.fleet.ready_replicas()
         if not targets:
             if not check:
                 return
@@ -232,21 +282,16 @@ class ControlMixin:
             self._ops[op_id] = op
         try:
             msg = make(op_id)
-            with self.controller.lock:  # the lock every send to a replica's channel is made under
-                for t in sorted(targets):
-                    ch = self._in_ch.get(t)
-                    try:
-                        if ch is None:
-                            raise KeyError(t)
-                        ch.send(msg)
-                    except Exception as e:  # gone: the failover path takes care of it
-                        log.warning("%s: replica %d unreachable (%s)", name, t, e)
-                        with self._cv:
-                            op.pending.discard(t)
+            for t in sorted(targets):
+                if not self.controller.send(t, msg, timeout_ms=CONTROL_SEND_TIMEOUT_MS):  # gone: failover handles it
+                    log.warning("%s: replica %d unreachable", name, t)
+                    with self._cv:
+                        op.pending.discard(t)
             deadline = time.monotonic() + timeout
             with self._cv:
                 while True:
-                    waiting = {t for t in op.pending if t in self._ready}  # a replica that died answers no more
+                    ready = self.fleet.ready_replicas()
+                    waiting = {t for t in op.pending if t in ready}  # a replica that died answers no more
                     if not waiting:
                         break
                     left = deadline - time.monotonic()
@@ -263,15 +308,8 @@ class ControlMixin:
             raise RuntimeError(f"{name} failed: {detail}")
 
     def _release_held(self) -> None:
-        held = self.controller.resume()
-        woken = []
-        with self._topo:
-            for state in held:
-                if not self._redispatch(state):
-                    woken.append(state)
+        woken = [s for s in self.controller.resume() if not self.fleet.redispatch(s)]
         wake_all(woken)
-        with self._cv:
-            self._cv.notify_all()
 
     def _meta_model(self):
         """(router, expected part names) of the model built on the meta device with tp=1 (no memory)."""
@@ -324,7 +362,7 @@ class ControlMixin:
 
     def _apply_update(self, source: str, version: int, flush_cache: bool, timeout: float, *,
                       replay: str | None, full: bool) -> int:
-        with self._control_lock:
+        with self.lock:
             self._check_resident()
             was_paused = self._paused
             if not was_paused:
@@ -358,7 +396,7 @@ class ControlMixin:
                 t = t.clone()
             storages.add(t.untyped_storage().data_ptr())
             out[name] = t
-        path = os.path.join(self._private_dir, f"weights-v{version}-{uuid.uuid4().hex[:8]}.safetensors")
+        path = os.path.join(self.private_dir, f"weights-v{version}-{uuid.uuid4().hex[:8]}.safetensors")
         save_file(out, path + ".tmp")
         os.replace(path + ".tmp", path)
         return path
@@ -366,7 +404,7 @@ class ControlMixin:
     def _prune_update_files(self) -> None:
         """Keep only the update files a later-started replica would replay."""
         keep = set(self._replay or [])
-        for f in Path(self._private_dir).glob("weights-v*.safetensors*"):
+        for f in Path(self.private_dir).glob("weights-v*.safetensors*"):
             if str(f) not in keep:
                 try:
                     f.unlink()

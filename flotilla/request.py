@@ -18,7 +18,7 @@ class RequestState:
     prompt_ids: list[int]
     sampling: SamplingParams
     detok: IncrementalDetokenizer
-    target: int = -1
+    replica: int = -1             # the replica it is on (-1: none yet, or held while paused)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -27,6 +27,11 @@ class RequestState:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    # failover bookkeeping: when it was last sent to a replica, how many replicas died under it, and whether
+    # the user asked it to end (a failover then ends it instead of resuming it)
+    dispatched_at: float = 0.0
+    deaths: int = 0
+    abort_requested: bool = False
     _async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +135,44 @@ def wake_all(states: Iterable[RequestState]) -> None:
 def _set_all(events: list[asyncio.Event]) -> None:
     for ev in events:
         ev.set()
+
+
+class StreamCursor:
+    """How much of a request a stream consumer has seen; deltas are cut from the cumulative state, so a
+    wake-up that arrives late or twice loses and repeats nothing."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.chars = 0
+        self.done = False
+
+    def has_news(self, s: RequestState) -> bool:
+        return (s.finished and not self.done) or len(s.output_ids) > self.tokens or \
+            len(s.streamable_text()) > self.chars
+
+    def take(self, s: RequestState) -> dict[str, Any] | None:
+        if self.done:
+            return None
+        finished = s.finished
+        text = s.streamable_text()
+        ids = s.output_ids[self.tokens:]
+        if not ids and len(text) <= self.chars and not finished:
+            return None
+        if finished and s.finish_reason == "error":
+            self.done = True
+            raise RequestFailed(f"request {s.rid} failed: {s.error}")
+        delta: dict[str, Any] = {"request_id": s.rid, "text": text[self.chars:], "token_ids": list(ids),
+                                 "finished": finished, "finish_reason": s.finish_reason if finished else None}
+        if s.sampling.logprobs:
+            delta["logprobs"] = s.logprobs[self.tokens:self.tokens + len(ids)]
+            if s.sampling.top_logprobs:
+                delta["top_logprobs"] = [list(t) for t in s.top_logprobs[self.tokens:self.tokens + len(ids)]]
+        self.tokens += len(ids)
+        self.chars = len(text)
+        if finished:
+            self.done = True
+            delta["result"] = s.result()
+        return delta
 
 
 class RequestFailed(RuntimeError):

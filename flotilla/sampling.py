@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -65,11 +65,14 @@ class SamplingParams:
 
     @classmethod
     def from_any(cls, value: "SamplingParams | dict[str, Any] | None") -> "SamplingParams":
-        """Accept a SamplingParams, a plain dict (unknown keys are an error naming them) or None."""
+        """Accept a SamplingParams, a plain dict (unknown keys are an error naming them) or None.
+
+        A SamplingParams is copied and validated again: fields set after it was built are checked here, at
+        submit, and later changes by the caller do not reach a request in flight."""
         if value is None:
             return cls()
         if isinstance(value, cls):
-            return value
+            return replace(value)
         if isinstance(value, dict):
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(value) - known)

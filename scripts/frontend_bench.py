@@ -24,7 +24,6 @@ import time
 def run(requests: int, steps: int, seed: int = 0) -> dict:
     from transformers import AutoTokenizer
 
-    from flotilla import engine as engine_mod
     from flotilla import request as request_mod
     from flotilla.detokenizer import IncrementalDetokenizer
     from flotilla.ipc.messages import ReplicaLoad, StepOutput, TokenOutput, encoder, from_worker_decoder
@@ -40,7 +39,7 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     vocab = len(tok)
     ctl = DPController("round_robin")
-    ctl.add_target(0, lambda msg: None)
+    ctl.add_replica(0, lambda msg, timeout_ms=0: None)
     states = []
     for i in range(requests):
         ids = [rng.randrange(vocab) for _ in range(128)]
@@ -65,7 +64,7 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
 
     async def consume(state) -> int:
         ev = state.add_async_waiter()
-        cursor, n = engine_mod._Cursor(), 0
+        cursor, n = request_mod.StreamCursor(), 0
         while True:
             await ev.wait()
             ev.clear()

@@ -52,10 +52,10 @@ def test_single_request_with_an_idle_group(dpa_engine):
 
 def test_burst_on_one_group(dpa_engine):
     path = tiny("qwen3_moe")
-    target = dpa_engine.stats()["replicas"][1]["id"]
+    replica = dpa_engine.stats()["replicas"][1]["id"]
     states = [dpa_engine._new_state(p, None, GREEDY) for p in PROMPTS * 2]
     for s in states:
-        dpa_engine.controller.dispatch(s, target=target)
+        dpa_engine.controller.dispatch(s, replica=replica)
     dpa_engine._wait(states, timeout=120)
     assert [s.output_ids for s in states] == expected(path) * 2
 

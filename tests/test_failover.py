@@ -96,6 +96,25 @@ def test_kill_the_only_replica_requests_wait_for_its_restart():
         assert late["token_ids"] == expected(path, PROMPTS[:1])[0]
 
 
+def test_kill_both_replicas_at_once_loses_nothing():
+    """A node loss: both replicas SIGKILLed together. Nothing is sent to the second dead one, the engine loop
+    lives on, requests wait for the restarts and finish with the undisturbed tokens, and health comes back."""
+    path = tiny("llama")
+    with Engine(model=path, dp_size=2, **OPTS) as engine:
+        out, threads = _start_streams(engine, PROMPTS12, GREEDY)
+        pids = [p for r in engine.stats()["replicas"] for p in r["pids"]]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join(180)
+        assert not any(t.is_alive() for t in threads)
+        assert _streamed_tokens(out) == expected(path, PROMPTS12)
+        _wait_until(lambda: engine.healthy(), timeout=120)
+        stats = engine.stats()
+        assert stats["replica_restarts"] == 2 and stats["engine_loop_alive"]
+        assert engine.generate([PROMPTS[1]], GREEDY, use_tqdm=False)[0]["token_ids"] == expected(path, PROMPTS[1:2])[0]
+
+
 def test_seeded_sampling_survives_failover():
     path = tiny("llama")
     sp = SamplingParams(max_new_tokens=N, temperature=0.9, top_k=40, seed=5, ignore_eos=True)

@@ -37,7 +37,7 @@ def test_layout_with_pp():
     specs = layout(tp_size=2, dp_size=2, enable_dp_attention=False, pp_size=2)
     got = [(s.world_size, s.attn_tp_size, s.first_global_rank, s.pp_size) for s in specs]
     assert got == [(4, 2, 0, 2), (4, 2, 4, 2)]
-    assert [specs[1].target_of_rank(r) for r in range(4)] == [1, 1, 1, 1]
+    assert [specs[1].replica_of_rank(r) for r in range(4)] == [1, 1, 1, 1]
     assert world_size(2, 2, False, 2) == 8
     with pytest.raises(ValueError, match="pp_size"):
         layout(2, 2, True, 2)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import uuid
+from typing import TYPE_CHECKING
 
-from flotilla.launch.topology import GroupSpec, device_index
+from flotilla.launch.base import memory_share, with_memory_share
+from flotilla.launch.topology import GroupSpec, device_index, group_world_size, world_size
 from flotilla.launch.worker_args import WorkerArgs
+
+if TYPE_CHECKING:
+    from flotilla.config import EngineConfig
 
 
 def _mp_entry(args: WorkerArgs) -> None:
@@ -21,24 +26,41 @@ def _mp_entry(args: WorkerArgs) -> None:
 class MpLauncher:
     """Starts a group's ranks as processes and notices when one of them exits.
 
-    Rendezvous goes through a file in the engine's private 0700 directory, so no TCP store listens.
+    Rendezvous goes through a file in the engine's private 0700 directory, so no TCP store listens. On GPUs,
+    ranks fill the visible devices in order; when there are more ranks than devices, whole replicas share
+    devices and each rank takes its share of the memory budget (ranks of one group never share: NCCL cannot).
     """
 
     multi_node = False
     bind_host: str | None = None
+    stager = None
 
-    def __init__(self, private_dir: str, num_devices: int):
+    def __init__(self, config: "EngineConfig", private_dir: str):
         self._ctx = mp.get_context("spawn")
         self._dir = private_dir
-        self._num_devices = num_devices
+        self._num_devices = 0
+        ranks = world_size(config.tp_size, config.dp_size, config.enable_dp_attention, config.pp_size)
+        if config.device == "cuda":
+            import torch
+
+            self._num_devices = torch.cuda.device_count()
+            per_group = group_world_size(config)
+            if per_group > self._num_devices:
+                raise ValueError(f"tp_size: one replica's {per_group} ranks (tp_size={config.tp_size} x "
+                                 f"pp_size={config.pp_size}) need a GPU each, and {self._num_devices} are visible; "
+                                 "only whole replicas share GPUs")
+        self._ranks = ranks
         self._groups: dict[int, list[mp.process.BaseProcess]] = {}
 
     def start_group(self, spec: GroupSpec, ranks: list[WorkerArgs]) -> None:
         init = f"file://{self._dir}/dist-g{spec.group_id}-{uuid.uuid4().hex[:8]}" if spec.world_size > 1 else None
+        share = memory_share(max(self._ranks, spec.first_global_rank + spec.world_size), self._num_devices)
         procs = []
         for wa in ranks:
             wa.dist_init_method = init
             wa.device_index = device_index(spec.first_global_rank + wa.rank, self._num_devices)
+            wa.num_threads = cpu_threads_per_rank(self._ranks)
+            wa.config = with_memory_share(wa.config, share)
             p = self._ctx.Process(target=_mp_entry, args=(wa,), name=f"flotilla-g{spec.group_id}-r{wa.rank}", daemon=True)
             p.start()
             procs.append(p)
@@ -48,7 +70,6 @@ class MpLauncher:
         return [p.pid for p in self._groups.get(group_id, []) if p.pid is not None]
 
     def dead_groups(self) -> dict[int, str]:
-        """Groups with at least one exited rank, and why."""
         dead = {}
         for gid, procs in self._groups.items():
             for rank, p in enumerate(procs):
@@ -57,8 +78,11 @@ class MpLauncher:
                     break
         return dead
 
+    def ensure_capacity(self, num_ranks: int) -> None:
+        """Processes need no reservation; the memory share of ranks started later follows the new count."""
+        self._ranks = max(self._ranks, num_ranks)
+
     def stop_group(self, group_id: int, timeout: float = 10.0) -> None:
-        """Wait for a group told to shut down, then terminate and kill what is left."""
         procs = self._groups.pop(group_id, [])
         for i, p in enumerate(procs):
             p.join(timeout=timeout if i == 0 else 1.0)

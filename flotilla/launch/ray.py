@@ -15,14 +15,20 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch.distributed as dist
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flotilla.launch.topology import GroupSpec
+from flotilla.launch.base import with_memory_share
+from flotilla.launch.mp import cpu_threads_per_rank
+from flotilla.launch.topology import GroupSpec, group_world_size, world_size
 from flotilla.launch.worker_args import WorkerArgs
+
+if TYPE_CHECKING:
+    from flotilla.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -223,27 +229,59 @@ def check_bundle_indices(indices: list[int] | None, num_bundles: int) -> list[in
     return list(indices)
 
 
+@dataclass(frozen=True)
+class RayPlacement:
+    """Where a RayEngine's ranks go: the caller's placement group (and bundles) or one made for it, and the
+    GPU share of each rank. Validated here, before Ray starts."""
+
+    placement_group: PlacementGroup | None = None
+    bundle_indices: list[int] | None = None
+    gpus_per_rank: float = 1.0
+    placement_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        g = self.gpus_per_rank
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (
+                0 < g <= 1 or (g > 1 and float(g).is_integer())):
+            raise ValueError(f"gpus_per_rank: must be in (0, 1] or a whole number, got {g!r}")
+        t = self.placement_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise ValueError(f"placement_timeout_s: must be a number > 0, got {t!r}")
+
+
 class RayLauncher:
-    def __init__(self, *, num_ranks: int, use_gpu: bool, gpus_per_rank: float = 1.0,
-                 placement_group: PlacementGroup | None = None, bundle_indices: list[int] | None = None,
-                 placement_timeout_s: float = 60.0, engine_name: str | None = None):
+    """Rank actors on placement-group bundles; also the engine's ``WeightStager`` (the object store)."""
+
+    def __init__(self, config: "EngineConfig", placement: RayPlacement, engine_name: str | None = None):
+        use_gpu = config.device == "cuda"
+        share = placement.gpus_per_rank
+        if use_gpu and share < 1 and group_world_size(config) > 1:
+            raise ValueError(f"gpus_per_rank: {share} puts ranks of one TP/PP group on one GPU, which NCCL "
+                             f"cannot do; a fraction is for replicas of one rank (tp_size=1, pp_size=1), got "
+                             f"tp_size={config.tp_size}, pp_size={config.pp_size}")
+        num_ranks = world_size(config.tp_size, config.dp_size, config.enable_dp_attention, config.pp_size)
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)
         self.name = engine_name or f"flotilla-{uuid.uuid4().hex[:8]}"
-        self.use_gpu, self.gpus_per_rank = use_gpu, gpus_per_rank
+        self.use_gpu, self.gpus_per_rank = use_gpu, share
+        self.stager = self
+        # ranks sharing a GPU each take their fraction of the memory budget
+        self._memory_share = share if use_gpu and share < 1 else 1.0
+        self._threads = cpu_threads_per_rank(num_ranks)
         self._owns_pg = False
-        pg = placement_group if placement_group is not None else ray.util.get_current_placement_group()
+        pg = placement.placement_group if placement.placement_group is not None else \
+            ray.util.get_current_placement_group()
         self._extra_pgs: list[PlacementGroup] = []  # made when scaling up past the first group
-        self._timeout_s = placement_timeout_s
+        self._timeout_s = placement.placement_timeout_s
         self._groups: dict[int, dict] = {}
         if pg is None:
-            pg = self._create_pg(num_ranks, placement_timeout_s)
+            pg = self._create_pg(num_ranks, self._timeout_s)
             self._owns_pg = True
         else:
-            self._wait_ready(pg, placement_timeout_s, remove=False)
+            self._wait_ready(pg, self._timeout_s, remove=False)
         self.pg = pg
         try:
-            self.slots = self._place(pg, num_ranks, bundle_indices)
+            self.slots = self._place(pg, num_ranks, placement.bundle_indices)
         except BaseException:
             self.shutdown()
             raise
@@ -331,6 +369,8 @@ class RayLauncher:
             ).remote()
         actors, runs = [], []
         for wa in ranks:
+            wa.num_threads = self._threads
+            wa.config = with_memory_share(wa.config, self._memory_share)
             slot = self.slots[first + wa.rank]
             actor = _RANK_ACTOR.options(
                 name=f"{self.name}-g{spec.group_id}-r{wa.rank}-{uuid.uuid4().hex[:4]}",
@@ -345,9 +385,14 @@ class RayLauncher:
                                        "store": store, "nodes": [i["ip"] for i in infos],
                                        "node_ids": [i["node_id"] for i in infos]}
 
-    def stage_weights(self, key: str, refs: list, timeout_s: float) -> list[list[tuple]]:
-        """Every live rank fetches ``refs`` from the object store and stages them; returns what each staged.
-        Ranks of groups that died meanwhile are skipped (failover deals with them)."""
+    # -------------------------------------------------------------------------------------- WeightStager
+    def stage(self, key: str, payload: Any, timeout_s: float) -> list[list[tuple]]:
+        """Every live rank fetches ``payload`` (an ObjectRef or a list of them) from the object store and
+        stages it; returns what each staged. Ranks of groups that died meanwhile are skipped (failover deals
+        with them)."""
+        refs = [payload] if isinstance(payload, ray.ObjectRef) else list(payload)
+        if not refs or not all(isinstance(r, ray.ObjectRef) for r in refs):
+            raise ValueError("refs: expected an ObjectRef or a non-empty list of ObjectRefs")
         calls = [a.stage_weights.remote(key, list(refs)) for g in self._groups.values() for a in g["actors"]]
         out = []
         try:
@@ -356,12 +401,20 @@ class RayLauncher:
                     out.append(ray.get(call, timeout=timeout_s))
                 except ray.exceptions.RayActorError:
                     continue
+        except ray.exceptions.RayTaskError as e:
+            self.unstage(key)
+            raise ValueError(f"refs: the rank actors could not read the update: {str(e).splitlines()[-1]}") from None
         except BaseException:
-            self.unstage_weights(key)
+            self.unstage(key)
             raise
         return out
 
-    def unstage_weights(self, key: str) -> None:
+    def stage_tensors(self, key: str, items: list[tuple[str, Any]], timeout_s: float) -> list[list[tuple]]:
+        """Tensors from the front end's process, through the object store (ranks on other nodes cannot read
+        the front end's private folder)."""
+        return self.stage(key, [ray.put([(n, t.detach().cpu()) for n, t in items])], timeout_s)
+
+    def unstage(self, key: str) -> None:
         calls = [a.unstage_weights.remote(key) for g in self._groups.values() for a in g["actors"]]
         for call in calls:
             try:

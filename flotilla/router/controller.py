@@ -1,17 +1,31 @@
-"""The DP controller: the front end's table of in-flight requests and the view of every target it routes to.
+"""The DP controller: the front end's table of in-flight requests and the view of every replica it routes to.
 
-It is plain, thread-safe bookkeeping with no I/O of its own beyond the per-target send callables it is
-given, so it can be unit-tested without processes.
+It is plain, thread-safe bookkeeping with no I/O of its own beyond the per-replica send callables it is
+given, so it can be unit-tested without processes. Replica lifecycle (start, death, restart, scale) is the
+fleet's (``router/fleet.py``); the controller only learns which replicas to route to.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from flotilla.ipc.messages import AbortRequest, AddRequest, StepOutput
 from flotilla.request import RequestState
 from flotilla.router.policies import NoReplicaAvailable, ReplicaView, make_policy
+
+log = logging.getLogger(__name__)
+
+Send = Callable[..., None]  # send(msg, timeout_ms=0): raises when the replica's link did not take it
+
+
+class ReplicaUnreachable(NoReplicaAvailable):
+    """The chosen replica's link did not take the message (not connected yet, or gone)."""
+
+    def __init__(self, replica: int, why: str):
+        super().__init__(f"replica {replica} is unreachable: {why}")
+        self.replica = replica
 
 
 class DPController:
@@ -20,67 +34,94 @@ class DPController:
         self.lock = threading.RLock()
         self.requests: dict[str, RequestState] = {}
         self.views: dict[int, ReplicaView] = {}
-        self.senders: dict[int, Callable[[object], None]] = {}
+        self.senders: dict[int, Send] = {}
         # paused (weight updates, memory release): new requests wait here, in order, for resume()
         self.paused = False
         self.held: dict[str, RequestState] = {}
 
-    # ------------------------------------------------------------------------------------------ targets
-    def add_target(self, target: int, send: Callable[[object], None]) -> None:
+    # ------------------------------------------------------------------------------------------ replicas
+    def add_replica(self, replica: int, send: Send) -> None:
         with self.lock:
-            self.views[target] = ReplicaView(target)
-            self.senders[target] = send
+            self.views[replica] = ReplicaView(replica)
+            self.senders[replica] = send
 
-    def remove_target(self, target: int) -> list[RequestState]:
-        """Forget a target; returns the requests it still held (the caller fails or moves them)."""
+    def remove_replica(self, replica: int) -> list[RequestState]:
+        """Forget a replica; returns the requests it still held (the caller fails or moves them)."""
         with self.lock:
-            self.views.pop(target, None)
-            self.senders.pop(target, None)
-            self.policy.forget_replica(target)
-            return [s for s in self.requests.values() if s.target == target and not s.finished]
+            self.views.pop(replica, None)
+            self.senders.pop(replica, None)
+            self.policy.forget_replica(replica)
+            return [s for s in self.requests.values() if s.replica == replica and not s.finished]
 
-    def set_accepting(self, target: int, accepting: bool) -> None:
-        """A draining target keeps its requests but gets no new ones."""
+    def set_accepting(self, replica: int, accepting: bool) -> None:
+        """A draining replica keeps its requests but gets no new ones."""
         with self.lock:
-            if target in self.views:
-                self.views[target].accepting = accepting
+            if replica in self.views:
+                self.views[replica].accepting = accepting
 
-    def requests_on(self, target: int) -> list[RequestState]:
+    def requests_on(self, replica: int) -> list[RequestState]:
         with self.lock:
-            return [s for s in self.requests.values() if s.target == target and not s.finished]
+            return [s for s in self.requests.values() if s.replica == replica and not s.finished]
+
+    def send(self, replica: int, msg: object, timeout_ms: int = 0) -> bool:
+        """Send to one replica; False when it did not take it (within ``timeout_ms``: 0 never waits)."""
+        with self.lock:
+            send = self.senders.get(replica)
+        if send is None:
+            return False
+        try:
+            send(msg, timeout_ms=timeout_ms)
+            return True
+        except Exception as e:  # not connected yet, or gone: liveness and the fleet deal with it
+            log.debug("replica %d did not take %s: %s", replica, type(msg).__name__, e)
+            return False
 
     # ------------------------------------------------------------------------------------------ requests
-    def dispatch(self, state: RequestState, target: int | None = None) -> int:
-        """Pick a target (unless given) and send the request there; raises NoReplicaAvailable. While paused a
-        request without a given target is held (returns -1) until resume()."""
+    def admit(self, state: RequestState) -> None:
+        """Claim a request id among those in flight (two live requests never share one)."""
         with self.lock:
-            if target is None and self.paused:
-                state.target = -1
-                self.requests[state.rid] = state
+            if state.rid in self.requests:
+                raise ValueError(f"request_id: {state.rid!r} is already in flight; request ids must be unique")
+            self.requests[state.rid] = state
+
+    def dispatch(self, state: RequestState, replica: int | None = None, exclude: frozenset[int] = frozenset()) -> int:
+        """Pick a replica (unless given) and send the request there; raises NoReplicaAvailable, or
+        ReplicaUnreachable when the chosen one did not take it (nothing is then recorded on it). While paused
+        a request without a given replica is held (returns -1) until resume()."""
+        with self.lock:
+            self.requests[state.rid] = state
+            if replica is None and self.paused:
+                state.replica = -1
                 self.held[state.rid] = state
                 return -1
-            if target is None:
-                target = self.policy.select(list(self.views.values()), state.prompt_ids,
-                                            state.sampling.max_new_tokens)
-            state.target = target
-            self.requests[state.rid] = state
-            self.views[target].on_dispatch(len(state.prompt_ids), state.sampling.max_new_tokens)
-            self.policy.on_dispatch(target, state.prompt_ids)
-            self.senders[target](AddRequest(state.rid, state.prompt_ids, state.sampling, list(state.output_ids)))
-            return target
+            if replica is None:
+                views = [v for v in self.views.values() if v.replica_id not in exclude]
+                replica = self.policy.select(views, state.prompt_ids, state.sampling.max_new_tokens)
+            view = self.views.get(replica)
+            if view is None:
+                raise NoReplicaAvailable(f"replica {replica} is not routed to")
+            try:
+                self.senders[replica](AddRequest(state.rid, state.prompt_ids, state.sampling, list(state.output_ids)))
+            except Exception as e:
+                state.replica = -1
+                raise ReplicaUnreachable(replica, str(e)) from None
+            state.replica = replica
+            view.on_dispatch(len(state.prompt_ids), state.sampling.max_new_tokens)
+            self.policy.on_dispatch(replica, state.prompt_ids)
+            return replica
 
     def abort(self, rid: str, reason: str = "abort") -> RequestState | None:
+        """Ask for a request to end. It is marked, so that a failover of its replica ends it instead of
+        resuming it; held or undispatched requests end here at once."""
         with self.lock:
             state = self.requests.get(rid)
             if state is None:
                 return None
-            if self.held.pop(rid, None) is not None:  # never sent anywhere: it ends here
-                state.finish_locally(reason)
-                self._retire(state)
+            state.abort_requested = True
+            if self.held.pop(rid, None) is not None or state.replica < 0:  # never sent anywhere: it ends here
+                self.finish_locally(state, reason)
                 return state
-            send = self.senders.get(state.target)
-            if send is not None:
-                send(AbortRequest(rid, reason))
+            self.send(state.replica, AbortRequest(rid, reason))
             return state
 
     def pause(self) -> None:
@@ -93,16 +134,11 @@ class DPController:
             self.paused = False
             held = list(self.held.values())
             self.held.clear()
-            for state in held:
-                self.requests.pop(state.rid, None)
             return held
 
-    def abort_on(self, target: int, rid: str) -> None:
-        """Tell one target to drop a request that has moved elsewhere (its late output is ignored)."""
-        with self.lock:
-            send = self.senders.get(target)
-            if send is not None:
-                send(AbortRequest(rid, "moved"))
+    def abort_on(self, replica: int, rid: str) -> None:
+        """Tell one replica to drop a request that has moved elsewhere (its late output is ignored)."""
+        self.send(replica, AbortRequest(rid, "moved"))
 
     def on_step(self, step: StepOutput) -> list[tuple[RequestState, bool]]:
         """Apply a step's outputs: (state, hit_stop_string) for each request that changed."""
@@ -113,18 +149,22 @@ class DPController:
                 view.on_report(step.load)
             for out in step.outputs:
                 state = self.requests.get(out.rid)
-                if state is None or state.target != step.replica:
+                if state is None or state.replica != step.replica:
                     continue  # finished, or moved elsewhere after a failure: late tokens are not its own
                 was_finished = state.finished
                 hit_stop = state.apply(out)
                 if hit_stop:
-                    send = self.senders.get(state.target)
-                    if send is not None:
-                        send(AbortRequest(state.rid, "stop"))
+                    self.send(state.replica, AbortRequest(state.rid, "stop"))
                 if state.finished and not was_finished:
                     self._retire(state)
                 changed.append((state, hit_stop))
         return changed
+
+    def finish_locally(self, state: RequestState, reason: str) -> None:
+        """End a request in the front end (aborted or out of budget while it had no replica)."""
+        with self.lock:
+            state.finish_locally(reason)
+            self._retire(state)
 
     def fail(self, state: RequestState, message: str) -> None:
         with self.lock:
@@ -132,8 +172,9 @@ class DPController:
             self._retire(state)
 
     def _retire(self, state: RequestState) -> None:
-        self.requests.pop(state.rid, None)
-        view = self.views.get(state.target)
+        if self.requests.get(state.rid) is state:
+            del self.requests[state.rid]
+        view = self.views.get(state.replica)
         if view is not None:
             view.on_finish()
 
@@ -142,4 +183,4 @@ class DPController:
             return len(self.requests)
 
 
-__all__ = ["DPController", "NoReplicaAvailable"]
+__all__ = ["DPController", "NoReplicaAvailable", "ReplicaUnreachable"]

@@ -1,0 +1,76 @@
+"""Request inputs checked at the edge: prompts, token ids, sampling parameters and request ids become a
+``RequestState``, or a ValueError that names the field (never a crash in a worker)."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from flotilla.detokenizer import IncrementalDetokenizer
+from flotilla.request import RequestState
+from flotilla.sampling import SamplingParams
+
+SamplingLike = SamplingParams | dict[str, Any] | None
+
+
+def batch_inputs(prompts: str | list[str] | None, input_ids: list[list[int]] | None,
+                 sampling_params: SamplingLike | list[SamplingLike]) -> list[tuple[str | None, list[int] | None, SamplingLike]]:
+    """``generate``'s arguments as (prompt, ids, sampling) per request."""
+    if (prompts is None) == (input_ids is None):
+        raise ValueError("prompts: pass exactly one of prompts or input_ids")
+    if input_ids is not None:
+        if not isinstance(input_ids, list) or (input_ids and isinstance(input_ids[0], int)):
+            raise ValueError("input_ids: must be a list of token-id lists")
+        items: list[tuple[str | None, list[int] | None]] = [(None, ids) for ids in input_ids]
+    else:
+        items = [(p, None) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
+    if isinstance(sampling_params, list):
+        if len(sampling_params) != len(items):
+            raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(items)} prompts")
+        params = sampling_params
+    else:
+        params = [sampling_params] * len(items)
+    return [(p, ids, sp) for (p, ids), sp in zip(items, params)]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int):
+        self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
+        self._ids = itertools.count()
+
+    def make_state(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
+                   request_id: str | None = None) -> RequestState:
+        sp = SamplingParams.from_any(sampling)  # copied and validated again, whatever was set after it was built
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise ValueError(f"request_id: must be a non-empty str, got {request_id!r}")
+        ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids)
+        if len(ids) + sp.max_new_tokens > self.max_model_len:
+            raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens ({sp.max_new_tokens}) "
+                             f"must be <= the context length {self.max_model_len}")
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        return RequestState(rid, ids, sp, IncrementalDetokenizer(self.tokenizer, ids))
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt: must be a non-empty string (or pass input_ids)")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt: not valid Unicode text ({e.reason} at position {e.start})") from None
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise ValueError("prompt: tokenizes to no tokens")
+        return ids
+
+    def check_ids(self, input_ids: Any) -> list[int]:
+        if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
+            raise ValueError(f"input_ids: must be a list of token ids, got {type(input_ids).__name__}")
+        ids = list(input_ids)
+        if not ids:
+            raise ValueError("input_ids: must not be empty")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"input_ids: token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
