@@ -1,9 +1,13 @@
 # `make demo` and `make test` do all the set-up themselves (idempotent): a .venv at the repository root
-# with the package and its test extras. On a machine without a GPU the CPU build of torch goes in first.
+# with the package and its test extras. On a machine without a GPU the CPU build of torch goes in first:
+# from PyTorch's CPU index where it is reachable (a plain `pip install torch` would bring the CUDA build and
+# several GB), else the plain pin (machines whose pip is set up with a local CPU wheel, as here).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test clean
 
@@ -12,7 +16,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VPY) -m pip install -q torch==2.13.0; fi
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(VPY) -m pip install -q --timeout 15 --retries 0 --index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION) 2>/dev/null || \
+	  $(VPY) -m pip install -q torch==$(TORCH_VERSION); fi
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

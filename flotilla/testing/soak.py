@@ -1,0 +1,402 @@
+"""A chaos soak: mixed traffic while faults are injected, and checks that nothing is lost or duplicated.
+
+``python -m flotilla.testing.soak --seconds 60 --launcher mp`` (or ``flotilla soak``) runs, for a bounded
+time, clients over the Python API and HTTP (streaming and not, random lengths, greedy and seeded sampling,
+clients that leave early, bad inputs interleaved) against a dp=2 engine on a tiny random checkpoint, while
+an injector SIGKILLs and SIGSTOPs replica processes (one, or both at once), scales up and down, updates the
+weights (with the same values, so tokens stay comparable), pauses and resumes, and writes garbage frames
+to the front end's socket. Every good request must finish exactly once with the tokens of an undisturbed
+run of the same request; every bad input must get a clear error; memory and open descriptors must stay
+bounded; and after shutdown no worker process, placement group, private folder or socket may be left.
+
+It prints a table (requests, faults, completed, lost, duplicated tokens, errors by kind) and writes JSON.
+Exit code 0 only when lost == 0, duplicated == 0, wrong == 0 and nothing leaked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from flotilla.sampling import SamplingParams
+
+PROMPTS = ["The capital of France is", "Hello", "Once upon a time", "A", "The quick brown fox jumps over",
+           "In a hole in the ground there lived", "Numbers: 1 2 3 4", "Why is the sky blue?"]
+MAX_TOKENS = 24
+SEEDED = dict(temperature=0.9, top_k=40, seed=7)
+
+
+@dataclass
+class Tally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    faults: collections.Counter = field(default_factory=collections.Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+
+    def error(self, kind: str, detail: str) -> None:
+        with self.lock:
+            self.errors[kind] += 1
+            if len(self.examples) < 20:
+                self.examples.append(f"{kind}: {detail[:300]}")
+
+    def fault(self, kind: str) -> None:
+        with self.lock:
+            self.faults[kind] += 1
+
+
+def _params(rng: random.Random) -> tuple[dict[str, Any], str]:
+    n = rng.randint(1, MAX_TOKENS)
+    if rng.random() < 0.7:
+        return dict(max_new_tokens=n, temperature=0.0, ignore_eos=True), "greedy"
+    return dict(max_new_tokens=n, ignore_eos=True, **SEEDED), "seeded"
+
+
+def _bad_inputs(vocab: int) -> list[tuple[str, dict[str, Any]]]:
+    """(field the error must name, keyword arguments for engine.generate)."""
+    return [("max_new_tokens", dict(prompts=["x"], sampling_params={"max_new_tokens": -5})),
+            ("temperature", dict(prompts=["x"], sampling_params={"temperature": "hot"})),
+            ("input_ids", dict(input_ids=[[vocab + 5]])),
+            ("prompt", dict(prompts=["lone \ud800 surrogate"])),
+            ("prompt", dict(prompts=[""])),
+            ("sampling_params", dict(prompts=["x"], sampling_params={"no_such_field": 1}))]
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.tally = Tally()
+        self.stop = threading.Event()
+        self.reference: dict[tuple[str, str], list[int]] = {}
+
+    # -------------------------------------------------------------------------------------- set-up
+    def make_engine(self):
+        from flotilla.testing.tiny import tiny_model_path
+
+        self.path = str(tiny_model_path("llama"))
+        opts = dict(device="cpu", dtype="float32", dp_size=2, max_replica_restarts=1000,
+                    heartbeat_timeout_s=self.args.heartbeat_timeout_s, failover_timeout_s=120.0)
+        if self.args.launcher == "ray":
+            import ray
+
+            from flotilla import RayEngine
+
+            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+            return RayEngine(model=self.path, **opts)
+        from flotilla import Engine
+
+        return Engine(model=self.path, **opts)
+
+    def compute_reference(self, engine) -> None:
+        """Undisturbed tokens of every (prompt, kind) at the longest length; shorter requests are prefixes
+        (greedy, and seeded sampling whose draws depend only on the seed and the token index)."""
+        for kind, extra in (("greedy", dict(temperature=0.0)), ("seeded", SEEDED)):
+            sp = dict(max_new_tokens=MAX_TOKENS, ignore_eos=True, **extra)
+            outs = engine.generate(PROMPTS, sp, use_tqdm=False)
+            for p, o in zip(PROMPTS, outs):
+                self.reference[(p, kind)] = o["token_ids"]
+
+    def check_tokens(self, prompt: str, kind: str, n: int, tokens: list[int], streamed: list[int] | None) -> None:
+        want = self.reference[(prompt, kind)][:n]
+        if streamed is not None and streamed != tokens:
+            self.tally.add("duplicated_or_missing")
+            self.tally.error("stream_mismatch", f"{prompt!r}: streamed {streamed} vs result {tokens}")
+        elif tokens != want:
+            self.tally.add("wrong")
+            self.tally.error("wrong_tokens", f"{prompt!r} {kind}: {tokens} vs {want}")
+        else:
+            self.tally.add("completed")
+
+    # -------------------------------------------------------------------------------------- clients
+    def python_client(self, engine, seed: int) -> None:
+        rng = random.Random(seed)
+        bad = _bad_inputs(engine.vocab_size)
+        while not self.stop.is_set():
+            r = rng.random()
+            prompt = rng.choice(PROMPTS)
+            sp, kind = _params(rng)
+            try:
+                if r < 0.1:
+                    field_name, kwargs = rng.choice(bad)
+                    self.tally.add("bad_inputs")
+                    try:
+                        engine.generate(use_tqdm=False, **kwargs)
+                        self.tally.error("bad_input_accepted", str(kwargs))
+                    except ValueError as e:
+                        if field_name not in str(e):
+                            self.tally.error("unclear_error", f"{field_name}: {e}")
+                        else:
+                            self.tally.add("bad_inputs_refused")
+                elif r < 0.2:  # a client that leaves early
+                    self.tally.add("requests")
+                    it = engine.stream(prompt, SamplingParams(**sp))
+                    next(it)
+                    it.close()
+                    self.tally.add("left_early")
+                elif r < 0.6:
+                    self.tally.add("requests")
+                    deltas = list(engine.stream(prompt, SamplingParams(**sp)))
+                    final = deltas[-1]["result"]
+                    streamed = [t for d in deltas for t in d["token_ids"]]
+                    self.check_tokens(prompt, kind, sp["max_new_tokens"], final["token_ids"], streamed)
+                else:
+                    self.tally.add("requests")
+                    out = engine.generate([prompt], sp, use_tqdm=False)[0]
+                    self.check_tokens(prompt, kind, sp["max_new_tokens"], out["token_ids"], None)
+            except Exception as e:  # a good request that did not complete
+                self.tally.add("failed")
+                self.tally.error(type(e).__name__, str(e))
+
+    def http_client(self, base: str, seed: int) -> None:
+        import httpx
+
+        rng = random.Random(seed)
+        with httpx.Client(base_url=base, timeout=180.0) as http:
+            while not self.stop.is_set():
+                prompt = rng.choice(PROMPTS)
+                sp, kind = _params(rng)
+                body = {"model": "soak", "prompt": prompt, "max_tokens": sp["max_new_tokens"],
+                        "temperature": sp["temperature"], "ignore_eos": True}
+                if kind == "seeded":
+                    body.update(top_k=SEEDED["top_k"], seed=SEEDED["seed"])
+                try:
+                    r = rng.random()
+                    if r < 0.1:
+                        self.tally.add("bad_inputs")
+                        resp = http.post("/v1/completions", json={**body, "max_tokens": -1})
+                        err = resp.json().get("error", {}) if resp.headers.get("content-type", "").startswith(
+                            "application/json") else {}
+                        if resp.status_code == 400 and "max_tokens" in str(err.get("message", "")) + str(err.get("param")):
+                            self.tally.add("bad_inputs_refused")
+                        else:
+                            self.tally.error("unclear_http_error", f"{resp.status_code} {resp.text[:200]}")
+                        continue
+                    self.tally.add("requests")
+                    if r < 0.55:
+                        resp = http.post("/v1/completions", json=body)
+                        if resp.status_code != 200:
+                            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                        text = resp.json()["choices"][0]["text"]
+                        self.check_text(prompt, kind, sp["max_new_tokens"], text)
+                    else:
+                        leave = rng.random() < 0.2
+                        chunks, done = [], False
+                        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+                            for line in resp.iter_lines():
+                                if not line.startswith("data: "):
+                                    continue
+                                if line == "data: [DONE]":
+                                    done = True
+                                    break
+                                obj = json.loads(line[6:])
+                                if "error" in obj:
+                                    raise RuntimeError(f"stream error: {obj['error']}")
+                                chunks.append(obj["choices"][0]["text"] if obj.get("choices") else "")
+                                if leave and len(chunks) >= 2:
+                                    break
+                        if leave:
+                            self.tally.add("left_early")
+                        elif not done:
+                            self.tally.add("cut_streams")
+                            self.tally.error("cut_stream", prompt)
+                        else:
+                            self.check_text(prompt, kind, sp["max_new_tokens"], "".join(chunks))
+                except Exception as e:
+                    self.tally.add("failed")
+                    self.tally.error(f"http_{type(e).__name__}", str(e))
+
+    def check_text(self, prompt: str, kind: str, n: int, text: str) -> None:
+        want = self.tokenizer.decode(self.reference[(prompt, kind)][:n], skip_special_tokens=True)
+        if text != want:
+            self.tally.add("wrong")
+            self.tally.error("wrong_text", f"{prompt!r} {kind}: {text!r} vs {want!r}")
+        else:
+            self.tally.add("completed")
+
+    # -------------------------------------------------------------------------------------- faults
+    def inject(self, engine) -> None:
+        rng = random.Random(self.args.seed + 1)
+        faults = ["kill_one", "kill_both", "sigstop_one", "scale", "update_weights", "pause", "garbage"]
+        state = None
+        while not self.stop.wait(self.args.fault_every_s):
+            if not self._wait_healthy(engine, 120):
+                self.tally.error("not_healthy", "the engine did not come back within 120 s")
+                continue
+            kind = rng.choice(faults)
+            self.tally.fault(kind)
+            try:
+                pids = [r["pids"] for r in engine.stats()["replicas"] if r["alive"]]
+                if kind == "kill_one":
+                    for pid in rng.choice(pids):
+                        os.kill(pid, signal.SIGKILL)
+                elif kind == "kill_both":
+                    for pid in (p for group in pids for p in group):
+                        os.kill(pid, signal.SIGKILL)
+                elif kind == "sigstop_one":
+                    victim = rng.choice(pids)
+                    for pid in victim:
+                        os.kill(pid, signal.SIGSTOP)  # silent: the fleet must notice, kill and restart it
+                elif kind == "scale":
+                    engine.scale(3)
+                    engine.scale(2, drain_timeout_s=rng.choice([0.0, 5.0]))
+                elif kind == "update_weights":
+                    if state is None:
+                        from safetensors.torch import load_file
+
+                        state = {}
+                        for f in sorted(os.listdir(self.path)):
+                            if f.endswith(".safetensors"):
+                                state.update(load_file(os.path.join(self.path, f)))
+                    engine.update_weights(state)  # the same values: tokens stay comparable
+                elif kind == "pause":
+                    engine.pause()
+                    time.sleep(0.5)
+                    engine.resume()
+                elif kind == "garbage":
+                    import zmq
+
+                    sock = zmq.Context.instance().socket(zmq.PUSH)
+                    sock.connect(engine._out_addr)
+                    for frame in (b"\xff\xfe", b"", os.urandom(64)):
+                        sock.send(frame)
+                    sock.close(linger=500)
+            except Exception as e:
+                self.tally.error(f"fault_{kind}", f"{type(e).__name__}: {e}")
+
+    @staticmethod
+    def _wait_healthy(engine, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not engine.healthy():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    # -------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        me = psutil.Process()
+        engine = self.make_engine()
+        self.tokenizer = engine.tokenizer
+        private_dir = engine._private_dir
+        worker_pids: set[int] = set()
+        server = None
+        try:
+            self.compute_reference(engine)
+            if self.args.http_clients:
+                from flotilla.server.app import build_app
+                from flotilla.server.launch import ServerThread
+
+                server = ServerThread(build_app(engine, "soak")).start()
+            time.sleep(0.5)
+            rss0, fds0 = me.memory_info().rss, me.num_fds()
+            threads = [threading.Thread(target=self.python_client, args=(engine, self.args.seed * 100 + i), daemon=True)
+                       for i in range(self.args.python_clients)]
+            threads += [threading.Thread(target=self.http_client, args=(server.url, self.args.seed * 1000 + i),
+                                         daemon=True) for i in range(self.args.http_clients)]
+            threads.append(threading.Thread(target=self.inject, args=(engine,), daemon=True))
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + self.args.seconds
+            while time.monotonic() < deadline:
+                for r in engine.stats()["replicas"]:
+                    worker_pids.update(r["pids"])
+                time.sleep(0.5)
+            self.stop.set()
+            for t in threads:
+                t.join(timeout=240)
+            hung = sum(t.is_alive() for t in threads)
+            if hung:
+                self.tally.add("lost", hung)  # a client thread still waiting: its request never ended
+            self._wait_healthy(engine, 120)
+            for r in engine.stats()["replicas"]:
+                worker_pids.update(r["pids"])
+            rss1, fds1 = me.memory_info().rss, me.num_fds()
+        finally:
+            if server is not None:
+                server.stop()
+            engine.shutdown()
+        time.sleep(1.0)
+        leaked_pids = sorted(p for p in worker_pids if psutil.pid_exists(p) and
+                             psutil.Process(p).status() != psutil.STATUS_ZOMBIE)
+        leaks = {"worker_processes": leaked_pids, "private_dir": os.path.exists(private_dir)}
+        if self.args.launcher == "ray":
+            import ray
+            from ray.util import placement_group_table
+
+            leaks["placement_groups"] = [k for k, v in placement_group_table().items() if v["state"] != "REMOVED"]
+            ray.shutdown()
+        c = self.tally.counts
+        report = {"launcher": self.args.launcher, "seconds": self.args.seconds, "seed": self.args.seed,
+                  "requests": c["requests"], "faults": dict(self.tally.faults),
+                  "faults_injected": sum(self.tally.faults.values()), "completed": c["completed"],
+                  "left_early": c["left_early"], "failed": c["failed"], "lost": c["lost"] + c["cut_streams"],
+                  "duplicated_tokens": c["duplicated_or_missing"], "wrong": c["wrong"],
+                  "bad_inputs": c["bad_inputs"], "bad_inputs_refused": c["bad_inputs_refused"],
+                  "errors": dict(self.tally.errors), "examples": self.tally.examples,
+                  "rss_growth_mb": round((rss1 - rss0) / 2**20, 1), "fd_growth": fds1 - fds0, "leaks": leaks}
+        bounded = report["rss_growth_mb"] < self.args.max_rss_growth_mb and report["fd_growth"] < 64
+        report["ok"] = (report["lost"] == 0 and report["duplicated_tokens"] == 0 and report["wrong"] == 0 and
+                        report["bad_inputs"] == report["bad_inputs_refused"] and bounded and not leaked_pids and
+                        not leaks["private_dir"] and not leaks.get("placement_groups"))
+        return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = [("launcher", report["launcher"]), ("seconds", report["seconds"]), ("requests", report["requests"]),
+            ("faults injected", f"{report['faults_injected']} {report['faults']}"),
+            ("completed (tokens checked)", report["completed"]), ("left early", report["left_early"]),
+            ("failed with an error", report["failed"]), ("lost", report["lost"]),
+            ("duplicated/missing tokens", report["duplicated_tokens"]), ("wrong tokens", report["wrong"]),
+            ("bad inputs refused", f"{report['bad_inputs_refused']}/{report['bad_inputs']}"),
+            ("errors by kind", report["errors"] or "-"), ("rss growth (MB)", report["rss_growth_mb"]),
+            ("fd growth", report["fd_growth"]), ("leaks after shutdown", report["leaks"]), ("ok", report["ok"])]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def add_soak_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=60.0, help="how long traffic and faults run")
+    p.add_argument("--launcher", choices=["mp", "ray"], default="mp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--python-clients", type=int, default=4)
+    p.add_argument("--http-clients", type=int, default=2)
+    p.add_argument("--fault-every-s", type=float, default=4.0, help="pause between faults (after health returns)")
+    p.add_argument("--heartbeat-timeout-s", type=float, default=4.0)
+    p.add_argument("--max-rss-growth-mb", type=float, default=300.0)
+    p.add_argument("--json", default=None, help="write the report here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flotilla soak", description=__doc__.split("\n\n")[0])
+    add_soak_args(p)
+    return run_soak(p.parse_args(argv))
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    report = Soak(args).run()
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
