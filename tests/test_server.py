@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.request import RequestFailed
-from flotilla.server.http import ServerThread, build_app, set_engine
+from flotilla.server import ServerThread, build_app, set_engine
 
 MODEL = "tiny-llama"
 KEY = "sk-test-0123456789"
@@ -190,7 +190,8 @@ def test_wrong_or_missing_key(server: ServerThread) -> None:
     ({"max_tokens": 10**6}, "max_tokens"),
     ({"logprobs": 99}, "logprobs"),
     ({"extra_body": {"top_k": "many"}}, "top_k"),
-    ({"extra_body": {"not_a_param": 1}}, "not_a_param"),
+    ({"echo": True}, "echo"),
+    ({"extra_body": {"suffix": "x"}}, "suffix"),
     ({"stop": 5}, "stop"),
 ])
 def test_bad_parameter_is_400_naming_it(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
