@@ -84,12 +84,13 @@ def completion_params(body: CompletionRequest) -> dict[str, Any]:
 
 def candidates_for(k: int) -> int:
     """How many candidates to ask the engine for so that ``k`` distinct texts survive: several tokens can decode
-    to the same text (pieces of a multi-byte character all decode to U+FFFD) and the completions API keys
-    ``top_logprobs`` by text. Up to the engine's limit of 20; a k outside [0, 20] goes through unchanged for
-    the engine to refuse."""
+    to the same text (pieces of multi-byte characters all decode to U+FFFD) and the completions API keys
+    ``top_logprobs`` by text. So the engine's maximum (20) whenever k > 0; the extra candidates cost a larger
+    top-k in the sampler and more bytes per token, only for requests that asked for logprobs. A k outside
+    [0, 20] goes through unchanged for the engine to refuse."""
     if not 0 < k <= _MAX_CANDIDATES:
         return k
-    return min(_MAX_CANDIDATES, 2 * k)
+    return _MAX_CANDIDATES
 
 
 def top_by_text(strings: TokenStrings, row: list[Any], k: int) -> dict[str, float]:
