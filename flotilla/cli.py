@@ -163,7 +163,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed)
-    engine = make_engine(args)
+    try:
+        engine = make_engine(args)
+    except ValueError as e:  # a bad option, named by the engine's validation
+        print(f"flotilla: error: {e}", file=sys.stderr)
+        return 2
     try:
         for delta in engine.stream(args.prompt, sp):
             print(delta["text"], end="", flush=True)

@@ -114,6 +114,7 @@ def test_failure_after_start_of_a_non_streamed_request_is_a_json_500(tokenizer: 
     ("/v1/completions", '{"model": "fake", "prompt": "x", "stop": "\\ud800"}', "stop"),
     ("/v1/chat/completions", '{"model": "fake", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
     ("/tokenize", '{"prompt": "\\ud83d"}', "prompt"),
+    ("/v1/completions", '{"model": "\\ud800", "prompt": "x"}', "model"),
 ])
 def test_lone_surrogate_is_a_400_naming_the_field(tokenizer: Any, path: str, body: str, param: str) -> None:
     engine = ScriptedEngine(tokenizer, [_delta("a", [10], finished=True)])

@@ -43,7 +43,7 @@ class StreamOptions(_Lenient):
 class SamplingFields(_Lenient):
     """Fields common to both endpoints. The last group is vLLM's extras (``extra_body`` in openai)."""
 
-    model: str | None = None
+    model: Text | None = None  # echoed in a 404: it must be encodable too
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -105,7 +105,7 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(_Lenient):
     """vLLM's ``/tokenize``: either ``prompt`` (completion style) or ``messages`` (chat style), not both."""
 
-    model: str | None = None
+    model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
@@ -115,7 +115,7 @@ class TokenizeRequest(_Lenient):
 
 
 class DetokenizeRequest(_Lenient):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 
