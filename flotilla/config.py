@@ -11,51 +11,78 @@ from typing import Any
 
 from flotilla.launch.topology import check_layout
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
-_DEVICES = ("auto", "cpu", "cuda")
-_LOAD_FORMATS = ("auto", "safetensors", "dummy")
-_LOAD_BALANCE = ("round_robin", "shortest_queue", "least_tokens", "prefix_aware")
-_ATTENTION = ("auto", "torch", "triton")
+# The allowed values of the choice fields, public so that the CLI's ``choices=`` are these very tuples.
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_BALANCE = ("round_robin", "shortest_queue", "least_tokens", "prefix_aware")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 _WILDCARDS = ("0.0.0.0", "::", "*", "")
 
 
 @dataclass
 class EngineConfig:
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    load_format: str = "auto"
-    seed: int = 0
+    """Every engine option. Each field's ``metadata`` holds its ``help`` (and ``choices`` for the choice fields):
+    ``flotilla serve`` / ``generate`` build their options from these fields, so an option, its help and its
+    allowed values are written once, here."""
+
+    model: str = field(metadata={"help": "Hugging Face checkpoint folder (config.json, tokenizer, weights)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: the model folder)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weight and activation dtype; auto is bfloat16 on CUDA, float32 on CPU", "choices": DTYPES})
+    device: str = field(default="auto", metadata={
+        "help": "where the rank workers run; auto picks cuda when a GPU is visible", "choices": DEVICES})
+    load_format: str = field(default="auto", metadata={
+        "help": "how weights are loaded; dummy gives random weights (no *.safetensors needed)",
+        "choices": LOAD_FORMATS})
+    seed: int = field(default=0, metadata={"help": "the seed of dummy (random) weights"})
     # parallelism
-    tp_size: int = 1
-    dp_size: int = 1
-    enable_dp_attention: bool = False
-    pp_size: int = 1                              # pipeline stages per replica (world per replica = pp x tp)
-    pp_layer_partition: list[int] | None = None   # decoder layers per stage (default: an even split)
+    tp_size: int = field(default=1, metadata={"help": "tensor-parallel ranks per replica"})
+    dp_size: int = field(default=1, metadata={"help": "data-parallel replicas"})
+    enable_dp_attention: bool = field(default=False, metadata={
+        "help": "data-parallel attention inside one TP group (dp_size must divide tp_size)"})
+    pp_size: int = field(default=1, metadata={
+        "help": "pipeline stages per replica (world per replica = pp_size x tp_size)"})
+    pp_layer_partition: list[int] | None = field(default=None, metadata={
+        "help": "decoder layers per pipeline stage, one number per stage (default: an even split)"})
     # memory
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.85
-    kv_cache_tokens: int | None = None  # explicit KV pool size in tokens (the CPU default is 16384)
-    max_model_len: int | None = None
+    block_size: int = field(default=16, metadata={"help": "KV cache block size in tokens (a power of two)"})
+    gpu_memory_utilization: float = field(default=0.85, metadata={
+        "help": "fraction of GPU memory the engine may use, in (0, 1]"})
+    kv_cache_tokens: int | None = field(default=None, metadata={
+        "help": "explicit KV pool size in tokens (default: sized from free GPU memory; 16384 on CPU)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context length, prompt + generated tokens (default: the model's max_position_embeddings)"})
     # scheduler
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
+    max_num_seqs: int = field(default=256, metadata={"help": "most requests running at once in a replica"})
+    max_num_batched_tokens: int = field(default=8192, metadata={
+        "help": "most tokens in one scheduler step of a replica"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV cache of prompt prefixes that requests share"})
     # GPU fast path
-    attention_backend: str = "auto"
-    enable_cuda_graph: bool = True
-    cuda_graph_max_bs: int = 256
+    attention_backend: str = field(default="auto", metadata={
+        "help": "attention kernels (triton needs CUDA)", "choices": ATTENTION_BACKENDS})
+    enable_cuda_graph: bool = field(default=True, metadata={"help": "replay decode steps from CUDA graphs"})
+    cuda_graph_max_bs: int = field(default=256, metadata={
+        "help": "largest decode batch replayed from a CUDA graph"})
     # data parallel routing
-    load_balance: str = "round_robin"
+    load_balance: str = field(default="round_robin", metadata={
+        "help": "how requests are routed across data-parallel replicas", "choices": LOAD_BALANCE})
     # network
-    host: str | None = None  # where tcp sockets bind when ranks span nodes (default: this node's Ray address)
-    allow_wildcard_host: bool = False
-    worker_start_timeout: float = 300.0
+    host: str | None = field(default=None, metadata={
+        "help": "address the engine's tcp sockets bind to when ranks span nodes (default: this node's Ray "
+                "address)"})
+    allow_wildcard_host: bool = field(default=False, metadata={
+        "help": "allow a wildcard engine host such as 0.0.0.0"})
+    worker_start_timeout: float = field(default=300.0, metadata={
+        "help": "seconds to wait for the rank workers to be ready"})
     # failover
-    heartbeat_timeout_s: float = 60.0   # a leader silent this long is treated as dead
-    max_replica_restarts: int = 3       # per replica slot, over the engine's life
-    failover_timeout_s: float = 300.0   # how long a request waits when every replica is down
+    heartbeat_timeout_s: float = field(default=60.0, metadata={
+        "help": "a replica leader silent this many seconds is treated as dead"})
+    max_replica_restarts: int = field(default=3, metadata={
+        "help": "restarts per replica slot over the engine's life"})
+    failover_timeout_s: float = field(default=300.0, metadata={
+        "help": "seconds a request waits when every replica is down"})
     # filled in by resolve(): the HF config as a dict, never passed by users
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -72,11 +99,11 @@ class EngineConfig:
 
     # ------------------------------------------------------------------------------------------ checks
     def validate(self) -> None:
-        _choice("dtype", self.dtype, _DTYPES)
-        _choice("device", self.device, _DEVICES)
-        _choice("load_format", self.load_format, _LOAD_FORMATS)
-        _choice("load_balance", self.load_balance, _LOAD_BALANCE)
-        _choice("attention_backend", self.attention_backend, _ATTENTION)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("load_balance", self.load_balance, LOAD_BALANCE)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         check_layout(self.tp_size, self.dp_size, self.enable_dp_attention, self.pp_size)
         if self.pp_layer_partition is not None:
             part = self.pp_layer_partition

@@ -266,7 +266,7 @@ class Engine:
                            request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Async deltas for servers; cancelling the consumer aborts the request in its replica. Tokenizing
         runs off the event loop (a long prompt must not stall the other requests' streams)."""
-        if input_ids is None and isinstance(prompt, str) and len(prompt) > 4096:
+        if len(prompt or "") > 4096 or len(input_ids or ()) > 4096:
             state = await asyncio.to_thread(self._new_state, prompt, input_ids, sampling_params, request_id)
         else:
             state = self._new_state(prompt, input_ids, sampling_params, request_id)

@@ -45,7 +45,7 @@ class InputProcessor:
         sp = SamplingParams.from_any(sampling)  # copied and validated again, whatever was set after it was built
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id: must be a non-empty str, got {request_id!r}")
-        ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids)
+        ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids, sp.max_new_tokens)
         if len(ids) + sp.max_new_tokens > self.max_model_len:
             raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens ({sp.max_new_tokens}) "
                              f"must be <= the context length {self.max_model_len}")
@@ -64,12 +64,15 @@ class InputProcessor:
             raise ValueError("prompt: tokenizes to no tokens")
         return ids
 
-    def check_ids(self, input_ids: Any) -> list[int]:
+    def check_ids(self, input_ids: Any, max_new_tokens: int = 0) -> list[int]:
         if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
             raise ValueError(f"input_ids: must be a list of token ids, got {type(input_ids).__name__}")
         ids = list(input_ids)
         if not ids:
             raise ValueError("input_ids: must not be empty")
+        if len(ids) + max_new_tokens > self.max_model_len:  # before the per-id loop: a huge input fails fast
+            raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"must be <= the context length {self.max_model_len}")
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"input_ids: token id {t!r} is outside the vocabulary [0, {self.vocab_size})")

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.request import RequestFailed
-from flotilla.server.http import ServerThread, build_app, set_engine
+from flotilla.server import ServerThread, build_app, set_engine
 
 MODEL = "tiny-llama"
 KEY = "sk-test-0123456789"
@@ -190,7 +190,8 @@ def test_wrong_or_missing_key(server: ServerThread) -> None:
     ({"max_tokens": 10**6}, "max_tokens"),
     ({"logprobs": 99}, "logprobs"),
     ({"extra_body": {"top_k": "many"}}, "top_k"),
-    ({"extra_body": {"not_a_param": 1}}, "not_a_param"),
+    ({"echo": True}, "echo"),
+    ({"extra_body": {"suffix": "x"}}, "suffix"),
     ({"stop": 5}, "stop"),
 ])
 def test_bad_parameter_is_400_naming_it(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
@@ -399,3 +400,110 @@ def test_admin_scale_behind_the_key(server: ServerThread, engine, auth: dict[str
     down = httpx.post(url, json={"dp_size": 2}, headers=auth, timeout=120)
     assert down.status_code == 200 and len(down.json()["replicas"]) == 2
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+# ============================================================================================ OpenAI-API details
+
+
+def test_unknown_fields_are_ignored_and_logged_once(client: openai.OpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    extra = {"prompt_cache_key": "k1", "safety_identifier": "user-1", "verbosity": "low", "x_test_field_once": 1}
+    with caplog.at_level("WARNING", logger="flotilla.server.state"):
+        for _ in range(2):
+            r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, reasoning_effort="low",
+                                               extra_body={**extra, "ignore_eos": True})
+            assert r.usage.completion_tokens == 2
+        c = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"x_test_field_once": 1})
+        assert c.choices[0].text is not None
+    logged = [rec.getMessage() for rec in caplog.records if "x_test_field_once" in rec.getMessage()]
+    assert len(logged) == 1 and "ignoring" in logged[0]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"n": 2}, "n"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"tool_choice": "required"}, "tool_choice"),
+])
+def test_known_but_unsupported_chat_fields_are_refused(client: openai.OpenAI, kwargs: dict[str, Any],
+                                                        param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       **kwargs)
+    assert err.value.param == param and param in err.value.message
+
+
+def test_continuous_usage_stats(client: openai.OpenAI) -> None:
+    for only_continuous in (False, True):
+        opts = {"continuous_usage_stats": True} if only_continuous else {"include_usage": True,
+                                                                         "continuous_usage_stats": True}
+        chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                     max_tokens=6, stream=True, stream_options=opts,
+                                                     extra_body={"ignore_eos": True}))
+        assert all(c.usage is not None for c in chunks)
+        done = [c.usage.completion_tokens for c in chunks]
+        assert done == sorted(done) and done[0] == 0  # the role chunk: nothing generated yet
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+        if only_continuous:  # no final usage-only chunk without include_usage
+            assert chunks[-1].choices and done[-1] == 6
+        else:
+            assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, stream=True,
+                                            stream_options={"continuous_usage_stats": True},
+                                            extra_body={"ignore_eos": True}))
+    assert [c.usage.completion_tokens for c in chunks][-1] == 5
+
+
+def test_chat_logprob_bytes_and_exactly_k(client: openai.OpenAI, engine) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=16,
+                                       temperature=0, logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    specials = set(engine.tokenizer.all_special_tokens)
+    # the tokens' own bytes concatenate to the text (a token inside a multi-byte character is not U+FFFD's bytes)
+    raw = b"".join(bytes(item.bytes) for item in content if item.token not in specials)
+    assert raw.decode("utf-8", errors="replace") == r.choices[0].message.content
+    for item in content:
+        assert len(item.top_logprobs) == 5  # a list: tokens sharing a text are all kept
+        for top in item.top_logprobs:
+            assert top.bytes is not None
+
+
+def test_completion_top_logprobs_have_k_distinct_entries(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=5,
+                                  extra_body={"ignore_eos": True})
+    tops = r.choices[0].logprobs.top_logprobs
+    assert len(tops) == 12
+    assert all(len(row) == 5 for row in tops)
+    for row, lp in zip(tops, r.choices[0].logprobs.token_logprobs):  # greedy: the best candidate is the token
+        assert max(row.values()) == pytest.approx(lp, abs=1e-4)
+
+
+def test_tokenize_and_detokenize(server: ServerThread, engine, auth: dict[str, str]) -> None:
+    url = server.url
+    assert httpx.post(f"{url}/tokenize", json={"prompt": PROMPT}).status_code == 401
+    assert httpx.post(f"{url}/detokenize", json={"tokens": [5]}).status_code == 401
+    r = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": PROMPT}, headers=auth)
+    ids = list(engine.tokenizer(PROMPT)["input_ids"])
+    assert r.status_code == 200
+    assert r.json() == {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": None}
+    r = httpx.post(f"{url}/tokenize", json={"prompt": PROMPT, "add_special_tokens": False,
+                                            "return_token_strs": True}, headers=auth)
+    plain = list(engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    assert r.json()["tokens"] == plain and len(r.json()["token_strs"]) == len(plain)
+    messages = [{"role": "user", "content": "Hello there"}]
+    r = httpx.post(f"{url}/tokenize", json={"messages": messages}, headers=auth)
+    assert r.json()["tokens"] == chat_ids(engine, messages)  # exactly what /v1/chat/completions would run
+    r = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": ids}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"prompt": engine.tokenizer.decode(ids)}
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [1, 10**7]}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    both = httpx.post(f"{url}/tokenize", json={"prompt": "x", "messages": messages}, headers=auth)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
+    wrong = httpx.post(f"{url}/tokenize", json={"model": "gpt-17", "prompt": "x"}, headers=auth)
+    assert wrong.status_code == 404
+
+
+def test_models_report_max_model_len(client: openai.OpenAI, engine) -> None:
+    (card,) = client.models.list().data
+    assert card.model_extra["max_model_len"] == engine.max_model_len

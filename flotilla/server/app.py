@@ -1,0 +1,86 @@
+"""The FastAPI app: routes by concern (each module adds its own), auth, errors, /health, /v1/models, /metrics.
+
+The server is a thin translation layer. All validation of sampling parameters lives in the engine
+(``SamplingParams`` raises ``ValueError("field: ...")``); the route modules only rename engine fields to the
+API's names (``max_new_tokens`` -> ``max_tokens``) so that a 400 names what the client actually sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from flotilla.server.admin import add_admin_routes
+from flotilla.server.auth import AuthMiddleware
+from flotilla.server.chat import add_chat_route
+from flotilla.server.completions import add_completion_route
+from flotilla.server.engine_client import EngineClient
+from flotilla.server.errors import CatchAllMiddleware, install_error_handlers
+from flotilla.server.metrics import render, safe_stats
+from flotilla.server.state import ServerState
+from flotilla.server.tokenization import add_tokenization_routes
+
+
+def build_app(engine: EngineClient | None, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The HTTP app for ``engine`` (or for ``None`` while it loads: /health is 503 until ``set_engine``)."""
+    app = FastAPI(title="Flotilla", summary="OpenAI-compatible LLM server", version="0.1.0")
+    state = ServerState(engine, model_name, api_key)
+    app.state.flotilla = state
+    if api_key:
+        app.add_middleware(AuthMiddleware, api_key=api_key)
+    app.add_middleware(CatchAllMiddleware)  # added last: the outermost layer
+    install_error_handlers(app)
+    _add_open_routes(app, state)
+    _add_model_routes(app, state)
+    add_completion_route(app, state)
+    add_chat_route(app, state)
+    add_tokenization_routes(app, state)
+    add_admin_routes(app, state)
+    return app
+
+
+def set_engine(app: FastAPI, engine: EngineClient) -> None:
+    """Attach the engine once it is loaded (``serve`` starts listening first, so /health can say 503)."""
+    app.state.flotilla.engine = engine
+
+
+def _add_open_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        """200 when every replica is alive; 503 while loading or when any replica is down."""
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        stats = safe_stats(state.engine)
+        if stats is None:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        replicas = [{"id": r.get("id"), "alive": bool(r.get("alive"))} for r in stats.get("replicas", [])]
+        ok = bool(replicas) and all(r["alive"] for r in replicas)
+        return JSONResponse({"status": "ok" if ok else "degraded", "replicas": replicas},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # on the loop, like /health: both are cheap, and they must answer even when every worker thread is busy
+        # tokenizing (that is when an operator looks)
+        body, content_type = render(state.metrics)
+        return Response(body, media_type=content_type)
+
+
+def _add_model_routes(app: FastAPI, state: ServerState) -> None:
+    def card() -> dict[str, Any]:
+        out: dict[str, Any] = {"id": state.model_name, "object": "model", "created": state.created,
+                               "owned_by": "flotilla", "root": state.model_name, "parent": None}
+        if state.engine is not None:
+            out["max_model_len"] = state.engine.max_model_len
+        return out
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        state.check_model(model)
+        return card()

@@ -1,0 +1,156 @@
+"""``POST /v1/completions``: OpenAI's legacy text completions (``text_completion`` objects)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from flotilla.server.engine_client import Delta, Tokenizer
+from flotilla.server.errors import bad_param
+from flotilla.server.protocol import CompletionRequest
+from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
+from flotilla.server.sampling import check_common, delta_tops, sampling_params
+from flotilla.server.state import ServerState
+from flotilla.server.streaming import SSEResponse, UsageMode, stream_frames
+from flotilla.server.tokens import TokenStrings, encode, off_loop
+from flotilla.server.usage import usage
+
+# the engine's field names -> the API's, so a 400 names what the client sent
+ALIASES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", "input_ids": "prompt",
+           "sampling_params": "body"}
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+_MAX_CANDIDATES = 20      # the engine's limit on top_logprobs
+
+
+def add_completion_route(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine = state.accept("/v1/completions", body)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        check_completion(body)
+        prompts = await off_loop(prompt_ids, body, engine.tokenizer)
+        jobs = [Job(i, f"{rid}-{i}", ids, completion_params(body)) for i, ids in enumerate(prompts)]
+        run = Run(engine, state.metrics, jobs)
+        await start_or_error(request, run, ALIASES)
+        strings = TokenStrings(engine.tokenizer)
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
+        if body.stream:
+            return SSEResponse(_stream(run, body, base, strings))
+        results = await collect_or_error(request, run)
+        choices = await off_loop(_choices, jobs, results, body, strings)
+        return JSONResponse({**base, "choices": choices, "usage": usage(results), "system_fingerprint": None})
+
+
+def check_completion(body: CompletionRequest) -> None:
+    check_common(body)
+    if body.echo:
+        raise bad_param("echo", "is not supported")
+    if body.suffix:
+        raise bad_param("suffix", "is not supported")
+    if body.best_of not in (None, 1):
+        raise bad_param("best_of", f"only best_of=1 is supported, got {body.best_of}")
+
+
+def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    """Token ids for every prompt: a string, a list of strings, token ids, or a list of token-id lists."""
+    prompt: Any = body.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_param("prompt", "must not be empty")
+    out = []
+    for p in prompt:
+        ids = encode(tokenizer, p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise bad_param("prompt", "must not be empty (it tokenizes to no tokens)")
+        out.append(ids)
+    return out
+
+
+def completion_params(body: CompletionRequest) -> dict[str, Any]:
+    params = sampling_params(body, body.max_tokens if body.max_tokens is not None else _DEFAULT_MAX_TOKENS)
+    if body.logprobs is not None:
+        params["logprobs"] = True
+        params["top_logprobs"] = candidates_for(body.logprobs)
+    return params
+
+
+def candidates_for(k: int) -> int:
+    """How many candidates to ask the engine for so that ``k`` distinct texts survive: several tokens can decode
+    to the same text (pieces of multi-byte characters all decode to U+FFFD) and the completions API keys
+    ``top_logprobs`` by text. So the engine's maximum (20) whenever k > 0; the extra candidates cost a larger
+    top-k in the sampler and more bytes per token, only for requests that asked for logprobs. A k outside
+    [0, 20] goes through unchanged for the engine to refuse."""
+    if not 0 < k <= _MAX_CANDIDATES:
+        return k
+    return _MAX_CANDIDATES
+
+
+def top_by_text(strings: TokenStrings, row: list[Any], k: int) -> dict[str, float]:
+    """The ``k`` most likely distinct texts of one position; on a collision the more likely token wins (the
+    engine sends candidates most likely first). Fewer than ``k`` entries only when even the extra
+    candidates do not hold ``k`` distinct texts."""
+    out: dict[str, float] = {}
+    for tid, lp in sorted(row, key=lambda c: -float(c[1])):
+        text = strings.text(int(tid))
+        if text not in out:
+            out[text] = float(lp)
+            if len(out) == k:
+                break
+    return out
+
+
+def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | None, tops: list[Any] | None, k: int,
+                   offset: int) -> tuple[dict[str, Any], int]:
+    """OpenAI's legacy logprobs block for some tokens; offsets are into the completion text."""
+    tokens = [strings.text(t) for t in ids]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    lps = list(lps or [])
+    block: dict[str, Any] = {"tokens": tokens,
+                             "token_logprobs": [lps[j] if j < len(lps) else None for j in range(len(tokens))],
+                             "text_offset": offsets, "top_logprobs": None}
+    if tops is not None:
+        block["top_logprobs"] = [top_by_text(strings, row, k) for row in tops]
+    return block, offset
+
+
+def _choices(jobs: list[Job], results: list[dict[str, Any]], body: CompletionRequest,
+             strings: TokenStrings) -> list[dict[str, Any]]:
+    choices = []
+    for job, res in zip(jobs, results):
+        logprobs = None
+        if body.logprobs is not None:
+            tops = res.get("top_logprobs") if body.logprobs else None
+            logprobs, _ = logprobs_block(strings, res["token_ids"], res.get("logprobs"), tops, body.logprobs, 0)
+        choices.append({"index": job.index, "text": res["text"], "logprobs": logprobs,
+                        "finish_reason": res["finish_reason"]})
+    return choices
+
+
+def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: TokenStrings) -> AsyncIterator[str]:
+    offsets = [0] * len(run.jobs)
+
+    def frame(i: int, delta: Delta, seen: int) -> dict[str, Any] | None:
+        ids = delta.get("token_ids") or []
+        if not ids and not delta["text"] and not delta["finished"]:
+            return None
+        logprobs = None
+        if body.logprobs is not None:
+            tops = delta_tops(delta, run.jobs[i], seen)
+            logprobs, offsets[i] = logprobs_block(strings, ids, delta.get("logprobs"), tops, body.logprobs,
+                                                  offsets[i])
+        choice = {"index": i, "text": delta["text"], "logprobs": logprobs, "finish_reason": delta["finish_reason"]}
+        return {**base, "choices": [choice]}
+
+    return stream_frames(run, frame, base, UsageMode.of(body.stream_options), head=[],
+                         offload=body.logprobs is not None)

@@ -1,0 +1,56 @@
+"""What the HTTP server uses of an engine, and nothing more.
+
+``Engine`` and ``RayEngine`` satisfy these protocols structurally; so does any stand-in a test writes. Typing the
+server against them (rather than ``Any``) keeps the dependency explicit: a change to the engine that breaks the
+server shows up here, and the server cannot quietly grow a dependency on an engine internal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol
+
+Delta = dict[str, Any]
+"""One step of a request: ``{text, token_ids, finished, finish_reason, logprobs?, top_logprobs?, result?}``;
+``result`` (the final dict: ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``...) is on the last."""
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the server calls."""
+
+    chat_template: str | None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Mapping[str, Any]: ...
+
+    def __len__(self) -> int: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]: ...
+
+    def apply_chat_template(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> Any: ...
+
+
+class EngineClient(Protocol):
+    """An engine as the server sees it.
+
+    ``stream_async`` must validate when first advanced (a bad parameter raises ``ValueError("field: ...")``
+    before any token, which becomes a 400), raise ``RequestFailed`` when no replica can run the request
+    (a 503), and abort the request when the iterator is closed (the client left).
+    """
+
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
+                     input_ids: list[int] | None = None, request_id: str | None = None) -> AsyncIterator[Delta]: ...
+
+    def stats(self) -> dict[str, Any]:
+        """``{"replicas": [{"id", "alive", "running", "waiting", "kv_used", "cached_tokens"}, ...],
+        "num_requests_inflight", "dp_size"}``; called by /health, /metrics and /admin/scale."""
+        ...
+
+    def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
+        """Blocking; the server calls it in a worker thread."""
+        ...

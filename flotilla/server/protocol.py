@@ -1,0 +1,125 @@
+"""Request bodies, validated at the edge (pydantic), in OpenAI's names plus vLLM's extras.
+
+Unknown fields are accepted and ignored (``extra="allow"``; ``app.py`` logs each new name once), as vLLM does:
+OpenAI keeps adding fields (``reasoning_effort``, ``prompt_cache_key``, ``safety_identifier``...) that clients
+send by default, and refusing them would break those clients against an otherwise working server. Fields we
+know but cannot honour yet (tools, response_format other than text, n > 1, echo...) are declared here and
+refused with a 400 naming them (``completions.py``, ``chat.py``), so nobody silently gets something else.
+
+Text that will be tokenized is a ``Text``: a lone UTF-16 surrogate (``"\\ud800"``, legal in a JSON string but not
+encodable to UTF-8) is a 400 naming the field rather than a 500 from deep in the tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}; "
+                         "send UTF-8 text (surrogate pairs must be complete)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+TokenIds = list[int]
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(_Lenient):
+    """Fields common to both endpoints. The last group is vLLM's extras (``extra_body`` in openai)."""
+
+    model: Text | None = None  # echoed in a 404: it must be encodable too
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extras
+    ignore_eos: bool | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Text | TokenIds | list[Text] | list[TokenIds]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: Text | None = None
+
+
+class ChatMessage(_Lenient):
+    # extras (tool_call_id, tool_calls, reasoning_content...) reach the chat template as they are
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    # known, but only their default values are supported (see chat.check_chat)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    # known and ignored: they change nothing about generation
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's ``/tokenize``: either ``prompt`` (completion style) or ``messages`` (chat style), not both."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    # vLLM's defaults: True for a prompt, False for messages (the chat template writes its own BOS)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    model: Text | None = None
+    tokens: list[int]
+
+
+class ScaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an admin typo must not scale to a default
+    dp_size: int
+    drain_timeout_s: float = 60.0

@@ -1,0 +1,59 @@
+"""The engine's SamplingParams from the API's fields, and the checks both endpoints share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flotilla.server.engine_client import Delta
+from flotilla.server.errors import bad_param
+from flotilla.server.protocol import SamplingFields
+from flotilla.server.runs import Job
+
+# API fields passed to the engine under the same name when set; the engine validates them (a bad value is a
+# ValueError naming the field, which becomes a 400).
+_PASSED_AS_IS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed", "ignore_eos", "stop_token_ids")
+
+
+def sampling_params(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]:
+    """Unset fields keep the engine's defaults."""
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    for name in _PASSED_AS_IS:
+        value = getattr(body, name)
+        if value is not None:
+            params[name] = value
+    if body.stop is not None:
+        params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    return params
+
+
+def check_common(body: SamplingFields) -> None:
+    """Known fields whose non-default values the engine cannot honour yet: refused, never silently ignored."""
+    if body.n != 1:
+        raise bad_param("n", f"only n=1 is supported, got {body.n}")
+    if body.logit_bias:
+        raise bad_param("logit_bias", "is not supported")
+    if body.stream_options is not None and not body.stream:
+        raise bad_param("stream_options", "is only allowed when stream is true")
+
+
+def default_max_tokens(prompt_len: int, max_model_len: int, param: str) -> int:
+    """What the context length leaves after the prompt (OpenAI's chat default)."""
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise bad_param(param, f"the prompt has {prompt_len} tokens, which leaves no room in the context "
+                               f"length {max_model_len}")
+    return room
+
+
+def delta_tops(delta: Delta, job: Job, seen: int) -> list[Any] | None:
+    """Top logprobs for a delta's tokens: from the delta if the engine sends them there, else (final delta
+    only) from the result."""
+    if not job.params.get("top_logprobs"):
+        return None
+    if "top_logprobs" in delta:
+        return delta["top_logprobs"]
+    result = delta.get("result")
+    if result and "top_logprobs" in result:
+        return result["top_logprobs"][seen:seen + len(delta.get("token_ids") or ())]
+    return []
