@@ -46,11 +46,14 @@ class InputProcessor:
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id: must be a non-empty str, got {request_id!r}")
         ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids, sp.max_new_tokens)
-        if len(ids) + sp.max_new_tokens > self.max_model_len:
-            raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens ({sp.max_new_tokens}) "
-                             f"must be <= the context length {self.max_model_len}")
+        self.check_length(len(ids), sp.max_new_tokens)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
         return RequestState(rid, ids, sp, IncrementalDetokenizer(self.tokenizer, ids))
+
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.max_model_len:
+            raise ValueError(f"max_new_tokens: prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"must be <= the context length {self.max_model_len}")
 
     def prompt_ids(self, prompt: Any) -> list[int]:
         if not isinstance(prompt, str) or not prompt:
@@ -70,9 +73,7 @@ class InputProcessor:
         ids = list(input_ids)
         if not ids:
             raise ValueError("input_ids: must not be empty")
-        if len(ids) + max_new_tokens > self.max_model_len:  # before the per-id loop: a huge input fails fast
-            raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"must be <= the context length {self.max_model_len}")
+        self.check_length(len(ids), max_new_tokens)  # before the per-id loop: a huge input fails fast
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"input_ids: token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
