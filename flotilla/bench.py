@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from flotilla.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS
+
 WARMUP_INPUT, WARMUP_OUTPUT = 256, 16
 
 
@@ -316,15 +318,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-requests", type=int, default=16)
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--dp-size", type=int, default=1)
     p.add_argument("--enable-dp-attention", action="store_true")
     p.add_argument("--ray", action="store_true", help="run the rank workers as Ray actors")
     p.add_argument("--gpus-per-rank", type=float, default=1.0, help="with --ray: below 1, ranks share a GPU")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--no-cuda-graph", action="store_true")
     p.add_argument("--prefix-caching", default=None, choices=["on", "off"],
                    help="default: off for sglang-random, the engine's default otherwise")
