@@ -24,18 +24,18 @@ from flotilla.sampling import SamplingParams
 
 
 class WorkerHarness:
-    """One replica group (``pp_size`` stages of one rank each) of the tiny model, on CPU."""
+    """One replica group (``pp_size`` stages of ``tp_size`` ranks each) of the tiny model, on CPU."""
 
-    def __init__(self, pp_size: int = 1, start_timeout: float = 120.0, **config):
+    def __init__(self, pp_size: int = 1, tp_size: int = 1, start_timeout: float = 120.0, **config):
         self.path = tiny("llama")
         self.cfg = EngineConfig.from_kwargs(self.path, device="cpu", dtype="float32", pp_size=pp_size,
-                                            **config).resolve()
+                                            tp_size=tp_size, **config).resolve()
         self.dir = tempfile.mkdtemp(prefix="flotilla-test-")
         self.hub = ChannelHub()
         self.out, out_addr = self.hub.bind("pull", "out", from_worker_decoder)
         self.req, in_addr = self.hub.bind("push", "in0")
         self.launcher = MpLauncher(self.dir, 0)
-        self.spec = replica_group(0, 0, 1, 0, pp_size)
+        self.spec = replica_group(0, 0, tp_size, 0, pp_size)
         ranks = [WorkerArgs(config=self.cfg.to_dict(), replica_id=0, rank=r, world_size=self.spec.world_size,
                             dist_init_method=None, in_addr=in_addr if r == 0 else "", out_addr=out_addr,
                             num_threads=1)
@@ -84,11 +84,13 @@ class WorkerHarness:
         self.send_raw(encoder.encode(msg))
 
     def run(self, rid: str, timeout: float = 60.0) -> TokenOutput:
-        """Collect ``rid``'s outputs until it finishes; returns one TokenOutput with all its tokens."""
+        """Collect ``rid``'s outputs (those already received included) until it finishes; returns one
+        TokenOutput with all its tokens."""
         tokens: list[int] = []
         deadline = time.monotonic() + timeout
+        batch = list(self.seen)
         while time.monotonic() < deadline:
-            for m in self.recv(0.2):
+            for m in batch:
                 if isinstance(m, StepOutput):
                     for o in m.outputs:
                         if o.rid == rid:
@@ -97,6 +99,7 @@ class WorkerHarness:
                                 o.token_ids = tokens
                                 return o
             assert self.alive(), f"worker group died: {self.launcher.dead_groups()}"
+            batch = self.recv(0.2)
         raise AssertionError(f"request {rid} did not finish")
 
     def heartbeats(self) -> list[Heartbeat]:

@@ -211,6 +211,7 @@ class _Leader:
         if batch is not None:
             if self.faults.active:
                 self.faults.on_step(self.steps + 1)
+                self.faults.before_sample(batch.sampled)
             outputs = self.sched.process(batch, *self._sample(batch, logits))
             self.steps += 1
             self.beat.steps = self.steps
