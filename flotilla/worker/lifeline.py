@@ -8,8 +8,9 @@ neither covers every case alone:
   dies, even while this process is wedged in C code holding the GIL. Caveat: the kernel's "parent" is the
   *thread* that started this process, not the process; if that thread ends while the parent process
   lives on (a launcher called from a short-lived thread, e.g. a restart thread), the signal fires all
-  the same and kills a healthy worker. So it is opt-in (``pdeathsig=True``), for launchers that start
-  workers from the parent's main thread.
+  the same and kills a healthy worker. And a SIGKILLed rank removes nothing. So it is opt-in
+  (``pdeathsig=True``), for launchers that start workers from the parent's main thread and can leave
+  the private directory behind.
 * A daemon thread polling every ``POLL_S`` whether the parent process is still there: works whatever
   thread started us, and off Linux. On noticing, it removes the engine's private directory (the first
   worker to notice does; errors ignored: another worker may be removing it too) and ends the process
