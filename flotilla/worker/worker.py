@@ -232,7 +232,8 @@ class _Leader:
         self.last_sent = time.monotonic()
 
     def heartbeat(self) -> None:
-        """Called during a long weight load, so the front end does not take the replica for dead."""
+        """Called during a long weight load: keeps the load report fresh (liveness itself comes from the
+        heartbeat thread, which beats through any step, however long)."""
         if time.monotonic() - self.last_sent > HEARTBEAT_S:
             self.report()
 
