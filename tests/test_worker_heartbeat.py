@@ -50,3 +50,24 @@ def test_heartbeats_flow_during_a_slow_step_and_stop_with_the_process(monkeypatc
             os.kill(leader, signal.SIGCONT)
         h.wait_for(lambda m: isinstance(m, Heartbeat), timeout=10)  # and beats again once continued
         assert h.alive()
+
+
+def test_heartbeat_message_reports_steps_and_step_age():
+    from flotilla.worker.heartbeat import HeartbeatThread
+
+    beat = HeartbeatThread(3, 0, "ipc:///nonexistent", None, HEARTBEAT_S)  # never started: no socket
+    assert beat.message() == Heartbeat(3, 0, 0, 0.0)  # idle
+    beat.busy_since = time.monotonic() - 2.0
+    beat.steps = 7
+    msg = beat.message()
+    assert msg.steps == 7 and msg.step_age_s >= 2.0
+    beat.idle()
+    assert beat.message().step_age_s == 0.0
+
+
+def test_step_faults_are_read_from_the_environment_and_scoped_to_a_replica():
+    env = {faults.SLOW_STEP_S: "2.5", faults.STEP: "3", faults.REPLICA: "1", faults.BAD_SAMPLING_RID: "x"}
+    mine, other = faults.StepFaults(1, env), faults.StepFaults(0, env)
+    assert mine.active and mine.slow_s == 2.5 and mine.step == 3 and mine.bad_sampling_rid == "x"
+    assert not other.active
+    assert not faults.StepFaults(0, {}).active

@@ -51,7 +51,11 @@ class HeartbeatThread:
         return Heartbeat(self.replica, self.rank, self.steps, max(0.0, age))
 
     def _run(self) -> None:
-        ch = connect("push", self.out_addr, None, self.keys)  # created and used in this thread only
+        try:
+            ch = connect("push", self.out_addr, None, self.keys)  # created and used in this thread only
+        except Exception:  # the replica then looks dead to the front end, which is the truth that matters
+            log.exception("replica %d: heartbeat thread cannot connect to %s", self.replica, self.out_addr)
+            return
         try:
             while True:
                 try:
