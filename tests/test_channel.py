@@ -358,3 +358,86 @@ def test_tcp_ipv6_loopback_round_trip():
             assert msg is not None and msg.outputs[0].rid == "v6"
         finally:
             w.close()
+
+
+# ------------------------------------------------------------------------------------------------- bad frames
+def _raw_push(address: str) -> tuple[zmq.Context, zmq.Socket]:
+    """A peer that sends raw frames, bypassing the channel's encoder (what a buggy or hostile peer does)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.linger = 0
+    sock.connect(address)
+    return ctx, sock
+
+
+def _bad_sampling_frame(rid: str) -> bytes:
+    """An AddRequest whose SamplingParams was mutated after construction: its type checks, its validation fails."""
+    sp = SamplingParams(max_new_tokens=4)
+    sp.max_new_tokens = -5
+    return encoder.encode(AddRequest(rid=rid, prompt_ids=[1, 2], sampling=sp))
+
+
+def _wrong_typed_frame(rid: str) -> bytes:
+    sp = SamplingParams(max_new_tokens=4)
+    sp.temperature = "hot"  # type: ignore[assignment]
+    return encoder.encode(AddRequest(rid=rid, prompt_ids=[1, 2], sampling=sp))
+
+
+BAD_FRAMES = [
+    b"\xc1 not msgpack at all",                                   # 0xc1 is never valid msgpack
+    b"",                                                           # empty frame
+    encoder.encode({"type": "NoSuchMessage", "rid": "x"}),         # unknown tag
+    encoder.encode({"type": "AbortRequest", "rid": 42}),           # wrong-typed field
+    encoder.encode({"type": "AbortRequest"}),                      # missing field
+    encoder.encode([1, 2, 3]),                                     # not a struct at all
+]
+
+
+def test_bad_frames_are_dropped_counted_and_good_ones_arrive_in_order():
+    seen: list[tuple[bytes, str]] = []
+    with ChannelHub() as hub:
+        w_req, req_addr = hub.bind("pull", "req", to_worker_decoder,
+                                   on_bad_frame=lambda data, err: seen.append((data, type(err).__name__)))
+        ctx, raw = _raw_push(req_addr)
+        try:
+            bad = BAD_FRAMES + [_bad_sampling_frame("bad-1"), _wrong_typed_frame("bad-2")]
+            for i, frame in enumerate(bad):
+                raw.send(encoder.encode(AbortRequest(rid=f"good-{i}")))
+                raw.send(frame)
+            raw.send(encoder.encode(AbortRequest(rid="last")))
+            got: list = []
+            deadline = time.monotonic() + 5
+            while len(got) < len(bad) + 1 and time.monotonic() < deadline:
+                got.extend(w_req.recv_many(timeout_ms=500))
+            assert [m.rid for m in got] == [f"good-{i}" for i in range(len(bad))] + ["last"]
+            assert w_req.dropped == len(bad)
+            assert [data for data, _ in seen] == bad
+            assert all(name in ("DecodeError", "ValidationError") for _, name in seen)
+            # recv (not only recv_many) skips bad frames too, and a bad frame alone is a timeout, not an error
+            raw.send(b"\xc1")
+            assert w_req.recv(timeout_ms=300) is None
+            raw.send(b"\xc1")
+            raw.send(encoder.encode(Shutdown()))
+            assert w_req.recv(timeout_ms=5000) == Shutdown()
+            assert w_req.dropped == len(bad) + 2
+        finally:
+            raw.close()
+            ctx.term()
+
+
+def test_bad_frame_hook_that_raises_does_not_break_recv():
+    def hook(data: bytes, err: Exception) -> None:
+        raise RuntimeError("hook bug")
+
+    with ChannelHub() as hub:
+        out, out_addr = hub.bind("pull", "out", from_worker_decoder, on_bad_frame=hook)
+        ctx, raw = _raw_push(out_addr)
+        try:
+            raw.send(b"garbage")
+            raw.send(encoder.encode(_step("ok")))
+            msg = out.recv(timeout_ms=5000)  # the front end's side: its engine loop must survive too
+            assert isinstance(msg, StepOutput) and msg.outputs[0].rid == "ok"
+            assert out.dropped == 1
+        finally:
+            raw.close()
+            ctx.term()

@@ -37,7 +37,7 @@ import stat
 import tempfile
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import zmq
@@ -61,6 +61,12 @@ ZAP_DOMAIN = "flotilla"
 #: dead pipe is dropped and sends to it time out rather than queue forever.
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
+
+#: A channel logs undecodable frames at most this often (a peer spraying garbage must not flood the log).
+DROP_LOG_INTERVAL_S = 10.0
+
+#: ``on_bad_frame(frame, error)``: told about each dropped frame, e.g. to fail the request it meant to carry.
+BadFrameHook = Callable[[bytes, Exception], None]
 
 _WILDCARD_HOSTS = frozenset({"*"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -131,14 +137,19 @@ class Channel:
 
     def __init__(self, socket: zmq.Socket, kind: str, name: str, decoder: msgspec.msgpack.Decoder | None,
                  *, send_timeout_ms: int | None = DEFAULT_SEND_TIMEOUT_MS,
-                 own_context: zmq.Context | None = None):
+                 own_context: zmq.Context | None = None, on_bad_frame: BadFrameHook | None = None):
         self.socket = socket
         self.kind = kind
         self.name = name
         self.send_timeout_ms = send_timeout_ms
+        #: frames that failed to decode and were dropped (see :meth:`recv`)
+        self.dropped = 0
         self._decoder = decoder
+        self._on_bad_frame = on_bad_frame
         self._own_context = own_context  # worker side: the context exists for this channel alone
         self._closed = False
+        self._drop_log_at = float("-inf")  # when a drop was last logged
+        self._drops_unlogged = 0
 
     @property
     def closed(self) -> bool:
@@ -182,18 +193,44 @@ class Channel:
         """The next decoded message, or None if none arrived within ``timeout_ms``.
 
         ``None`` waits forever, ``0`` only polls. Decoding uses the channel's msgspec decoder, which
-        validates the message against the expected union; a malformed frame raises
-        ``msgspec.DecodeError``/``ValidationError`` (only an authenticated peer can send one: a bug).
+        validates the message against the expected union. A frame that fails to decode (garbage bytes, an
+        unknown tag, a field of the wrong type or one its struct's own validation refuses) is dropped,
+        counted in :attr:`dropped`, logged (rate-limited) and handed to the channel's ``on_bad_frame``
+        hook if it has one; then the wait for a good message goes on. Why never raise: one bad frame
+        must not kill the loop reading the channel -- a worker's step loop or the front end's engine
+        loop -- and with it every other request.
         """
         if self._decoder is None:
             raise TypeError(f"channel {self.name!r} was made without a decoder; it cannot receive")
-        if timeout_ms is not None and not self.socket.poll(timeout_ms, zmq.POLLIN):
-            return None
-        try:
-            frame = self.socket.recv(0 if timeout_ms is None else zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return None
-        return self._decoder.decode(frame.buffer)
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            if deadline is not None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                if not self.socket.poll(wait_ms, zmq.POLLIN):
+                    return None
+            try:
+                frame = self.socket.recv(0 if deadline is None else zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:
+                return self._decoder.decode(frame.buffer)
+            except Exception as e:  # decoding is pure: whatever it raises is about this frame
+                self._drop(frame.bytes, e)
+
+    def _drop(self, data: bytes, error: Exception) -> None:
+        self.dropped += 1
+        self._drops_unlogged += 1
+        now = time.monotonic()
+        if now - self._drop_log_at >= DROP_LOG_INTERVAL_S:
+            logger.error("channel %r: dropped %d undecodable frame(s) (%d in all); the latest (%d bytes): "
+                         "%s: %s", self.name, self._drops_unlogged, self.dropped, len(data),
+                         type(error).__name__, error)
+            self._drop_log_at, self._drops_unlogged = now, 0
+        if self._on_bad_frame is not None:
+            try:
+                self._on_bad_frame(data, error)
+            except Exception:
+                logger.exception("channel %r: the on_bad_frame hook failed", self.name)
 
     def recv_many(self, timeout_ms: int | None, max_items: int | None = None) -> list[Any]:
         """Everything already queued (up to ``max_items``), waiting up to ``timeout_ms`` for the first.
@@ -339,7 +376,8 @@ class ChannelHub:
             raise
 
     def bind(self, kind: str, name: str, decoder: msgspec.msgpack.Decoder | None = None,
-             *, send_timeout_ms: int | None = DEFAULT_SEND_TIMEOUT_MS) -> tuple[Channel, str]:
+             *, send_timeout_ms: int | None = DEFAULT_SEND_TIMEOUT_MS,
+             on_bad_frame: BadFrameHook | None = None) -> tuple[Channel, str]:
         """Bind a new ``kind`` ("push" | "pull") socket; return it and the address workers connect to.
 
         ``name`` must be unique per hub (it names the ipc socket file). ``decoder`` is needed to receive
@@ -386,7 +424,7 @@ class ChannelHub:
         except BaseException:
             sock.close(linger=0)
             raise
-        ch = Channel(sock, kind, name, decoder, send_timeout_ms=send_timeout_ms)
+        ch = Channel(sock, kind, name, decoder, send_timeout_ms=send_timeout_ms, on_bad_frame=on_bad_frame)
         self._channels.append(ch)
         self._names.add(name)
         logger.debug("bound %s channel %r at %s", kind, name, address)
@@ -421,13 +459,14 @@ class ChannelHub:
 # ------------------------------------------------------------------------------------------------- worker
 def connect(kind: str, address: str, decoder: msgspec.msgpack.Decoder | None = None,
             keys: CurveKeys | None = None, *,
-            send_timeout_ms: int | None = DEFAULT_SEND_TIMEOUT_MS) -> Channel:
+            send_timeout_ms: int | None = DEFAULT_SEND_TIMEOUT_MS,
+            on_bad_frame: BadFrameHook | None = None) -> Channel:
     """Worker side: connect a ``kind`` ("push" | "pull") socket to an address from :meth:`ChannelHub.bind`.
 
     Each channel gets its own zmq Context, created in the calling process (contexts must never cross a
     fork/spawn) and terminated by :meth:`Channel.close`. ``tcp://`` addresses require ``keys`` (from
     :meth:`CurveKeys.for_client`): there is no unencrypted tcp mode. ``ipc://`` ignores keys -- its
-    protection is the 0700 directory.
+    protection is the 0700 directory. ``on_bad_frame``: see :meth:`Channel.recv`.
     """
     zkind = _check_kind(kind)
     if address.startswith("tcp://"):
@@ -453,7 +492,8 @@ def connect(kind: str, address: str, decoder: msgspec.msgpack.Decoder | None = N
         sock.close(linger=0)
         ctx.term()
         raise
-    return Channel(sock, kind, address, decoder, send_timeout_ms=send_timeout_ms, own_context=ctx)
+    return Channel(sock, kind, address, decoder, send_timeout_ms=send_timeout_ms, own_context=ctx,
+                   on_bad_frame=on_bad_frame)
 
 
 __all__ = ["Channel", "ChannelHub", "CurveKeys", "SendTimeout", "connect", "DEFAULT_SEND_TIMEOUT_MS"]

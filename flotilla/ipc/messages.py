@@ -141,7 +141,24 @@ class ControlDone(msgspec.Struct, tag=True):
     error: str | None = None
 
 
-FromWorker = StepOutput | WorkerReady | WorkerFailed | ControlDone
+class Heartbeat(msgspec.Struct, tag=True):
+    """A leader's sign of life, sent by a thread of its own every ``HEARTBEAT_S`` whatever its step loop does.
+
+    Why a thread: a leader busy in one long step (a long CPU prefill, a first kernel compile, a weight
+    load) sends no StepOutput for that long, yet is alive; a stopped or dead process sends nothing at all
+    (SIGSTOP stops every thread). ``steps``: forward steps completed so far. ``step_age_s``: how long the
+    step loop has been away from its request socket (running a step, or waiting on its group's
+    collectives); 0 when idle. A value that keeps growing means a step that does not end (a hung peer
+    rank, a deadlock), which the front end may judge by a limit of its own.
+    """
+
+    replica: int
+    rank: int
+    steps: int
+    step_age_s: float
+
+
+FromWorker = StepOutput | WorkerReady | WorkerFailed | ControlDone | Heartbeat
 
 
 # ----------------------------------------------------------------------------------- rank 0 -> TP peers

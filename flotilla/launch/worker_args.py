@@ -25,3 +25,12 @@ class WorkerArgs:
     # on top of the checkpoint, and the version they amount to
     weights_sources: list[str] = field(default_factory=list)
     weight_version: int = 0
+    # Dying with the front end (flotilla/worker/lifeline.py). ``parent_pid``: the front end's pid; when set,
+    # the rank exits as soon as that process is gone (polled every 0.5 s), first removing ``private_dir``
+    # (the engine's private directory) if given. ``pdeathsig``: also have the kernel SIGKILL the rank when
+    # its parent dies (Linux); set it only when the launcher starts the rank from the parent's MAIN thread,
+    # because the kernel fires it when the starting *thread* ends, even if the process lives on; and a rank
+    # killed that way cannot remove ``private_dir``.
+    parent_pid: int | None = None
+    private_dir: str | None = None
+    pdeathsig: bool = False

@@ -50,8 +50,12 @@ class Scheduler:
     def add(self, rid: str, prompt_ids: list[int], sampling, output_ids: list[int] | None = None) -> None:
         output_ids = list(output_ids or [])
         if rid in self.by_rid:
-            self.finished_outputs.append(TokenOutput(rid, [], True, "error", error=f"duplicate request id {rid!r}"))
+            # The front end holds one request per id, and this error finishes it: end the running copy too,
+            # so no sequence keeps generating for a request the front end considers finished.
+            self.fail(rid, f"duplicate request id {rid!r}: a request with this id was already running here")
             return
+        if not prompt_ids:  # nothing to compute a first token from (the caller fails the request)
+            raise ValueError("prompt_ids: must not be empty")
         tokens = list(prompt_ids) + output_ids
         if len(tokens) > self.cfg.max_model_len or len(tokens) > self.kv.num_blocks * self.kv.block_size:
             self.finished_outputs.append(TokenOutput(
@@ -69,6 +73,14 @@ class Scheduler:
             return
         self._finish(seq, reason)
         self.finished_outputs.append(TokenOutput(rid, [], True, reason, cached_tokens=max(seq.cached_tokens, 0)))
+
+    def fail(self, rid: str, error: str) -> None:
+        """End a queued or running request with finish_reason "error" (reported with the next step)."""
+        seq = self.by_rid.get(rid)
+        cached = max(seq.cached_tokens, 0) if seq is not None else 0
+        if seq is not None:
+            self._finish(seq, "error")
+        self.finished_outputs.append(TokenOutput(rid, [], True, "error", cached_tokens=cached, error=error))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -13,16 +13,21 @@ import time
 import traceback
 from pathlib import Path
 
+import msgspec
 import torch
 
 from flotilla.config import EngineConfig
 from flotilla.distributed import destroy_groups, get_group, init_groups
 from flotilla.ipc.channel import connect
 from flotilla.ipc.messages import (AbortRequest, AddRequest, BatchPlan, ControlDone, FlushCache, Pause, ReleaseMemory,
-                                   Resume, ResumeMemory, Shutdown, StepOutput, UpdateWeights,
+                                   Resume, ResumeMemory, Shutdown, StepOutput, TokenOutput, UpdateWeights,
                                    WorkerFailed, WorkerReady, batch_plan_decoder, encoder, from_worker_decoder,
                                    to_worker_decoder)
 from flotilla.launch.worker_args import WorkerArgs
+from flotilla.sampling import SamplingParams
+from flotilla.testing.faults import StepFaults
+from flotilla.worker import lifeline
+from flotilla.worker.heartbeat import HeartbeatThread
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.model_runner import ModelRunner
 from flotilla.worker.sampler import Sampler, SamplingBatch
@@ -31,7 +36,9 @@ from flotilla.worker.weight_sources import open_source
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 1.0  # an idle replica still reports its load this often (the front end's liveness signal)
+# A leader's heartbeat thread sends a Heartbeat this often (the front end's liveness signal), and an idle leader
+# reports its load (an empty StepOutput) this often.
+HEARTBEAT_S = 1.0
 
 
 def eos_ids(model_path: str, hf_config: dict) -> tuple[int, ...]:
@@ -56,6 +63,8 @@ def run_worker(args: WorkerArgs, store=None) -> None:
     """Entry point of every rank process (or Ray actor). ``store``: a torch.distributed Store to rendezvous
     through instead of ``args.dist_init_method`` (the Ray launcher passes one)."""
     logging.basicConfig(level=os.environ.get("FLOTILLA_LOG_LEVEL", "WARNING"))
+    # first: a front end that died while we started must not leave us running
+    lifeline.install(args.parent_pid, args.private_dir, pdeathsig=args.pdeathsig)
     out_ch = None
     try:
         cfg = EngineConfig(**args.config)
@@ -105,12 +114,13 @@ class _Leader:
 
     def __init__(self, args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch):
         self.args, self.runner, self.out_ch = args, runner, out_ch
-        self.in_ch = connect("pull", args.in_addr, to_worker_decoder, args.keys)
         max_len = min(cfg.max_model_len, runner.num_blocks * cfg.block_size)
         kv = KVBlockManager(runner.num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_caching)
         self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len,
                                                eos_ids(cfg.model, cfg.hf_config)), kv)
+        self.in_ch = connect("pull", args.in_addr, to_worker_decoder, args.keys, on_bad_frame=self._bad_frame)
         self.sampler = Sampler()
+        self.faults = StepFaults(args.replica_id)  # test-only fault injection (inactive unless the env asks)
         self.steps = 0
         self.last_sent = time.monotonic()
         # control state: paused (no scheduling), KV released, model ops waiting for every rank to take them
@@ -119,15 +129,19 @@ class _Leader:
         self.weight_version = args.weight_version
         self.pipeline = None  # with pp_size > 1: the pipeline loop's state (stage_forwards(), max_in_flight)
         out_ch.send(WorkerReady(args.replica_id, args.rank, os.getpid(), runner.num_blocks, cfg.block_size, max_len))
+        self.beat = HeartbeatThread(args.replica_id, args.rank, args.out_addr, args.keys, HEARTBEAT_S).start()
 
     def next_plan(self, busy_elsewhere: bool, hold: bool = False, **schedule_kw):
         """Take the front end's messages, then schedule; returns (plan to share, batch or None).
         ``schedule_kw``: passed to ``Scheduler.schedule`` (pipeline micro-batches exclude what is in flight);
         ``hold``: schedule nothing this time (the pipeline drains before a model op)."""
         wait_ms = 0 if ((self.sched.has_work() and not (self.paused or self.released)) or busy_elsewhere) else 50
-        for msg in self.in_ch.recv_many(wait_ms):
+        self.beat.idle()
+        msgs = self.in_ch.recv_many(wait_ms)
+        self.beat.busy()  # from here until the next visit: a step, or waiting on the group's collectives
+        for msg in msgs:
             if isinstance(msg, AddRequest):
-                self.sched.add(msg.rid, msg.prompt_ids, msg.sampling, msg.output_ids)
+                self.add(msg)
             elif isinstance(msg, AbortRequest):
                 self.sched.abort(msg.rid, msg.reason)
             elif isinstance(msg, FlushCache):
@@ -145,10 +159,62 @@ class _Leader:
             return BatchPlan([], kind="idle", op=op), None
         return BatchPlan(batch.plans, op=op), batch
 
+    def add(self, msg: AddRequest) -> None:
+        """Queue a request, or fail it (finish_reason "error", reported with the next step) if it is one the
+        worker cannot serve. Whatever is wrong with one request never ends the worker."""
+        try:
+            problem = self._check(msg)
+            if problem is not None:
+                self.sched.fail(msg.rid, problem)
+                return
+            # The front end validated it, and decoding ran SamplingParams' checks again; build it once more
+            # here so a params object that changed after its checks (or a future decoder that skips them)
+            # is refused now, not in the sampler mid-batch.
+            sampling = SamplingParams(**msg.sampling.to_dict())
+            self.sched.add(msg.rid, msg.prompt_ids, sampling, msg.output_ids)
+        except Exception as e:
+            log.warning("replica %d: request %r refused: %s: %s", self.args.replica_id, msg.rid, type(e).__name__, e)
+            if msg.rid in self.sched.by_rid:  # a duplicate id: the error finishes it in the front end, end it here too
+                self.sched.fail(msg.rid, f"request refused by the worker: {type(e).__name__}: {e}")
+            else:
+                self.sched.finished_outputs.append(TokenOutput(
+                    msg.rid, [], True, "error", error=f"request refused by the worker: {type(e).__name__}: {e}"))
+
+    def _check(self, msg: AddRequest) -> str | None:
+        """Why this worker cannot serve ``msg``, or None. Token ids outside the vocabulary would make the
+        forward itself fail (an embedding lookup out of range), and a forward failure ends the worker."""
+        if not isinstance(msg.sampling, SamplingParams):
+            return f"sampling: expected SamplingParams, got {type(msg.sampling).__name__}"
+        vocab = self.runner.vocab_size
+        for name, ids in (("prompt_ids", msg.prompt_ids), ("output_ids", msg.output_ids)):
+            if ids and not (0 <= min(ids) and max(ids) < vocab):
+                return f"{name}: token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}"
+        return None
+
+    def _bad_frame(self, data: bytes, error: Exception) -> None:
+        """A frame from the front end failed to decode (the channel drops it). If it meant to add a request,
+        fail that request, so its caller gets an error instead of waiting forever."""
+        try:
+            raw = msgspec.msgpack.decode(data)
+        except Exception:
+            return
+        rid = raw.get("rid") if isinstance(raw, dict) and raw.get("type") == "AddRequest" else None
+        if not isinstance(rid, str):
+            return
+        if rid in self.sched.by_rid:  # never fail a running request because of a broken duplicate
+            log.warning("replica %d: undecodable AddRequest for running request %r ignored", self.args.replica_id, rid)
+            return
+        self.sched.finished_outputs.append(TokenOutput(rid, [], True, "error",
+                                                       error=f"malformed request: {type(error).__name__}: {error}"))
+
     def finish_step(self, batch, logits) -> None:
         if batch is not None:
-            outputs = self.sched.process(batch, *_sample(self.sampler, logits, batch, self.runner))
+            if self.faults.active:
+                self.faults.on_step(self.steps + 1)
+                self.faults.before_sample(batch.sampled)
+            outputs = self.sched.process(batch, *self._sample(batch, logits))
             self.steps += 1
+            self.beat.steps = self.steps
         else:
             outputs, self.sched.finished_outputs = self.sched.finished_outputs, []
         now = time.monotonic()
@@ -166,7 +232,8 @@ class _Leader:
         self.last_sent = time.monotonic()
 
     def heartbeat(self) -> None:
-        """Called during a long weight load, so the front end does not take the replica for dead."""
+        """Called during a long weight load: keeps the load report fresh (liveness itself comes from the
+        heartbeat thread, which beats through any step, however long)."""
         if time.monotonic() - self.last_sent > HEARTBEAT_S:
             self.report()
 
@@ -194,7 +261,34 @@ class _Leader:
         self.report(outputs)  # the new weight version reaches stats() before the answer does
         self.reply(op.op_id, name, error)
 
+    def _sample(self, batch, logits):
+        """Sample the batch's rows. Only the leader samples (its TP peers are already on their way to the
+        next plan), so a sampling error can be handled here without breaking the group's lockstep: if the
+        batch fails, sample row by row, fail the requests whose rows still fail, and serve the others."""
+        try:
+            return _sample(self.sampler, logits, batch.sampled, self.runner)
+        except Exception as e:
+            log.error("replica %d: sampling a batch failed (%s: %s); retrying row by row", self.args.replica_id,
+                      type(e).__name__, e)
+        tokens: list[int] = []
+        rows: list[tuple[float | None, list | None]] = []
+        for r, seq in enumerate(batch.sampled):
+            try:
+                (tok,), lps, top = _sample(self.sampler, logits[r:r + 1], [seq], self.runner)
+                tokens.append(tok)
+                rows.append((lps[0] if lps is not None else None, top[0] if top is not None else None))
+            except Exception as e:
+                log.error("replica %d: request %r failed in sampling: %s: %s", self.args.replica_id, seq.rid,
+                          type(e).__name__, e)
+                self.sched.fail(seq.rid, f"sampling failed: {type(e).__name__}: {e}")
+                tokens.append(0)  # never used: process() skips finished sequences but keeps rows aligned
+                rows.append((None, None))
+        logprobs = [lp or 0.0 for lp, _ in rows] if any(lp is not None for lp, _ in rows) else None
+        top = [t or [] for _, t in rows] if any(t is not None for _, t in rows) else None
+        return tokens, logprobs, top
+
     def close(self) -> None:
+        self.beat.stop()
         self.in_ch.close()
 
 
@@ -236,6 +330,8 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
                     return
                 run = plan.kind == "forward"
                 apply_op = op_id != 0
+            # An exception in forward ends the worker (run_worker reports it): a rank cannot tell whether its
+            # model, KV cache or collectives are still sane, nor whether its peers finished the same step.
             logits = runner.forward(plan.seqs, dp_counts=counts) if run else None
             if leader:
                 leader.finish_step(batch, logits)
@@ -279,8 +375,8 @@ class _RowIds:
         return getattr(self.seqs[r], self.attr)
 
 
-def _sample(sampler: Sampler, logits: torch.Tensor, batch, runner: ModelRunner):
-    seqs = batch.sampled
+def _sample(sampler: Sampler, logits: torch.Tensor, seqs: list, runner: ModelRunner):
+    """Sample one token per sequence of ``seqs`` (row r of ``logits`` is ``seqs[r]``'s)."""
     if not seqs:
         return [], None, None
     # Lazy views: the sampler reads a row's ids only for penalties or seeds, and slicing every prompt and

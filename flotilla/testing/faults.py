@@ -1,0 +1,61 @@
+"""Fault injection for tests. TEST-ONLY: nothing in production sets these variables.
+
+The worker reads them from its environment, so a test sets them in ``os.environ`` before starting an
+Engine (or a worker process) and the spawned ranks inherit them:
+
+* ``FLOTILLA_FAULT_SLOW_STEP_S=<seconds>``: the leader sleeps that long inside one step, after the forward
+  and before sampling (a stand-in for a long prefill or a first kernel compile: the step loop is busy,
+  the process is alive).
+* ``FLOTILLA_FAULT_STEP=<n>``: which step sleeps: the n-th forward step of the leader, counted from 1
+  (default 1).
+* ``FLOTILLA_FAULT_REPLICA=<id>``: only the leader of that replica id (default: every leader).
+* ``FLOTILLA_FAULT_BAD_SAMPLING_RID=<rid>``: the leader breaks that request's SamplingParams just before
+  sampling it (temperature becomes a string), as if a bad parameter had slipped through every validation:
+  the sampler then raises for that row.
+
+Why environment variables: they reach spawned processes (and Ray actors started with the same
+environment) without any argument of the launchers changing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+SLOW_STEP_S = "FLOTILLA_FAULT_SLOW_STEP_S"
+STEP = "FLOTILLA_FAULT_STEP"
+REPLICA = "FLOTILLA_FAULT_REPLICA"
+BAD_SAMPLING_RID = "FLOTILLA_FAULT_BAD_SAMPLING_RID"
+
+
+class StepFaults:
+    """The faults configured for one leader, read once when it starts."""
+
+    def __init__(self, replica: int, environ: dict[str, str] | None = None):
+        env = os.environ if environ is None else environ
+        self.slow_s = float(env.get(SLOW_STEP_S, "0") or 0)
+        self.step = int(env.get(STEP, "1") or 1)
+        self.bad_sampling_rid = env.get(BAD_SAMPLING_RID) or None
+        only = env.get(REPLICA, "")
+        if only and int(only) != replica:
+            self.slow_s, self.bad_sampling_rid = 0.0, None
+
+    @property
+    def active(self) -> bool:
+        return self.slow_s > 0 or self.bad_sampling_rid is not None
+
+    def before_sample(self, seqs) -> None:
+        """Called by the leader with the sequences it is about to sample."""
+        for seq in seqs:
+            if seq.rid == self.bad_sampling_rid:
+                log.warning("fault injection: breaking %r's sampling params (%s)", seq.rid, BAD_SAMPLING_RID)
+                seq.sampling.temperature = "broken"
+
+    def on_step(self, step: int) -> None:
+        """Called by the leader inside its ``step``-th forward step (counted from 1)."""
+        if self.slow_s > 0 and step == self.step:
+            log.warning("fault injection: step %d sleeps %.1fs (%s)", step, self.slow_s, SLOW_STEP_S)
+            time.sleep(self.slow_s)
