@@ -84,7 +84,7 @@ class Engine:
         # Sockets bind on the front end's node: ipc:// when every rank is on it, tcp:// + CURVE otherwise.
         tcp = self._launcher.multi_node
         self._hub = ChannelHub(host=(config.host or self._launcher.bind_host) if tcp else None, use_tcp=tcp,
-                               allow_wildcard=config.allow_wildcard_host)
+                               allow_wildcard=config.allow_wildcard_host, ipc_parent=self._private_dir)
         self._finalizer = weakref.finalize(self, _cleanup, self._launcher, self._hub, self._private_dir)
         self._out_ch, self._out_addr = self._hub.bind("pull", "out", from_worker_decoder)
         self.fleet = ReplicaFleet(self._launcher, self.controller, HubLinks(self._hub), self._worker_args,
@@ -354,7 +354,8 @@ class Engine:
         return {"replicas": self.fleet.rows(), "num_requests_inflight": inflight, "max_model_len": self.max_model_len,
                 "load_balance": self.config.load_balance, "dp_size": self.fleet.dp_size(),
                 "replica_restarts": self.fleet.restarts(), "weight_version": self.control.weight_version,
-                "paused": self.control.paused, "engine_loop_alive": self._loop_alive()}
+                "paused": self.control.paused, "engine_loop_alive": self._loop_alive(),
+                "dropped_frames": self._out_ch.dropped}
 
     def _loop_alive(self) -> bool:
         return self._thread.is_alive() and time.monotonic() - self._loop_tick < LOOP_STALL_S

@@ -115,6 +115,31 @@ def test_kill_both_replicas_at_once_loses_nothing():
         assert engine.generate([PROMPTS[1]], GREEDY, use_tqdm=False)[0]["token_ids"] == expected(path, PROMPTS[1:2])[0]
 
 
+def test_a_slow_step_is_not_a_death_but_a_stopped_leader_is(monkeypatch):
+    """Liveness comes from the leader's heartbeat thread: a step three times the timeout long keeps it beating;
+    a SIGSTOPped leader (every thread stopped) falls silent and is restarted."""
+    path = tiny("llama")
+    monkeypatch.setenv("FLOTILLA_FAULT_SLOW_STEP_S", "6")
+    monkeypatch.setenv("FLOTILLA_FAULT_STEP", "2")
+    sp = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    with Engine(model=path, dp_size=1, heartbeat_timeout_s=2.0, **OPTS) as engine:
+        out = engine.generate([PROMPTS[0]], sp, use_tqdm=False)[0]  # its second step sleeps 6 s
+        assert out["token_ids"] == expected(path, PROMPTS[:1], 8)[0]
+        stats = engine.stats()
+        assert stats["replica_restarts"] == 0 and engine.healthy()
+        (pid,) = stats["replicas"][0]["pids"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            _wait_until(lambda: engine.stats()["replica_restarts"] == 1, timeout=60)
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _wait_until(lambda: engine.healthy(), timeout=120)
+        assert engine.generate([PROMPTS[1]], sp, use_tqdm=False)[0]["token_ids"] == expected(path, PROMPTS[1:2], 8)[0]
+
+
 def test_seeded_sampling_survives_failover():
     path = tiny("llama")
     sp = SamplingParams(max_new_tokens=N, temperature=0.9, top_k=40, seed=5, ignore_eos=True)

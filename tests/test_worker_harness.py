@@ -34,7 +34,7 @@ class WorkerHarness:
         self.hub = ChannelHub()
         self.out, out_addr = self.hub.bind("pull", "out", from_worker_decoder)
         self.req, in_addr = self.hub.bind("push", "in0")
-        self.launcher = MpLauncher(self.dir, 0)
+        self.launcher = MpLauncher(self.cfg, self.dir)
         self.spec = replica_group(0, 0, tp_size, 0, pp_size)
         ranks = [WorkerArgs(config=self.cfg.to_dict(), replica_id=0, rank=r, world_size=self.spec.world_size,
                             dist_init_method=None, in_addr=in_addr if r == 0 else "", out_addr=out_addr,

@@ -338,7 +338,7 @@ class ChannelHub:
     """
 
     def __init__(self, host: str | None = None, use_tcp: bool = False, allow_wildcard: bool = False,
-                 advertise_host: str | None = None):
+                 advertise_host: str | None = None, ipc_parent: str | None = None):
         self.use_tcp = bool(use_tcp or host is not None)
         if host is not None:
             if not isinstance(host, str) or not host.strip() or "/" in host or host != host.strip():
@@ -367,7 +367,10 @@ class ChannelHub:
                 self._auth.configure_curve_callback(ZAP_DOMAIN, _AllowedClients({self.keys.client_public}))
                 self._auth.start()  # before any bind, so no connection is ever seen without it
             else:
-                self.ipc_dir = tempfile.mkdtemp(prefix="flotilla-")  # created 0700, random, O_EXCL
+                # created 0700, random, O_EXCL; inside ``ipc_parent`` (the engine's private folder) when given, else
+                # named after this process so that a later start can reap it if this one is SIGKILLed
+                self.ipc_dir = tempfile.mkdtemp(prefix="ipc-" if ipc_parent else f"flotilla-{os.getpid()}-",
+                                                dir=ipc_parent)
                 os.chmod(self.ipc_dir, stat.S_IRWXU)  # belt and braces (mkdtemp already does this)
                 # If the hub is garbage-collected or the interpreter exits without close(), still remove it.
                 self._cleanup_dir = weakref.finalize(self, shutil.rmtree, self.ipc_dir, ignore_errors=True)

@@ -61,6 +61,10 @@ class MpLauncher:
             wa.device_index = device_index(spec.first_global_rank + wa.rank, self._num_devices)
             wa.num_threads = cpu_threads_per_rank(self._ranks)
             wa.config = with_memory_share(wa.config, share)
+            # the rank exits (and removes the private folder) if the front end dies, even by SIGKILL; not the
+            # kernel's parent-death signal, which fires when the *thread* that started the child ends (restarts
+            # and scale-ups start ranks from short-lived threads)
+            wa.parent_pid, wa.private_dir = os.getpid(), self._dir
             p = self._ctx.Process(target=_mp_entry, args=(wa,), name=f"flotilla-g{spec.group_id}-r{wa.rank}", daemon=True)
             p.start()
             procs.append(p)
