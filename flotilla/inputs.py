@@ -11,6 +11,7 @@ from typing import Any
 from flotilla.detokenizer import IncrementalDetokenizer
 from flotilla.request import RequestState
 from flotilla.sampling import SamplingParams
+from flotilla.structured import check as check_structured
 
 SamplingLike = SamplingParams | dict[str, Any] | None
 
@@ -43,6 +44,8 @@ class InputProcessor:
     def make_state(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
                    request_id: str | None = None) -> RequestState:
         sp = SamplingParams.from_any(sampling)  # copied and validated again, whatever was set after it was built
+        if sp.structured_output is not None:
+            check_structured(sp.structured_output)  # a grammar that cannot compile is refused here, not in a worker
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id: must be a non-empty str, got {request_id!r}")
         ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids, sp.max_new_tokens)

@@ -8,6 +8,54 @@ from typing import Any
 
 
 @dataclass
+class StructuredOutput:
+    """A constraint on what a request may generate (exactly one field set), enforced token by token with a
+    grammar mask in the sampler (``flotilla/structured.py``). vLLM's names: ``json`` (a JSON schema, a dict
+    or its text), ``json_object`` (any JSON object), ``regex``, ``choice`` (one of these strings), ``grammar``
+    (a Lark grammar, llguidance's dialect)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        set_fields = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if self.json_object is True:
+            set_fields.append("json_object")
+        elif self.json_object is not False:
+            raise ValueError(f"structured_output.json_object: must be a bool, got {self.json_object!r}")
+        if len(set_fields) != 1:
+            raise ValueError("structured_output: set exactly one of json, json_object, regex, choice, grammar; got "
+                             f"{set_fields or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured_output.json: must be a JSON schema (dict or str), got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_output.{name}: must be a non-empty str, got {value!r}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or \
+                    not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"structured_output.choice: must be a non-empty list of non-empty str, "
+                                 f"got {self.choice!r}")
+            self.choice = list(self.choice)
+
+    @classmethod
+    def from_any(cls, value: "StructuredOutput | dict[str, Any]") -> "StructuredOutput":
+        if isinstance(value, cls):
+            return replace(value)
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"structured_output: unknown field(s) {unknown}; allowed: {sorted(known)}")
+            return cls(**value)
+        raise ValueError(f"structured_output: expected StructuredOutput or dict, got {type(value).__name__}")
+
+
+@dataclass
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
@@ -30,6 +78,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # log-probabilities of the prompt's own tokens (vLLM's name): None = off; k >= 0 also gives the top k at
+    # each prompt position. The first prompt token has none.
+    prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +110,10 @@ class SamplingParams:
         _check_int("top_logprobs", self.top_logprobs, lo=0, hi=20, hint="in [0, 20]")
         if self.top_logprobs and not self.logprobs:
             self.logprobs = True
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=20, hint="in [0, 20] (or None)")
+        if self.structured_output is not None:
+            self.structured_output = StructuredOutput.from_any(self.structured_output)
 
     @property
     def greedy(self) -> bool:

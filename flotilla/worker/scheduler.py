@@ -177,8 +177,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ results
     def process(self, batch: ScheduledBatch, next_tokens: list[int], logprobs: list[float] | None = None,
-                top_logprobs: list[list[tuple[int, float]]] | None = None) -> list[TokenOutput]:
-        """Advance every scheduled sequence; ``next_tokens`` has one entry per sampled sequence."""
+                top_logprobs: list[list[tuple[int, float]]] | None = None,
+                grammar_done: set[str] | None = None) -> list[TokenOutput]:
+        """Advance every scheduled sequence; ``next_tokens`` has one entry per sampled sequence.
+        ``grammar_done``: requests whose structured-output grammar is complete (they stop here)."""
         outputs = self.finished_outputs
         self.finished_outputs = []
         k = 0
@@ -208,7 +210,7 @@ class Scheduler:
                 self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
             if not seq.reported_cached:
                 out.cached_tokens, seq.reported_cached = max(seq.cached_tokens, 0), True
-            reason = self._stop_reason(seq, token)
+            reason = "stop" if grammar_done and seq.rid in grammar_done else self._stop_reason(seq, token)
             if reason is not None:
                 out.finished, out.finish_reason = True, reason
                 self._finish(seq, reason)

@@ -28,6 +28,7 @@ from flotilla.sampling import SamplingParams
 from flotilla.testing.faults import StepFaults
 from flotilla.worker import lifeline
 from flotilla.worker.heartbeat import HeartbeatThread
+from flotilla.worker.grammar import Grammars
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.model_runner import ModelRunner
 from flotilla.worker.sampler import Sampler, SamplingBatch
@@ -116,8 +117,9 @@ class _Leader:
         self.args, self.runner, self.out_ch = args, runner, out_ch
         max_len = min(cfg.max_model_len, runner.num_blocks * cfg.block_size)
         kv = KVBlockManager(runner.num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_caching)
-        self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len,
-                                               eos_ids(cfg.model, cfg.hf_config)), kv)
+        eos = eos_ids(cfg.model, cfg.hf_config)
+        self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len, eos), kv)
+        self.grammars = Grammars(cfg.tokenizer or cfg.model, runner.vocab_size, eos)  # structured output
         self.in_ch = connect("pull", args.in_addr, to_worker_decoder, args.keys, on_bad_frame=self._bad_frame)
         self.sampler = Sampler()
         self.faults = StepFaults(args.replica_id)  # test-only fault injection (inactive unless the env asks)
@@ -171,9 +173,12 @@ class _Leader:
             # here so a params object that changed after its checks (or a future decoder that skips them)
             # is refused now, not in the sampler mid-batch.
             sampling = SamplingParams(**msg.sampling.to_dict())
+            if sampling.structured_output is not None and msg.rid not in self.sched.by_rid:
+                self.grammars.add(msg.rid, sampling.structured_output, msg.output_ids)
             self.sched.add(msg.rid, msg.prompt_ids, sampling, msg.output_ids)
         except Exception as e:
             log.warning("replica %d: request %r refused: %s: %s", self.args.replica_id, msg.rid, type(e).__name__, e)
+            self.grammars.drop(msg.rid)
             if msg.rid in self.sched.by_rid:  # a duplicate id: the error finishes it in the front end, end it here too
                 self.sched.fail(msg.rid, f"request refused by the worker: {type(e).__name__}: {e}")
             else:
@@ -212,11 +217,19 @@ class _Leader:
             if self.faults.active:
                 self.faults.on_step(self.steps + 1)
                 self.faults.before_sample(batch.sampled)
-            outputs = self.sched.process(batch, *self._sample(batch, logits))
+            rids = [s.rid for s in batch.sampled]
+            constrained = self._mask(logits, rids) if self.grammars.matchers else []
+            tokens, logprobs, top = self._sample(batch, logits)
+            done = self.grammars.accept(constrained, tokens, rids) if constrained else None
+            outputs = self.sched.process(batch, tokens, logprobs, top, grammar_done=done)
             self.steps += 1
             self.beat.steps = self.steps
         else:
             outputs, self.sched.finished_outputs = self.sched.finished_outputs, []
+        if self.grammars.matchers:
+            for out in outputs:
+                if out.finished:
+                    self.grammars.drop(out.rid)
         now = time.monotonic()
         if outputs or now - self.last_sent > HEARTBEAT_S:
             self.report(outputs)
@@ -260,6 +273,19 @@ class _Leader:
         outputs, self.sched.finished_outputs = self.sched.finished_outputs, []
         self.report(outputs)  # the new weight version reaches stats() before the answer does
         self.reply(op.op_id, name, error)
+
+    def _mask(self, logits, rids: list[str]) -> list:
+        """Apply the structured-output masks; a failure fails the constrained requests, never the worker."""
+        try:
+            with torch.inference_mode():
+                return self.grammars.mask(logits, rids)
+        except Exception as e:
+            log.error("replica %d: structured-output masking failed: %s: %s", self.args.replica_id, type(e).__name__, e)
+            for rid in rids:
+                if rid in self.grammars.matchers:
+                    self.grammars.drop(rid)
+                    self.sched.fail(rid, f"structured output failed: {type(e).__name__}: {e}")
+            return []
 
     def _sample(self, batch, logits):
         """Sample the batch's rows. Only the leader samples (its TP peers are already on their way to the
