@@ -12,9 +12,11 @@ touch no real sequence. Every kernel in the graph is the one the eager path runs
 decode split count depends only on the batch size's power-of-two bucket, which a graph bucket never
 crosses), so replays match an eager forward of the same padded batch bit for bit.
 
-Only single-rank replicas capture (no TP collectives or DP-attention gathers inside the graph), only with
-an attention backend that declares ``graph_safe`` (Triton), and only dense models (the MoE layer sorts
-tokens by expert on the host).
+Only single-rank replicas capture (no TP collectives or DP-attention gathers inside the graph) and only
+with an attention backend that declares ``graph_safe`` (Triton). MoE models capture when their layers run
+the Triton fused MoE (routing and the per-expert sort on the device, buffers sized from the batch alone);
+padded rows route like any token and their outputs are dropped. The fused MoE picks its tiles by the
+power-of-two bucket of the batch, which a graph bucket shares with the eager forward of the same batch.
 """
 
 from __future__ import annotations

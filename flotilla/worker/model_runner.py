@@ -136,7 +136,7 @@ class ModelRunner:
 
     def _graphs_supported(self) -> bool:
         """Decode graphs need CUDA, a graph-safe attention backend, one rank (no collectives inside the
-        graph) and a dense model (the MoE layer sorts tokens on the host)."""
+        graph), and for MoE models the Triton fused MoE (the torch reference syncs with the host)."""
         from flotilla.distributed import get_group
         from flotilla.model.layers.moe import FusedMoE
 
@@ -149,8 +149,9 @@ class ModelRunner:
                 get_group("pp").size > 1:
             log.info("CUDA graphs off: only single-rank replicas capture decode graphs")
             return False
-        if any(isinstance(m, FusedMoE) for m in self.model.modules()):
-            log.info("CUDA graphs off: MoE models run decode eagerly")
+        probe = torch.empty(0, device=self.device)
+        if any(isinstance(m, FusedMoE) and not m.uses_triton(probe) for m in self.model.modules()):
+            log.info("CUDA graphs off: the torch MoE reference runs decode eagerly")
             return False
         return True
 

@@ -7,7 +7,7 @@ import re
 import torch
 from torch import nn
 
-from flotilla.model.layers.moe import FusedMoE, route
+from flotilla.model.layers.moe import FusedMoE
 from flotilla.model.models.llama import MLP, Qwen3ForCausalLM
 
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -23,8 +23,7 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.normalize)
-        return self.experts(x, weights, ids)
+        return self.experts(x, self.gate(x), self.top_k, self.normalize)
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
