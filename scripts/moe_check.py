@@ -3,6 +3,7 @@
     python scripts/moe_check.py sweep --out DIR      # tiles per batch bucket for qwen3-30b-a3b's MoE shape;
                                                       # writes flotilla/model/layers/moe_configs/*.json
     python scripts/moe_check.py layer --out DIR      # one MoE layer: Triton (chosen tiles) vs torch reference
+    python scripts/moe_check.py profile --out DIR    # one qwen3-30b-a3b decode step: graph vs eager, top kernels
     python scripts/moe_check.py equality --out DIR   # tiny MoE checkpoints: greedy tokens vs transformers (fp32),
                                                       # CUDA graphs vs eager (fp32 and bf16)
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 from flotilla.model.layers import fused_moe as fm  # noqa: E402
 
@@ -239,7 +241,8 @@ def equality(out: pathlib.Path) -> dict:
     for name, over in (("qwen3_moe", {}), ("qwen3_moe-e32k4", dict(num_experts=32, num_experts_per_tok=4))):
         path = str(tiny_model_path("qwen3_moe", **over))
         for dtype in ("float32", "bfloat16"):
-            common = dict(dtype=dtype, kv_cache_tokens=16384, max_model_len=1024, attention_backend="triton")
+            common = dict(dtype=dtype, kv_cache_tokens=16384, max_model_len=1024, attention_backend="triton",
+                          cuda_graph_max_bs=16)
             g = _engine_tokens(path, prompts, 32, enable_cuda_graph=True, **common)
             e = _engine_tokens(path, prompts, 32, enable_cuda_graph=False, **common)
             row = {"graph==eager": f"{sum(a == b for a, b in zip(g, e))}/{len(prompts)}"}
@@ -253,9 +256,46 @@ def equality(out: pathlib.Path) -> dict:
     return report
 
 
+def profile(out: pathlib.Path, bs: int = 1, ctx: int = 1152, top: int = 25) -> dict:
+    """One qwen3-30b-a3b decode step at batch ``bs``: graph replay time (GPU only), the sum of its kernels'
+    times, and the top kernels of an eager step by GPU time (where the step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from gpu_check import _decode_plans, _fill_kv, _runner, time_ms
+
+    runner = _runner("qwen3-30b-a3b", max_bs=max(bs, 1))
+    plans = _decode_plans(runner, bs, ctx, np.random.RandomState(0))
+    _fill_kv(runner, plans)
+    g = runner.graphs
+    g.run(plans)
+    res: dict = {"bs": bs, "ctx": ctx, "graph_replay_ms": time_ms(lambda: g.graphs[g.bucket(bs)].replay())}
+    saved, runner.graphs = runner.graphs, None
+    with torch.inference_mode():
+        eager = runner.forward(plans).clone()
+        res["eager_ms"] = time_ms(lambda: runner.forward(plans), warmup=3, iters=10)
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                runner.forward(plans)
+            torch.cuda.synchronize()
+    runner.graphs = saved
+    graph_logits = runner.forward(plans).clone()
+    res["graph_vs_eager_max_abs_diff"] = (graph_logits - eager).abs().max().item()
+    res["graph_vs_eager_argmax_equal"] = bool(torch.equal(graph_logits.argmax(-1), eager.argmax(-1)))
+    evs = prof.key_averages()
+    res["kernel_ms_per_step"] = sum(e.self_device_time_total for e in evs) / 5 / 1e3
+    res["kernels_per_step"] = sum(e.count for e in evs if e.self_device_time_total > 0) / 5
+    table = evs.table(sort_by="self_device_time_total", row_limit=top)
+    print(json.dumps(res, indent=1))
+    print(table)
+    res["table"] = table
+    (out / "moe_profile.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["sweep", "layer", "equality", "compile"])
+    p.add_argument("what", choices=["sweep", "layer", "equality", "compile", "profile"])
     p.add_argument("--out", default=".")
     p.add_argument("--part", type=int, default=0)
     p.add_argument("--parts", type=int, default=1)
@@ -265,7 +305,7 @@ def main() -> int:
         return 0
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    {"sweep": sweep, "layer": layer, "equality": equality}[a.what](out)
+    {"sweep": sweep, "layer": layer, "equality": equality, "profile": profile}[a.what](out)
     return 0
 
 

@@ -2,7 +2,8 @@
 # The GPU runs behind docs/benchmarks.md's MoE section, in two stages (each well under the device's limit).
 # Run from the repository root on the GPU machine, after the wheel prelude (../shared/device/prelude.sh):
 #   bash scripts/moe_device_run.sh check    # kernel tests, tile sweep, layer timings, tiny-MoE equality, decode bs=1
-#   bash scripts/moe_device_run.sh report   # nanovllm (Flotilla vs transformers CB), sglang-random
+#   bash scripts/moe_device_run.sh report   # kernel tests, tiny-MoE equality, decode profile, sglang-random
+#   bash scripts/moe_device_run.sh compare  # nanovllm: Flotilla vs transformers CB
 # Logs and JSON go to $RES, packed after every step into $OUT/moe_results.tgz.
 set -uo pipefail
 FINAL="${OUT:-./out}"
@@ -30,20 +31,21 @@ bench() {  # bench NAME TIMEOUT_S ARGS...
 
 case "$stage" in
   check)
-    TAIL=8 step tests 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_moe_kernels.py
-    TAIL=16 step sweep 120 python3 scripts/moe_check.py sweep --out "$RES"
-    TAIL=14 step layer 45 python3 scripts/moe_check.py layer --out "$RES"
-    TAIL=30 bench decode_qwen30b 150 --model-shape qwen3-30b-a3b --workload random --num-prompts 1 --input-len 1024 \
+    TAIL=8 step tests 100 python3 -m pytest -q --maxfail=4 -p no:cacheprovider tests/test_moe_kernels.py
+    TAIL=16 step sweep 110 python3 scripts/moe_check.py sweep --out "$RES"
+    TAIL=14 step layer 40 python3 scripts/moe_check.py layer --out "$RES"
+    TAIL=30 bench decode_qwen30b 140 --model-shape qwen3-30b-a3b --workload random --num-prompts 1 --input-len 1024 \
       --output-len 256 --warmup-requests 2 --roofline --cuda-graph-max-bs 16 --max-num-seqs 16
     ;;
-  report)
-    TAIL=6 step equality 90 python3 scripts/moe_check.py equality --out "$RES"
-    bench nanovllm_qwen30b 130 --model-shape qwen3-30b-a3b --workload nanovllm
-    bench nanovllm64_qwen30b 70 --model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 64
-    bench nanovllm64_qwen30b_transformers 170 --model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 64 \
-      --backend transformers
+  report)  # correctness on tiny checkpoints, where a decode step goes, sglang-random
+    TAIL=8 step tests 60 python3 -m pytest -q --maxfail=4 -p no:cacheprovider tests/test_moe_kernels.py
+    TAIL=6 step equality 75 python3 scripts/moe_check.py equality --out "$RES"
+    TAIL=45 step profile 75 python3 scripts/moe_check.py profile --out "$RES"
+    bench sglang_random300_qwen30b 140 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 300
     ;;
-  sglang)
-    bench sglang_random_qwen30b 200 --model-shape qwen3-30b-a3b --workload sglang-random
+  compare)  # nanovllm: Flotilla and transformers' continuous batching, one after the other on one GPU
+    bench nanovllm64_qwen30b 75 --model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 64
+    bench nanovllm64_qwen30b_transformers 200 --model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 64 \
+      --backend transformers
     ;;
 esac

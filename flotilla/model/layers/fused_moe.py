@@ -219,6 +219,10 @@ if triton is not None:
             ex = tl.sum((cum[None, :] <= pos[:, None]).to(tl.int32), axis=1)
             ex = tl.where(pos < total, ex, -1)
             tl.store(experts_ptr + b, ex, mask=b < num_blocks)
+            # slots past the padded total (never read by the GEMMs) get the sentinel too, so the whole
+            # buffer is a function of the ids alone (what the torch version writes)
+            tail = pos[:, None] + pad[None, :]
+            tl.store(sorted_ptr + tail, tl.zeros([CHUNK, BLOCK_M], dtype=tl.int32) + numel, mask=((pos >= total) & (b < num_blocks))[:, None])
 
     @triton.jit(do_not_specialize=["num_valid", "num_blocks"])  # one compile serves every batch size
     def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, experts_ptr, total_ptr,
