@@ -323,10 +323,32 @@ def align_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
     return sorted_ids, experts, total
 
 
+SMEM_BYTES = 225 * 1024  # the H200's 227 KB per block, less a margin
+
+
+def fit_smem(cfg: dict[str, Any], block_m: int, gated: bool, elem_bytes: int) -> dict[str, Any]:
+    """The tiles with their pipeline shrunk until it fits shared memory: Triton keeps ``num_stages - 1``
+    buffers of one A tile and one (gated: two) B tiles. The measured tables are for bf16; float32 models
+    (the tests, tiny checkpoints) need half the depth. Fewer stages first, then a shorter BLOCK_K."""
+    bn, bk, stages = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
+
+    def need(bk_: int, st: int) -> int:
+        return (st - 1) * (block_m * bk_ + (2 if gated else 1) * bk_ * bn) * elem_bytes
+
+    while need(bk, stages) > SMEM_BYTES and stages > 2:
+        stages -= 1
+    while need(bk, stages) > SMEM_BYTES and bk > 32:
+        bk //= 2
+    if (bk, stages) == (cfg["BLOCK_K"], cfg["num_stages"]):
+        return cfg
+    return {**cfg, "BLOCK_K": bk, "num_stages": stages}
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None, sorted_ids: torch.Tensor,
           experts: torch.Tensor, total: torch.Tensor, n: int, a_div: int, gated: bool, block_m: int,
           cfg: dict[str, Any]) -> None:
     k = a.shape[1]
+    cfg = fit_smem(cfg, block_m, gated, a.element_size())
     num_blocks = experts.numel()
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (num_blocks * triton.cdiv(n, bn),)
