@@ -109,5 +109,7 @@ class FusedMoE(nn.Module):
         weights, ids = route(router_logits, top_k, normalize)
         return grouped_experts(x, self.w13_weight, self.w2_weight, weights, ids)
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, normalize: bool) -> torch.Tensor:
-        return self.group.all_reduce(self.experts_only(x, router_logits, top_k, normalize))
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, normalize: bool,
+                reduce: bool = True) -> torch.Tensor:
+        y = self.experts_only(x, router_logits, top_k, normalize)
+        return self.group.all_reduce(y) if reduce else y

@@ -22,8 +22,9 @@ class SparseMoeBlock(nn.Module):
         self.gate.weight.requires_grad_(False)
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate(x), self.top_k, self.normalize)
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False``: this rank's partial sum of the experts (the caller reduces over the TP group)."""
+        return self.experts(x, self.gate(x), self.top_k, self.normalize, reduce=reduce)
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
