@@ -73,3 +73,16 @@ def test_padded_layout_choice():
     assert padded_layout([4, 4])
     assert padded_layout([5, 4])
     assert not padded_layout([8, 0])
+
+
+def test_dp_replay_size():
+    """Every rank replays the bucket of the largest group's batch; an idle group replays it too; any group
+    that cannot replay sends every rank down the eager path."""
+    from flotilla.worker.cuda_graph import dp_replay_size, graph_batch_sizes
+
+    sizes = graph_batch_sizes(64)
+    assert dp_replay_size(sizes, [3, 0], [True, True]) == 4
+    assert dp_replay_size(sizes, [0, 17], [True, True]) == 32
+    assert dp_replay_size(sizes, [0, 0], [True, True]) == 1
+    assert dp_replay_size(sizes, [5, 2], [True, False]) is None
+    assert dp_replay_size(sizes, [65, 1], [True, True]) is None
