@@ -293,10 +293,10 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 2 << 30, iters: int = 20)
 
 
 def roofline(cfg: dict[str, Any], wl: Workload, result: dict[str, Any], bandwidth: float) -> dict[str, Any]:
-    from flotilla.model.shapes import kv_bytes, weight_bytes
+    from flotilla.model.shapes import kv_bytes, step_weight_bytes
 
     ctx = len(wl.prompts[0]) + wl.output_lens[0] // 2  # the median decode step's context
-    w, kv = weight_bytes(cfg), kv_bytes(cfg, ctx)
+    w, kv = step_weight_bytes(cfg), kv_bytes(cfg, ctx)  # MoE: the routed experts' weights only
     floor_ms = (w + kv) / bandwidth * 1e3
     step_ms = result["itl_ms"]["p50"]
     return {"copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes_GB": w / 1e9, "kv_bytes_GB": kv / 1e9,
@@ -338,7 +338,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--roofline", action="store_true", help="measure copy bandwidth and report %% of the decode "
-                   "roofline (CUDA, dense models; meant for --num-prompts 1)")
+                   "roofline (CUDA; MoE counts the routed experts only; meant for --num-prompts 1)")
     p.add_argument("--json", default=None, help="write the results to this file")
 
 

@@ -38,15 +38,48 @@ class ParallelGroup:
         return torch.cat(parts, dim=dim)
 
     def all_gather_varlen(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Concatenate along dim 0 shards whose first dimension differs per rank (``counts``, known to all)."""
+        """Concatenate along dim 0 shards whose first dimension differs per rank (``counts``, known to all).
+
+        One padded all-gather into one buffer, then one gather of the real rows by an index built on the host
+        from ``counts``: no host sync, no per-rank tensors."""
         if self.size == 1:
             return x
         width = max(max(counts), 1)
-        padded = x.new_zeros((width, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.pg)
-        return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+        full = self.all_gather_padded(x, width)
+        return full.index_select(0, varlen_rows(counts, width, full.device))
+
+    def all_gather_padded(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """[size * width, ...]: rank r's rows at [r * width, r * width + len(x)), zeros after them."""
+        if self.size == 1 and x.shape[0] == width:
+            return x
+        if x.shape[0] == width:
+            shard = x.contiguous()
+        else:
+            shard = x.new_zeros((width, *x.shape[1:]))
+            shard[: x.shape[0]] = x
+        if self.size == 1:
+            return shard
+        out = x.new_empty((self.size * width, *x.shape[1:]))
+        dist.all_gather_into_tensor(out, shard, group=self.pg)
+        return out
+
+    def reduce_scatter_padded(self, y: torch.Tensor, width: int) -> torch.Tensor:
+        """Sum ``y`` [size * width, ...] over the ranks and keep this rank's block of ``width`` rows."""
+        if self.size == 1:
+            return y[:width]
+        out = y.new_empty((width, *y.shape[1:]))
+        dist.reduce_scatter_tensor(out, y.contiguous(), group=self.pg)
+        return out
+
+    def reduce_scatter_varlen(self, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Sum ``y`` [sum(counts), ...] (rank r's rows contiguous, in rank order) over the ranks and keep this
+        rank's ``counts[rank]`` rows: the inverse layout of ``all_gather_varlen``."""
+        if self.size == 1:
+            return y
+        width = max(max(counts), 1)
+        padded = y.new_zeros((self.size * width, *y.shape[1:]))
+        padded.index_copy_(0, varlen_rows(counts, width, y.device), y)
+        return self.reduce_scatter_padded(padded, width)[: counts[self.rank]]
 
     def all_gather_ints(self, values: list[int]) -> list[list[int]]:
         """Share a few small integers with every rank (CPU tensors over gloo, device tensors over NCCL)."""
@@ -77,6 +110,15 @@ class ParallelGroup:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.pg)
+
+
+def varlen_rows(counts: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """Rows of the real entries of a padded [len(counts) * width] layout, in rank order (built on the host:
+    ``counts`` is host data every rank already has, so this costs a small copy and no sync)."""
+    import numpy as np
+
+    idx = np.concatenate([np.arange(r * width, r * width + c, dtype=np.int64) for r, c in enumerate(counts)])
+    return torch.from_numpy(idx).to(device, non_blocking=True)
 
 
 def _collective_device(pg: dist.ProcessGroup | None) -> torch.device:

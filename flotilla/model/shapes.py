@@ -95,6 +95,26 @@ def weight_bytes(cfg: dict[str, Any], bytes_per_param: int = 2, include_embeddin
     return params * bytes_per_param
 
 
+def step_weight_bytes(cfg: dict[str, Any], bytes_per_param: int = 2) -> int:
+    """Weight bytes one decode step of batch 1 reads. Dense: ``weight_bytes``. MoE (Qwen3-MoE): attention,
+    norms, the router and the ``num_experts_per_tok`` routed experts of every sparse layer (a dense MLP on
+    the others), the final norm and the LM head; the experts a token does not pick are not read."""
+    if not cfg.get("num_experts"):
+        return weight_bytes(cfg, bytes_per_param)
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kvh = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    hd = cfg.get("head_dim") or h // heads
+    e, k, moe_i = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    dense_only = set(cfg.get("mlp_only_layers") or [])
+    attn = h * (heads + 2 * kvh) * hd + heads * hd * h + 2 * hd + 2 * h
+    params = h + cfg["vocab_size"] * h
+    for i in range(layers):
+        sparse = i not in dense_only and (i + 1) % step == 0
+        params += attn + (h * e + k * 3 * h * moe_i if sparse else 3 * h * cfg["intermediate_size"])
+    return params * bytes_per_param
+
+
 def kv_bytes(cfg: dict[str, Any], tokens: int, bytes_per_elem: int = 2) -> int:
     """Bytes of K and V for ``tokens`` positions over all layers."""
     heads = cfg["num_attention_heads"]

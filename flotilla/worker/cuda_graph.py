@@ -12,9 +12,16 @@ touch no real sequence. Every kernel in the graph is the one the eager path runs
 decode split count depends only on the batch size's power-of-two bucket, which a graph bucket never
 crosses), so replays match an eager forward of the same padded batch bit for bit.
 
-Only single-rank replicas capture (no TP collectives or DP-attention gathers inside the graph), only with
-an attention backend that declares ``graph_safe`` (Triton), and only dense models (the MoE layer sorts
-tokens by expert on the host).
+Single-rank replicas capture, with an attention backend that declares ``graph_safe`` (Triton). DP-attention
+layouts capture too when ``FLOTILLA_DP_ATTENTION_GRAPHS=1`` (opt-in: written for NCCL, not yet run on several
+GPUs): every rank captures the same ladder, each graph runs the MLP through ``dp_attention_mlp`` with every
+group padded to the graph's size (fixed-shape all-gather and reduce-scatter inside the graph); in a step
+all ranks replay the bucket of the largest group's batch, and an idle group replays an empty batch of that
+size, so the collectives line up. Whether every group can replay is agreed once per step (one small
+all-gather over the attention-DP group), never per layer. MoE models capture when their layers run
+the Triton fused MoE (routing and the per-expert sort on the device, buffers sized from the batch alone);
+padded rows route like any token and their outputs are dropped. The fused MoE picks its tiles by the
+power-of-two bucket of the batch, which a graph bucket shares with the eager forward of the same batch.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from flotilla.distributed.dp_attention import dp_attention_mlp
 from flotilla.ipc.messages import SeqPlan
 from flotilla.model.attention import AttentionMetadata
 
@@ -33,6 +41,16 @@ if TYPE_CHECKING:
     from flotilla.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
+
+
+def dp_replay_size(sizes: list[int], counts: list[int], can_replay: list[bool]) -> int | None:
+    """The graph size every rank of a DP-attention layout replays this step (the bucket of the largest
+    group's batch), or None when some group cannot replay (a prefill, or a batch beyond the ladder): then
+    every rank runs eagerly. ``counts``/``can_replay``: per attention-DP group, identical on every rank."""
+    if not all(can_replay):
+        return None
+    top = max(max(counts), 1)
+    return next((b for b in sizes if b >= top), None)
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -50,8 +68,9 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 class CudaGraphRunner:
     """Owns the static buffers and the captured graphs of one ModelRunner."""
 
-    def __init__(self, runner: ModelRunner, max_bs: int, max_context: int):
+    def __init__(self, runner: ModelRunner, max_bs: int, max_context: int, dp_size: int = 1):
         self.runner = runner
+        self.dp_size = dp_size  # > 1: a DP-attention layout; the graphs hold its MLP collectives
         self.device = runner.device
         self.block_size = runner.block_size
         self.sizes = graph_batch_sizes(max_bs)
@@ -80,7 +99,11 @@ class CudaGraphRunner:
 
     def _step(self, bs: int, meta: AttentionMetadata) -> None:
         model = self.runner.model
-        hidden = model(self.scalars[0, :bs], self.scalars[1, :bs], meta)
+        if self.dp_size > 1:
+            hidden = model(self.scalars[0, :bs], self.scalars[1, :bs], meta,
+                           mlp_fn=dp_attention_mlp([bs] * self.dp_size, padded=True))
+        else:
+            hidden = model(self.scalars[0, :bs], self.scalars[1, :bs], meta)
         self.logits[:bs].copy_(model.compute_logits(hidden))
 
     @torch.inference_mode()
@@ -109,21 +132,26 @@ class CudaGraphRunner:
 
     # ------------------------------------------------------------------------------------------ replay
     def can_run(self, plans: list[SeqPlan]) -> bool:
-        return 0 < len(plans) <= self.max_bs and all(len(p.token_ids) == 1 for p in plans)
+        return 0 < len(plans) and self.can_run_local(plans)
+
+    def can_run_local(self, plans: list[SeqPlan]) -> bool:
+        """This rank's batch fits a graph (an empty batch does: with DP attention an idle group replays)."""
+        return len(plans) <= self.max_bs and all(len(p.token_ids) == 1 for p in plans)
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.sizes if b >= n)
 
-    def run(self, plans: list[SeqPlan]) -> torch.Tensor:
-        """Logits [sampled sequences, vocab] (float32) of a decode batch.
+    def run(self, plans: list[SeqPlan], bs: int | None = None) -> torch.Tensor:
+        """Logits [sampled sequences, vocab] (float32) of a decode batch, replayed at size ``bs`` (default:
+        the bucket of the batch; with DP attention the size all ranks agreed on, the batch may be empty).
 
         The result is a view of the static logits buffer: it is valid until the next replay (the worker
         samples from it before it schedules the next step).
         """
         n = len(plans)
-        bs = self.bucket(n)
+        bs = bs or self.bucket(n)
         widths = [len(p.block_table) for p in plans]
-        w = max(widths)
+        w = max(widths, default=0)
         self._copied.synchronize()  # the pinned staging buffers may be rewritten now
         hs = self.host_scalars.numpy()
         starts = np.fromiter((p.start for p in plans), dtype=np.int64, count=n)
@@ -133,16 +161,19 @@ class CudaGraphRunner:
         for i, p in enumerate(plans):
             hbt[i, : widths[i]] = p.block_table
         bs_ = self.block_size
-        hs[2, :n] = hbt[np.arange(n), starts // bs_].astype(np.int64) * bs_ + starts % bs_
+        if n:
+            hs[2, :n] = hbt[np.arange(n), starts // bs_].astype(np.int64) * bs_ + starts % bs_
         hs[3, :n] = starts + 1
         if bs > n:
             hs[0:2, n:bs] = 0
             hs[2, n:bs] = -1
             hs[3, n:bs] = 0
         self.scalars.copy_(self.host_scalars, non_blocking=True)  # 32 bytes a row: copy all, dense
-        self.bt_stage[: n * w].copy_(self.host_bt[: n * w], non_blocking=True)
+        if n:
+            self.bt_stage[: n * w].copy_(self.host_bt[: n * w], non_blocking=True)
         self._copied.record()
-        self.block_tables[:n, :w].copy_(self.bt_stage[: n * w].view(n, w))
+        if n:
+            self.block_tables[:n, :w].copy_(self.bt_stage[: n * w].view(n, w))
         self.graphs[bs].replay()
         out = self.logits[:n]
         if not all(p.sample for p in plans):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,12 +132,14 @@ class ModelRunner:
         if self._graphs_supported():
             max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.max_num_seqs)
             max_context = min(self.cfg.max_model_len, num_blocks * self.block_size)
-            self.graphs = CudaGraphRunner(self, max_bs, max_context)
+            from flotilla.distributed import get_group
+
+            self.graphs = CudaGraphRunner(self, max_bs, max_context, dp_size=get_group("attn_dp").size)
             self.graphs.capture()
 
     def _graphs_supported(self) -> bool:
         """Decode graphs need CUDA, a graph-safe attention backend, one rank (no collectives inside the
-        graph) and a dense model (the MoE layer sorts tokens on the host)."""
+        graph), and for MoE models the Triton fused MoE (the torch reference syncs with the host)."""
         from flotilla.distributed import get_group
         from flotilla.model.layers.moe import FusedMoE
 
@@ -145,12 +148,15 @@ class ModelRunner:
         if not getattr(self.backend, "graph_safe", False):
             log.info("CUDA graphs off: attention backend %r cannot be captured", self.backend.name)
             return False
-        if get_group("tp").size > 1 or get_group("attn_tp").size > 1 or get_group("attn_dp").size > 1 or \
-                get_group("pp").size > 1:
-            log.info("CUDA graphs off: only single-rank replicas capture decode graphs")
+        dp_graphs = get_group("attn_dp").size > 1 and os.environ.get("FLOTILLA_DP_ATTENTION_GRAPHS") == "1"
+        if get_group("pp").size > 1 or (not dp_graphs and (get_group("tp").size > 1 or get_group("attn_tp").size > 1
+                                                          or get_group("attn_dp").size > 1)):
+            log.info("CUDA graphs off: only single-rank replicas (and, with FLOTILLA_DP_ATTENTION_GRAPHS=1, "
+                     "DP-attention layouts) capture decode graphs")
             return False
-        if any(isinstance(m, FusedMoE) for m in self.model.modules()):
-            log.info("CUDA graphs off: MoE models run decode eagerly")
+        probe = torch.empty(0, device=self.device)
+        if any(isinstance(m, FusedMoE) and not m.uses_triton(probe) for m in self.model.modules()):
+            log.info("CUDA graphs off: the torch MoE reference runs decode eagerly")
             return False
         return True
 
@@ -254,6 +260,15 @@ class ModelRunner:
                              torch.from_numpy(pos).to(dev, non_blocking=True), meta,
                              torch.tensor(sample_rows, dtype=torch.long).to(dev, non_blocking=True))
 
+    def _dp_replay_size(self, plans: list[SeqPlan], dp_counts: list[int]) -> int | None:
+        """With DP-attention graphs: agree with the other groups on a graph size (one all-gather of a flag
+        over the attention-DP group per step; the ranks of one attention-TP group share their plans)."""
+        from flotilla.distributed import get_group
+        from flotilla.worker.cuda_graph import dp_replay_size
+
+        flags = [bool(f) for (f,) in get_group("attn_dp").all_gather_ints([int(self.graphs.can_run_local(plans))])]
+        return dp_replay_size(self.graphs.sizes, dp_counts, flags)
+
     @torch.inference_mode()
     def forward(self, plans: list[SeqPlan], dp_counts: list[int] | None = None) -> torch.Tensor:
         """Logits [num sampled sequences, vocab] in float32 (every rank of the attention group gets them).
@@ -264,6 +279,10 @@ class ModelRunner:
         """
         if self.graphs is not None and dp_counts is None and self.graphs.can_run(plans):
             return self.graphs.run(plans)
+        if self.graphs is not None and dp_counts is not None and self.graphs.dp_size > 1:
+            bs = self._dp_replay_size(plans, dp_counts)
+            if bs is not None:
+                return self.graphs.run(plans, bs=bs)
         inp = self.prepare(plans)
         if dp_counts is None:
             hidden = self.model(inp.input_ids, inp.positions, inp.meta)

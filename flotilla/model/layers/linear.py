@@ -132,9 +132,12 @@ class RowParallelLinear(nn.Module):
         _expect_rows(loaded, self.in_local * self.group.size, dim=1)
         default_weight_loader(param, loaded.narrow(1, self.group.rank * self.in_local, self.in_local))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False``: this rank's partial sum, for a caller that reduces it itself (DP attention's
+        reduce-scatter); the bias is then added on group rank 0 only, so the sum holds it once."""
         y = F.linear(x, self.weight)
-        y = self.group.all_reduce(y)
-        if self.bias is not None:
+        if reduce:
+            y = self.group.all_reduce(y)
+        if self.bias is not None and (reduce or self.group.rank == 0):
             y = y + self.bias
         return y

@@ -1,8 +1,14 @@
 """Mixture-of-experts MLP with experts sharded tensor-parallel (each rank holds a slice of every expert's
-intermediate dimension), computed grouped by expert: tokens are sorted by expert once and each expert
-runs one matmul over all its tokens."""
+intermediate dimension).
+
+Two backends compute the same thing: on CUDA the Triton fused MoE (``fused_moe.py``: routing, sort/pad and
+grouped GEMMs on the device, no host sync, graph-capturable); elsewhere, and as the reference, the torch
+grouped path below (tokens sorted by expert once, one matmul per expert that has tokens).
+``FLOTILLA_MOE_BACKEND=torch`` forces the reference on CUDA too."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +93,23 @@ class FusedMoE(nn.Module):
         if loaded.dim() != 2 or loaded.shape[split_dim] != full:
             raise ValueError(f"shape mismatch: expected {full} along dim {split_dim}, got {tuple(loaded.shape)}")
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        from flotilla.model.layers import fused_moe
+
+        return x.is_cuda and fused_moe.triton is not None and os.environ.get("FLOTILLA_MOE_BACKEND", "auto") != "torch"
+
+    def experts_only(self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, normalize: bool) -> torch.Tensor:
+        """This rank's partial sum of the routed experts (before the TP reduction)."""
         if x.shape[0] == 0:
-            return self.group.all_reduce(torch.zeros_like(x))
-        return self.group.all_reduce(grouped_experts(x, self.w13_weight, self.w2_weight, weights, ids))
+            return torch.zeros_like(x)
+        if self.uses_triton(x):
+            from flotilla.model.layers.fused_moe import fused_moe
+
+            return fused_moe(x, router_logits, self.w13_weight, self.w2_weight, top_k, normalize)
+        weights, ids = route(router_logits, top_k, normalize)
+        return grouped_experts(x, self.w13_weight, self.w2_weight, weights, ids)
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, normalize: bool,
+                reduce: bool = True) -> torch.Tensor:
+        y = self.experts_only(x, router_logits, top_k, normalize)
+        return self.group.all_reduce(y) if reduce else y

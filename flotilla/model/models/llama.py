@@ -59,8 +59,9 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False``: this rank's partial sum (the caller reduces over the TP group)."""
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), reduce=reduce)
 
 
 class DecoderLayer(nn.Module):

@@ -7,7 +7,7 @@ import re
 import torch
 from torch import nn
 
-from flotilla.model.layers.moe import FusedMoE, route
+from flotilla.model.layers.moe import FusedMoE
 from flotilla.model.models.llama import MLP, Qwen3ForCausalLM
 
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -22,9 +22,9 @@ class SparseMoeBlock(nn.Module):
         self.gate.weight.requires_grad_(False)
         self.experts = FusedMoE(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.normalize)
-        return self.experts(x, weights, ids)
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False``: this rank's partial sum of the experts (the caller reduces over the TP group)."""
+        return self.experts(x, self.gate(x), self.top_k, self.normalize, reduce=reduce)
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
