@@ -29,6 +29,9 @@ class RequestState:
     error: str | None = None
     # failover bookkeeping: when it was last sent to a replica, how many replicas died under it, and whether
     # the user asked it to end (a failover then ends it instead of resuming it)
+    # the prompt's own log-probabilities (SamplingParams.prompt_logprobs): index i is prompt token i's
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     dispatched_at: float = 0.0
     deaths: int = 0
     abort_requested: bool = False
@@ -43,6 +46,8 @@ class RequestState:
         then be told to abort it)."""
         if self.finished:
             return False
+        if out.prompt_logprobs is not None:
+            self._take_prompt_logprobs(out)
         if out.token_ids:
             self.output_ids.extend(out.token_ids)
             if out.logprobs:
@@ -65,6 +70,19 @@ class RequestState:
                 self.error = out.error
             self._finish(out.finish_reason or "stop")
         return False
+
+    def _take_prompt_logprobs(self, out: TokenOutput) -> None:
+        """Placed by index: a recomputed prefill (preemption, failover) sends the same values again."""
+        n = len(self.prompt_ids)
+        if len(self.prompt_logprobs) < n:
+            self.prompt_logprobs = [None] * n
+            self.prompt_top_logprobs = [None] * n
+        for k, lp in enumerate(out.prompt_logprobs):
+            i = out.prompt_start + k
+            if 0 < i < n:
+                self.prompt_logprobs[i] = lp
+                if out.prompt_top_logprobs is not None:
+                    self.prompt_top_logprobs[i] = [tuple(t) for t in out.prompt_top_logprobs[k]]
 
     def finish_locally(self, reason: str) -> None:
         """End a request the front end knows is done (its budget was spent before its replica died)."""
@@ -100,6 +118,12 @@ class RequestState:
             out["logprobs"] = list(self.logprobs)
             if self.sampling.top_logprobs:
                 out["top_logprobs"] = [list(t) for t in self.top_logprobs]
+        if self.sampling.prompt_logprobs is not None:
+            n = len(self.prompt_ids)
+            out["prompt_logprobs"] = list(self.prompt_logprobs) or [None] * n
+            if self.sampling.prompt_logprobs:
+                out["prompt_top_logprobs"] = [list(t) if t is not None else None
+                                              for t in self.prompt_top_logprobs] or [None] * n
         return out
 
     # ------------------------------------------------------------------------------------------ waiting

@@ -90,6 +90,10 @@ class TokenOutput(msgspec.Struct):
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
+    # log-probabilities of prompt tokens prompt_start, prompt_start + 1, ... (from a prefill slice)
+    prompt_start: int = 0
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class ReplicaLoad(msgspec.Struct):
@@ -169,6 +173,10 @@ class SeqPlan(msgspec.Struct, array_like=True):
     start: int
     block_table: list[int]
     sample: bool
+    # prompt logprobs: the prompt tokens that follow the first len(prompt_targets) positions of this slice
+    # (their log-probabilities are computed from this forward), and how many top candidates to report
+    prompt_targets: list[int] = []
+    prompt_top: int = 0
 
 
 class BatchPlan(msgspec.Struct, tag=True):

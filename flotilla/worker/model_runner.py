@@ -57,6 +57,7 @@ class ModelRunner:
         self.backend = make_backend(cfg.attention_backend, device)
         self.num_blocks = 0  # set by allocate_kv once the TP group agreed on a size
         self.graphs: CudaGraphRunner | None = None  # decode CUDA graphs (CUDA, single rank, Triton backend)
+        self.prompt_logprobs: dict = {}  # filled by a forward whose plans ask for prompt logprobs
 
     # ------------------------------------------------------------------------------------------ pipeline
     def _stage_kwargs(self, cfg: EngineConfig) -> dict:
@@ -288,4 +289,35 @@ class ModelRunner:
             hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         else:
             hidden = self.model(inp.input_ids, inp.positions, inp.meta, mlp_fn=dp_attention_mlp(dp_counts))
+        if any(p.prompt_targets for p in plans):
+            self.prompt_logprobs = self._prompt_logprobs(plans, hidden, inp.meta.cu_q)
         return self.model.compute_logits(hidden[inp.sample_index]).float()
+
+    def take_prompt_logprobs(self) -> dict[int, tuple[list[float], list[list[tuple[int, float]]] | None]]:
+        """What the last forward computed for plans with ``prompt_targets``: plan index -> (logprob of each
+        target, its top candidates or None)."""
+        out, self.prompt_logprobs = self.prompt_logprobs, {}
+        return out
+
+    def _prompt_logprobs(self, plans: list[SeqPlan], hidden: torch.Tensor, cu_q: torch.Tensor,
+                         rows_per_chunk: int = 512) -> dict:
+        """log_softmax (float32) of the logits at prompt positions, gathered at the next prompt token; in
+        chunks of rows, so a long prompt never materialises [prompt, vocab] logits at once."""
+        starts = cu_q.tolist()
+        out = {}
+        for i, p in enumerate(plans):
+            if not p.prompt_targets:
+                continue
+            first = starts[i]
+            lps: list[float] = []
+            tops: list[list[tuple[int, float]]] | None = [] if p.prompt_top else None
+            for a in range(0, len(p.prompt_targets), rows_per_chunk):
+                b = min(a + rows_per_chunk, len(p.prompt_targets))
+                logp = self.model.compute_logits(hidden[first + a:first + b]).float().log_softmax(-1)
+                target = torch.tensor(p.prompt_targets[a:b], device=logp.device).unsqueeze(1)
+                lps.extend(logp.gather(1, target).squeeze(1).tolist())
+                if tops is not None:
+                    val, idx = logp.topk(p.prompt_top, dim=-1)
+                    tops.extend([list(zip(ir, vr)) for ir, vr in zip(idx.tolist(), val.tolist())])
+            out[i] = (lps, tops)
+        return out

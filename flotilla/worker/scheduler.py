@@ -135,7 +135,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and len(seqs) < limit:
             seq = self.waiting[0]
             if not seq.block_table:
-                blocks, cached = self.kv.match_prefix(seq.tokens)
+                # prompt logprobs are computed by the forward, so such a prompt is computed whole
+                blocks, cached = ([], 0) if seq.sampling.prompt_logprobs is not None else \
+                    self.kv.match_prefix(seq.tokens)
                 seq.block_table, seq.num_computed = blocks, cached
                 if seq.cached_tokens < 0:
                     seq.cached_tokens = cached
@@ -155,7 +157,12 @@ class Scheduler:
 
     def _plan(self, seq: Sequence, n: int) -> SeqPlan:
         start = seq.num_computed
-        return SeqPlan(seq.tokens[start:start + n], start, list(seq.block_table), start + n == len(seq.tokens))
+        plan = SeqPlan(seq.tokens[start:start + n], start, list(seq.block_table), start + n == len(seq.tokens))
+        k = seq.sampling.prompt_logprobs
+        if k is not None and start + 1 < seq.prompt_len:  # positions whose next token is still in the prompt
+            plan.prompt_targets = seq.tokens[start + 1:min(start + n, seq.prompt_len - 1) + 1]
+            plan.prompt_top = k
+        return plan
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = -(-num_tokens // self.kv.block_size) - len(seq.block_table)
@@ -178,17 +185,22 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ results
     def process(self, batch: ScheduledBatch, next_tokens: list[int], logprobs: list[float] | None = None,
                 top_logprobs: list[list[tuple[int, float]]] | None = None,
-                grammar_done: set[str] | None = None) -> list[TokenOutput]:
+                grammar_done: set[str] | None = None, prompt_logprobs: dict | None = None) -> list[TokenOutput]:
         """Advance every scheduled sequence; ``next_tokens`` has one entry per sampled sequence.
-        ``grammar_done``: requests whose structured-output grammar is complete (they stop here)."""
+        ``grammar_done``: requests whose structured-output grammar is complete (they stop here).
+        ``prompt_logprobs``: index in the batch -> (logprobs, top candidates) of its prompt positions."""
         outputs = self.finished_outputs
         self.finished_outputs = []
         k = 0
-        for seq, plan in zip(batch.seqs, batch.plans):
+        for i, (seq, plan) in enumerate(zip(batch.seqs, batch.plans)):
             if seq.finished:  # aborted while the step ran
                 if plan.sample:
                     k += 1  # its row was sampled all the same: keep the rows of the others aligned
                 continue
+            if prompt_logprobs and i in prompt_logprobs:
+                lps, tops = prompt_logprobs[i]
+                outputs.append(TokenOutput(seq.rid, [], prompt_start=plan.start + 1, prompt_logprobs=lps,
+                                           prompt_top_logprobs=tops))
             seq.num_computed += len(plan.token_ids)
             # Only a step that fills a page has anything new to publish; skipping the others saves slicing
             # every sequence's token list on every decode step (~1 ms of host time at batch 256).

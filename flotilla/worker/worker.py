@@ -221,7 +221,8 @@ class _Leader:
             constrained = self._mask(logits, rids) if self.grammars.matchers else []
             tokens, logprobs, top = self._sample(batch, logits)
             done = self.grammars.accept(constrained, tokens, rids) if constrained else None
-            outputs = self.sched.process(batch, tokens, logprobs, top, grammar_done=done)
+            prompt = self.runner.take_prompt_logprobs() if self.runner.prompt_logprobs else None
+            outputs = self.sched.process(batch, tokens, logprobs, top, grammar_done=done, prompt_logprobs=prompt)
             self.steps += 1
             self.beat.steps = self.steps
         else:
