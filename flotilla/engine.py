@@ -31,7 +31,7 @@ from flotilla.launch.topology import GroupSpec, layout
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.inputs import InputProcessor, SamplingLike, batch_inputs
 from flotilla.private_dir import make_private_dir
-from flotilla.request import RequestFailed, RequestState, StreamCursor, wake_all
+from flotilla.request import RequestFailed, RequestState, StreamCursor, choices_result, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.fleet import FleetSettings, ReplicaFleet
 
@@ -184,8 +184,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ requests
     def _new_state(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
-                   request_id: str | None = None) -> RequestState:
-        return self.inputs.make_state(prompt, input_ids, sampling, request_id)
+                   request_id: str | None = None, affinity: str | None = None) -> RequestState:
+        state = self.inputs.make_state(prompt, input_ids, sampling, request_id, affinity)
+        if state.sampling.n > 1:
+            raise ValueError("n: a stream carries one completion; use generate() for n > 1 (or one stream per "
+                             "choice with the same affinity key)")
+        return state
 
     def _submit(self, state: RequestState) -> None:
         if self._closed:
@@ -218,7 +222,8 @@ class Engine:
         """Generate for every prompt; returns one dict per prompt, in order. Every input is validated
         before any request is queued, so a bad one leaves the engine untouched."""
         items = batch_inputs(prompts, input_ids, sampling_params)
-        states = [self._new_state(p, ids, sp) for p, ids, sp in items]
+        groups = [self.inputs.make_choices(p, ids, sp) for p, ids, sp in items]
+        states = [s for g in groups for s in g]
         bar = None
         if use_tqdm and len(states) > 1:
             from tqdm import tqdm
@@ -239,7 +244,7 @@ class Engine:
         for s in states:
             if s.finish_reason == "error":
                 raise RequestFailed(f"request {s.rid} failed: {s.error}")
-        return [s.result() for s in states]
+        return [choices_result(g) for g in groups]
 
     def stream(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                input_ids: list[int] | None = None, request_id: str | None = None) -> Iterator[dict[str, Any]]:
@@ -262,14 +267,16 @@ class Engine:
                 self.abort(state.rid)
 
     async def stream_async(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
-                           input_ids: list[int] | None = None,
-                           request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                           input_ids: list[int] | None = None, request_id: str | None = None,
+                           affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Async deltas for servers; cancelling the consumer aborts the request in its replica. Tokenizing
-        runs off the event loop (a long prompt must not stall the other requests' streams)."""
+        runs off the event loop (a long prompt must not stall the other requests' streams). Requests with
+        the same ``affinity`` key go to one replica (the choices of one prompt share its KV there)."""
+        args = (prompt, input_ids, sampling_params, request_id, affinity)
         if len(prompt or "") > 4096 or len(input_ids or ()) > 4096:
-            state = await asyncio.to_thread(self._new_state, prompt, input_ids, sampling_params, request_id)
+            state = await asyncio.to_thread(self._new_state, *args)
         else:
-            state = self._new_state(prompt, input_ids, sampling_params, request_id)
+            state = self._new_state(*args)
         ev = state.add_async_waiter()
         self._submit(state)
         cursor = StreamCursor()

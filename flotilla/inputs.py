@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from flotilla.detokenizer import IncrementalDetokenizer
@@ -41,8 +42,25 @@ class InputProcessor:
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
         self._ids = itertools.count()
 
+    def make_choices(self, prompt: str | None, input_ids: Sequence[int] | None,
+                     sampling: SamplingLike) -> list[RequestState]:
+        """One state per choice (``n``): the same prompt, choice i seeded with seed + i, all with one affinity
+        key so the controller puts them on one replica (which shares the prompt's KV among them)."""
+        first = self.make_state(prompt, input_ids, sampling)
+        n = first.sampling.n
+        if n == 1:
+            return [first]
+        states = [first]
+        for i in range(1, n):
+            sp = replace(first.sampling, seed=None if first.sampling.seed is None else first.sampling.seed + i)
+            states.append(RequestState(f"{first.rid}-{i}", list(first.prompt_ids), sp,
+                                       IncrementalDetokenizer(self.tokenizer, first.prompt_ids)))
+        for s in states:
+            s.affinity = first.rid
+        return states
+
     def make_state(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
-                   request_id: str | None = None) -> RequestState:
+                   request_id: str | None = None, affinity: str | None = None) -> RequestState:
         sp = SamplingParams.from_any(sampling)  # copied and validated again, whatever was set after it was built
         if sp.structured_output is not None:
             check_structured(sp.structured_output)  # a grammar that cannot compile is refused here, not in a worker
@@ -51,7 +69,9 @@ class InputProcessor:
         ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids, sp.max_new_tokens)
         self.check_length(len(ids), sp.max_new_tokens)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
-        return RequestState(rid, ids, sp, IncrementalDetokenizer(self.tokenizer, ids))
+        state = RequestState(rid, ids, sp, IncrementalDetokenizer(self.tokenizer, ids))
+        state.affinity = affinity
+        return state
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len + max_new_tokens > self.max_model_len:

@@ -32,6 +32,7 @@ class RequestState:
     # the prompt's own log-probabilities (SamplingParams.prompt_logprobs): index i is prompt token i's
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    affinity: str | None = None   # requests with one key go to one replica (the choices of one prompt)
     dispatched_at: float = 0.0
     deaths: int = 0
     abort_requested: bool = False
@@ -137,6 +138,16 @@ class RequestState:
 
     def wake(self) -> None:
         wake_all([self])
+
+
+def choices_result(states: list[RequestState]) -> dict[str, Any]:
+    """``generate``'s dict for one prompt: a request's own result, or with n > 1 the first choice's fields
+    plus "outputs" (every choice) and the completion tokens of all of them."""
+    if len(states) == 1:
+        return states[0].result()
+    outputs = [s.result() for s in states]
+    return {**outputs[0], "request_id": states[0].rid, "outputs": outputs,
+            "completion_tokens": sum(o["completion_tokens"] for o in outputs)}
 
 
 def wake_all(states: Iterable[RequestState]) -> None:

@@ -82,6 +82,9 @@ class SamplingParams:
     # each prompt position. The first prompt token has none.
     prompt_logprobs: int | None = None
     structured_output: StructuredOutput | None = None
+    # several completions of one prompt (``generate`` returns them under "outputs"); they run on one replica,
+    # share the prompt's KV through the prefix cache, and choice i draws with seed + i when a seed is set
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,6 +113,7 @@ class SamplingParams:
         _check_int("top_logprobs", self.top_logprobs, lo=0, hi=20, hint="in [0, 20]")
         if self.top_logprobs and not self.logprobs:
             self.logprobs = True
+        _check_int("n", self.n, lo=1, hi=128, hint="in [1, 128]")
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=20, hint="in [0, 20] (or None)")
         if self.structured_output is not None:

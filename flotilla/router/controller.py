@@ -38,6 +38,7 @@ class DPController:
         # paused (weight updates, memory release): new requests wait here, in order, for resume()
         self.paused = False
         self.held: dict[str, RequestState] = {}
+        self.affinity: dict[str, tuple[int, set[str]]] = {}  # affinity key -> (replica, its rids in flight)
 
     # ------------------------------------------------------------------------------------------ replicas
     def add_replica(self, replica: int, send: Send) -> None:
@@ -95,8 +96,12 @@ class DPController:
                 self.held[state.rid] = state
                 return -1
             if replica is None:
-                views = [v for v in self.views.values() if v.replica_id not in exclude]
-                replica = self.policy.select(views, state.prompt_ids, state.sampling.max_new_tokens)
+                pinned = self.affinity.get(state.affinity) if state.affinity else None
+                if pinned and pinned[0] in self.views and self.views[pinned[0]].eligible and pinned[0] not in exclude:
+                    replica = pinned[0]
+                else:
+                    views = [v for v in self.views.values() if v.replica_id not in exclude]
+                    replica = self.policy.select(views, state.prompt_ids, state.sampling.max_new_tokens)
             view = self.views.get(replica)
             if view is None:
                 raise NoReplicaAvailable(f"replica {replica} is not routed to")
@@ -105,6 +110,10 @@ class DPController:
             except Exception as e:
                 state.replica = -1
                 raise ReplicaUnreachable(replica, str(e)) from None
+            if state.affinity:
+                rids = self.affinity.get(state.affinity, (replica, set()))[1]
+                rids.add(state.rid)
+                self.affinity[state.affinity] = (replica, rids)
             state.replica = replica
             view.on_dispatch(len(state.prompt_ids), state.sampling.max_new_tokens)
             self.policy.on_dispatch(replica, state.prompt_ids)
@@ -174,6 +183,11 @@ class DPController:
     def _retire(self, state: RequestState) -> None:
         if self.requests.get(state.rid) is state:
             del self.requests[state.rid]
+            entry = self.affinity.get(state.affinity) if state.affinity else None
+            if entry is not None:
+                entry[1].discard(state.rid)
+                if not entry[1]:
+                    del self.affinity[state.affinity]
         view = self.views.get(state.replica)
         if view is not None:
             view.on_finish()

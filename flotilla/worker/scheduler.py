@@ -131,9 +131,20 @@ class Scheduler:
             plans.append(self._plan(seq, n))
             budget -= n
             i += 1
-        # Then new sequences, while there is room.
+        # Then new sequences, while there is room. A sequence whose first page equals one this batch computes
+        # (the choices of one prompt, or a burst with one system prompt) waits a step: once that prefill has
+        # published its pages, it takes them from the prefix cache instead of computing them again.
+        page = self.kv.block_size
+        share = self.kv.enable_prefix_cache
+        prefilling = {tuple(s.tokens[:page]) for s, p in zip(seqs, plans)
+                      if share and p.start < page and len(s.tokens) > page}
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and len(seqs) < limit:
             seq = self.waiting[0]
+            if prefilling and len(seq.tokens) > page and tuple(seq.tokens[:page]) in prefilling \
+                    and seq.sampling.prompt_logprobs is None:
+                deferred.append(self.waiting.popleft())
+                continue
             if not seq.block_table:
                 # prompt logprobs are computed by the forward, so such a prompt is computed whole
                 blocks, cached = ([], 0) if seq.sampling.prompt_logprobs is not None else \
@@ -151,6 +162,9 @@ class Scheduler:
             seqs.append(seq)
             plans.append(self._plan(seq, n))
             budget -= n
+            if share and plans[-1].start < page and len(seq.tokens) > page:
+                prefilling.add(tuple(seq.tokens[:page]))
+        self.waiting.extendleft(reversed(deferred))
         if not seqs:
             return None
         return ScheduledBatch(seqs, plans)
