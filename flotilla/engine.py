@@ -120,12 +120,13 @@ class Engine:
         while self.fleet.starting():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker_start_timeout: workers were not ready after {timeout}s")
-            msg = self._out_ch.recv(200)
+            msg = self._out_ch.recv(50)
             if isinstance(msg, WorkerReady):
                 ready.append(msg)
                 self.fleet.on_ready(msg)
             elif isinstance(msg, WorkerFailed):
                 raise RuntimeError(f"a worker failed to start: {msg.message}")
+            self.fleet.connect_links()
             dead = self._launcher.dead_groups()
             if dead:
                 time.sleep(0.2)  # its WorkerFailed report may still be in flight

@@ -80,6 +80,9 @@ class FakeLinks:
     def close(self, replica) -> None:
         self.closed.append(replica)
 
+    def writable(self, replica) -> bool:
+        return replica not in self.unreachable
+
     def adds(self, replica) -> list[str]:
         return [m.rid for m in self.sent.get(replica, []) if isinstance(m, AddRequest)]
 

@@ -189,6 +189,10 @@ class Channel:
                                   "(is the worker connected and alive?)")
             self.socket.poll(remaining_ms, zmq.POLLOUT)
 
+    def writable(self) -> bool:
+        """A send would be taken now (for a bound PUSH: a peer is connected)."""
+        return bool(self.socket.poll(0, zmq.POLLOUT))
+
     def recv(self, timeout_ms: int | None = None) -> Any:
         """The next decoded message, or None if none arrived within ``timeout_ms``.
 

@@ -30,6 +30,10 @@ class HubLinks:
 
         return send, addr
 
+    def writable(self, replica: int) -> bool:
+        ch = self.channels.get(replica)
+        return ch is not None and ch.writable()
+
     def close(self, replica: int) -> None:
         ch = self.channels.pop(replica, None)
         if ch is not None:

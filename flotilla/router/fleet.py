@@ -62,6 +62,10 @@ class ReplicaLinks(Protocol):
 
     def close(self, replica: int) -> None: ...
 
+    def writable(self, replica: int) -> bool:
+        """The replica's leader is connected (a message would be taken now)."""
+        ...
+
 
 @dataclass(frozen=True)
 class FleetSettings:
@@ -81,6 +85,7 @@ class GroupRecord:
     restarts: int = 0                        # restarts spent by this record
     started_at: float = 0.0
     ready: set[int] = field(default_factory=set)
+    connecting: set[int] = field(default_factory=set)  # reported ready, link to it not connected yet
     last_seen: dict[int, float] = field(default_factory=dict)
     reason: str | None = None                # why it last went down
     failure: str | None = None               # what a rank reported before it died (WorkerFailed)
@@ -186,20 +191,35 @@ class ReplicaFleet:
         (the caller wakes their waiters)."""
         with self.lock:
             rec = self._record_of_replica(msg.replica)
-            if rec is None or rec.state not in (GroupState.STARTING, GroupState.RESTARTING) or msg.replica in rec.ready:
+            if rec is None or rec.state not in (GroupState.STARTING, GroupState.RESTARTING) or \
+                    msg.replica in rec.ready or msg.replica in rec.connecting:
                 return []  # a late message from an incarnation that is gone
-            rec.ready.add(msg.replica)
+            rec.connecting.add(msg.replica)
             rec.last_seen[msg.replica] = self.clock()
-            self.controller.add_replica(msg.replica, self._sends[msg.replica])
-            if rec.ready >= set(rec.spec.replicas):
-                rec.state, rec.down_replicas = GroupState.READY, []
-            return self._flush_pending()
+            return self.connect_links()
+
+    def connect_links(self) -> list[RequestState]:
+        """Route to replicas that reported ready once their link is connected (the leader connects to the
+        front end's socket; a message sent before its handshake completes would have nowhere to go), and
+        hand them waiting requests."""
+        with self.lock:
+            joined = False
+            for rec in self.records:
+                for t in [t for t in rec.connecting if self.links.writable(t)]:
+                    rec.connecting.discard(t)
+                    rec.ready.add(t)
+                    self.controller.add_replica(t, self._sends[t])
+                    joined = True
+                if rec.connecting == set() and rec.ready >= set(rec.spec.replicas) and \
+                        rec.state in (GroupState.STARTING, GroupState.RESTARTING):
+                    rec.state, rec.down_replicas = GroupState.READY, []
+            return self._flush_pending() if joined else []
 
     def on_seen(self, replica: int) -> None:
         """Any message from a replica is a sign of life."""
         with self.lock:
             rec = self._record_of_replica(replica)
-            if rec is not None and replica in rec.ready:
+            if rec is not None and (replica in rec.ready or replica in rec.connecting):
                 rec.last_seen[replica] = self.clock()
 
     def on_failed(self, replica: int, message: str) -> None:
@@ -233,6 +253,7 @@ class ReplicaFleet:
                             dead[gid] = f"no sign of life from replica {t} for {now - seen:.0f}s"
                             break
             ended = self._on_deaths(dead) if dead else []
+            ended.extend(self.connect_links())
             ended.extend(self._flush_pending(now))
         return ended
 
@@ -255,7 +276,7 @@ class ReplicaFleet:
                 self.records.remove(rec)  # it was leaving anyway: no restart
                 continue
             rec.down_replicas = list(rec.spec.replicas)
-            rec.ready, rec.last_seen = set(), {}
+            rec.ready, rec.connecting, rec.last_seen = set(), set(), {}
             rec.state = GroupState.DOWN
             if rec.restarts < self.settings.max_replica_restarts and not self.closed:
                 rec.restarts += 1
