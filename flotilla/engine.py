@@ -31,6 +31,7 @@ from flotilla.launch.topology import GroupSpec, layout
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.inputs import InputProcessor, SamplingLike, batch_inputs
 from flotilla.private_dir import make_private_dir
+from flotilla.rl.api import RLControlAPI
 from flotilla.request import RequestFailed, RequestState, StreamCursor, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.fleet import FleetSettings, ReplicaFleet
@@ -42,7 +43,7 @@ MAIN_GUARD_HINT = ("workers start with 'spawn' and import your script again: put
                    "Engine under `if __name__ == \"__main__\":`")
 
 
-class Engine:
+class Engine(RLControlAPI):  # + sglang-named RL control methods (flotilla/rl/api.py)
     """Offline and online generation over one or more replicas.
 
     ``Engine(model=path, tp_size=2, dp_size=2)`` runs dp x tp rank processes on this machine; ``RayEngine``

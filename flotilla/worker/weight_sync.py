@@ -1,0 +1,275 @@
+"""The rank side of RL weight sync: joining a trainer's torch.distributed group, receiving its broadcasts,
+and reading a colocated trainer's CUDA tensors through IPC handles.
+
+Why a group of its own: a rank already belongs to its replica's world (TP collectives), and
+``torch.distributed.new_group`` can only carve groups out of that world, never add the trainer. So each
+rank connects to the trainer's store as a client and builds a gloo / NCCL backend object directly, keyed
+in the store exactly as ``torch.distributed.init_process_group`` keys its default group: a trainer that
+calls plain ``init_process_group(backend, init_method="tcp://addr:port", world_size=..., rank=0)`` and
+then ``broadcast(t, src=0)`` meets these ranks without knowing anything about Flotilla. The backend object
+is used directly (``broadcast([t], opts)``), so the rank's own default group is never touched.
+
+Why receive everything before writing: a trainer that dies half-way, a wrong dtype on the wire, a time-out
+must leave the old weights serving. Each rank narrows every full tensor to its shard as it arrives (the
+parameter's own ``weight_loader``, as the checkpoint loader does) into a scratch copy of the parameter, and
+copies the scratch copies into the live parameters only after the last tensor arrived. The extra memory is
+one shard-sized copy of the parameters the update touches, plus one full tensor in flight.
+
+Nothing here imports Ray or HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# How torch.distributed.init_process_group keys its default group in the store: PrefixStore("default_pg"),
+# then the group's name (the first group a process makes is "0"), then the device the backend serves.
+_INIT_PG_PREFIXES = ("default_pg", "0/")
+_BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
+BACKENDS = tuple(_BACKEND_DEVICE)
+
+Progress = Callable[[], None] | None
+
+
+@dataclass
+class SyncGroup:
+    """One weight-sync group as this process sees it: its rank, and the backend object that talks."""
+
+    name: str
+    rank: int
+    world_size: int
+    backend: str
+    pg: Any                     # a ProcessGroupGloo / ProcessGroupNCCL (torch's Backend object)
+    store: Any                  # kept alive as long as the group (the backend holds the prefixed copy)
+
+    @property
+    def device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def broadcast(self, tensor: torch.Tensor, progress: Progress = None) -> torch.Tensor:
+        """Broadcast ``tensor`` from group rank 0 (in place); ``progress`` is called while waiting, so a
+        leader keeps reporting signs of life during a long wait for the trainer."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        work = self.pg.broadcast([tensor], opts)
+        _wait(work, progress)
+        return tensor
+
+    def close(self) -> None:
+        shutdown = getattr(self.pg, "shutdown", None) or getattr(self.pg, "abort", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:  # a backend that is already broken has nothing left to release
+                pass
+        self.pg = self.store = None
+
+
+def _wait(work: Any, progress: Progress) -> None:
+    if progress is not None:
+        spins = 0
+        while not work.is_completed():
+            progress()
+            spins += 1
+            time.sleep(0 if spins < 100 else 0.0005)
+    work.wait()
+
+
+def connect(master_address: str, master_port: int, world_size: int, rank: int, backend: str,
+            timeout_s: float, name: str = "weight_update_group") -> SyncGroup:
+    """Join (rank > 0) or host (rank 0: this process runs the TCPStore) a weight-sync group. Blocks until
+    every member joined (gloo connects its full mesh here; NCCL connects at the first broadcast)."""
+    if backend not in _BACKEND_DEVICE:
+        raise ValueError(f"backend: must be one of {list(BACKENDS)}, got {backend!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, int(master_port), world_size, rank == 0, timeout=timeout)
+    prefixed: Any = store
+    for p in _INIT_PG_PREFIXES + (f"{_BACKEND_DEVICE[backend]}/",):
+        prefixed = dist.PrefixStore(p, prefixed)
+    if backend == "gloo":
+        pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    else:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+    return SyncGroup(name, rank, world_size, backend, pg, store)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+_groups: dict[str, SyncGroup] = {}
+
+
+def join(name: str, master_address: str, master_port: int, world_size: int, rank: int, backend: str,
+         timeout_s: float, progress: Progress = None) -> SyncGroup:
+    """A rank joins group ``name`` (in a side thread, so ``progress`` keeps the leader's heartbeat going)."""
+    if name in _groups:
+        raise ValueError(f"group_name: {name!r} is already joined; destroy it first")
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["group"] = connect(master_address, master_port, world_size, rank, backend, timeout_s, name)
+        except BaseException as e:  # re-raised in the rank's thread
+            box["error"] = e
+
+    th = threading.Thread(target=run, name=f"flotilla-join-{name}", daemon=True)
+    th.start()
+    while th.is_alive():
+        if progress is not None:
+            progress()
+        th.join(0.2)
+    if "error" in box:
+        raise RuntimeError(f"joining weight-sync group {name!r} at {master_address}:{master_port} as rank {rank} "
+                           f"failed: {type(box['error']).__name__}: {box['error']}")
+    _groups[name] = box["group"]
+    return box["group"]
+
+
+def get(name: str) -> SyncGroup:
+    group = _groups.get(name)
+    if group is None:
+        raise ValueError(f"group_name: {name!r} is not joined (joined: {sorted(_groups)})")
+    return group
+
+
+def leave(name: str) -> bool:
+    """Forget group ``name``; False when it was not joined."""
+    group = _groups.pop(name, None)
+    if group is None:
+        return False
+    group.close()
+    return True
+
+
+def joined() -> list[str]:
+    return sorted(_groups)
+
+
+# ---------------------------------------------------------------------------------------------- receiving
+def parse_dtype(dtype: Any) -> torch.dtype:
+    """A torch dtype from a dtype or its name ("bfloat16", "torch.bfloat16"); floating point only."""
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    else:
+        out = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(out, torch.dtype) or not out.is_floating_point:
+        raise ValueError(f"dtypes: {dtype!r} is not a floating-point torch dtype")
+    return out
+
+
+def receive(group: SyncGroup, names: list[str], dtypes: list[str], shapes: list[list[int]],
+            progress: Progress = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of the trainer's broadcast, in ``names`` order, as it arrives (full shape)."""
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        buf = torch.empty(tuple(shape), dtype=parse_dtype(dtype), device=group.device)
+        yield name, group.broadcast(buf, progress)
+
+
+def stage(router: Any, items: Iterable[tuple[str, torch.Tensor]]) -> Callable[[], int]:
+    """Load every (HF name, full tensor) into scratch copies of the parameters it lands in (this rank's
+    shard); returns the commit, which copies them into the live parameters in place. An error while
+    iterating leaves every live parameter as it was; the worker commits only once every rank of the group
+    staged without error, so a replica never serves a mix of old and new shards."""
+    from flotilla.model.loader import _load_into  # the same narrowing as the checkpoint loader
+
+    scratch: dict[str, torch.nn.Parameter] = {}
+    for name, tensor in items:
+        hit = router.resolve(name)
+        if hit is None:
+            continue
+        target, param, part = hit
+        dst = scratch.get(target)
+        if dst is None:
+            dst = scratch[target] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+        with torch.no_grad():
+            try:
+                _load_into(dst, param, tensor.to(device=param.device, dtype=param.dtype), part)
+            except (ValueError, RuntimeError, IndexError, TypeError) as e:
+                raise ValueError(f"weights: {name!r}: {e}") from None
+
+    def commit() -> int:
+        written = len(scratch)
+        with torch.no_grad():
+            for target, dst in scratch.items():
+                router.params[target].data.copy_(dst.data)
+        scratch.clear()
+        return written
+
+    return commit
+
+
+# ---------------------------------------------------------------------------------------------- CUDA IPC
+def open_ipc(t: Any) -> torch.Tensor:
+    """The tensor an ``IpcTensor`` describes, mapped from the producer's allocation (no copy)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    return rebuild_cuda_tensor(torch.Tensor, tuple(t.shape), tuple(t.stride), t.offset, torch.storage.TypedStorage,
+                               parse_dtype(t.dtype), t.device, t.handle, t.storage_size, t.storage_offset, False,
+                               t.ref_counter_handle, t.ref_counter_offset, t.event_handle, t.event_sync_required)
+
+
+def ipc_items(tensors: list[list[Any]], group_rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """This rank's (name, tensor) pairs of an IPC update: its own list, or the only one."""
+    if len(tensors) == 1:
+        mine = tensors[0]
+    elif 0 <= group_rank < len(tensors):
+        mine = tensors[group_rank]
+    else:
+        raise ValueError(f"named_tensors: {len(tensors)} per-rank lists, none for rank {group_rank}")
+    for t in mine:
+        yield t.name, open_ipc(t)
+
+
+# ---------------------------------------------------------------------------------------------- model ops
+def apply(op: Any, runner: Any, group_rank: int, progress: Progress = None) -> Callable[[], Any] | None:
+    """Run one weight-sync model op on this rank (the worker calls this from ``_apply_model_op``; every rank
+    of the replica group runs it in the same step). For an update, returns the commit to run once every rank
+    of the group staged its shards."""
+    from flotilla.ipc.messages import (DestroyWeightSyncGroup, InitWeightSyncGroup, UpdateWeightsFromDistributed,
+                                       UpdateWeightsFromIpc)
+    from flotilla.model.loader import WeightRouter
+
+    if isinstance(op, InitWeightSyncGroup):
+        join(op.group_name, op.master_address, op.master_port, op.world_size, op.ranks[group_rank], op.backend,
+             op.timeout_s, progress)
+        return None
+    if isinstance(op, DestroyWeightSyncGroup):
+        if not leave(op.group_name):
+            raise ValueError(f"group_name: {op.group_name!r} is not joined (joined: {joined()})")
+        return None
+    if getattr(runner, "_offloaded", None):
+        raise RuntimeError("weights are released; resume memory before updating them")
+    if isinstance(op, UpdateWeightsFromDistributed):
+        items = receive(get(op.source), op.names, op.dtypes, op.shapes, progress)
+    elif isinstance(op, UpdateWeightsFromIpc):
+        items = ipc_items(op.tensors, group_rank)
+    else:
+        raise TypeError(f"not a weight-sync op: {type(op).__name__}")
+    commit = stage(WeightRouter(runner.model), items)
+
+    def commit_and_sync() -> None:
+        commit()
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+
+    return commit_and_sync
+
+
+def is_sync_op(op: Any) -> bool:
+    from flotilla.ipc.messages import (DestroyWeightSyncGroup, InitWeightSyncGroup, UpdateWeightsFromDistributed,
+                                       UpdateWeightsFromIpc)
+
+    return isinstance(op, (InitWeightSyncGroup, DestroyWeightSyncGroup, UpdateWeightsFromDistributed,
+                           UpdateWeightsFromIpc))
