@@ -71,6 +71,32 @@ def meta_tensor(name: str, shape: Any, dtype: str) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=torch_dtype, device="meta")
 
 
+def build_on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``make()`` with every parameter on the meta device. Under ``torch.device("meta")`` when that works; a
+    model that computes a buffer on the CPU while it is built (llama 3's rope scaling) is built on the CPU
+    instead, each parameter moved to meta as it is registered (its attributes, e.g. weight_loader, kept), so
+    no more than one parameter's memory is ever taken."""
+    try:
+        with torch.device("meta"):
+            return make()
+    except NotImplementedError:
+        pass
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            moved = torch.nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+            moved.__dict__.update(param.__dict__)
+            param = moved
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
+    try:
+        return make()
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 def collect_named_tensors(named_tensors: Any) -> list[tuple[str, Any]]:
     """A dict, or an iterable of (name, tensor) pairs, as a list."""
     if isinstance(named_tensors, dict):
@@ -352,8 +378,7 @@ class ControlPlane:
             from flotilla.model.models import model_class
 
             hf = AutoConfig.from_pretrained(self.config.model)
-            with torch.device("meta"):
-                model = model_class(self.config.hf_config)(hf, max_positions=self.config.max_model_len)
+            model = build_on_meta(lambda: model_class(self.config.hf_config)(hf, max_positions=self.config.max_model_len))
             self._meta = (WeightRouter(model), _expected_names(model))
         return self._meta
 

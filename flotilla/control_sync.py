@@ -187,14 +187,13 @@ class WeightSync:
 
         if self.plane.config.device != "cuda":
             raise ValueError("load_format: CUDA IPC handles need an engine on device='cuda'")
-        if self.plane.stager is not None and not self.plane.files_shared:
-            raise ValueError("load_format: CUDA IPC handles only reach ranks on the producer's node")
+        if not self.plane.files_shared:
+            raise ValueError("load_format: CUDA IPC handles only reach ranks on the producer's node, and some ranks "
+                             "run on other nodes")
         per_rank = [list(tensors)] if tensors and isinstance(tensors[0], IpcTensor) else [list(x) for x in tensors]
         if not per_rank or not all(per_rank) or not all(isinstance(t, IpcTensor) for x in per_rank for t in x):
             raise ValueError("named_tensors: expected a non-empty list of IpcTensor (flotilla.rl.ipc_handles), or "
                              "one such list per engine rank")
-        for lst in per_rank:
-            self.plane._check_weights([(t.name, meta_tensor(t.name, t.shape, t.dtype)) for t in lst])
         if any([(t.name, t.dtype, t.shape) for t in x] != [(t.name, t.dtype, t.shape) for t in per_rank[0]]
                for x in per_rank[1:]):
             raise ValueError("named_tensors: the per-rank lists differ in names, dtypes or shapes")

@@ -78,10 +78,34 @@ def broadcast_weights(named_tensors: Any, group: Any = None) -> tuple[list[str],
 
 
 # ---------------------------------------------------------------------------------------------- CUDA IPC
+def bucket(named_tensors: Any) -> tuple[list[torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """The tensors copied into one flat buffer per (device, dtype), as views: their IPC handles then share one
+    allocation, which a rank maps once instead of once per tensor. Returns (buffers, named views); keep the
+    buffers alive as long as the views are in use."""
+    items = named_items(named_tensors)
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, (_, t) in enumerate(items):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    views: list[tuple[str, torch.Tensor] | None] = [None] * len(items)
+    buffers = []
+    for (device, dtype), idx in groups.items():
+        flat = torch.empty(sum(items[i][1].numel() for i in idx), dtype=dtype, device=device)
+        at = 0
+        for i in idx:
+            name, t = items[i]
+            v = flat[at: at + t.numel()].view(t.shape)
+            v.copy_(t.detach())
+            views[i] = (name, v)
+            at += t.numel()
+        buffers.append(flat)
+    return buffers, [v for v in views if v is not None]
+
+
 def ipc_handles(named_tensors: Any) -> list[IpcTensor]:
     """CUDA IPC handles of ``named_tensors`` (CUDA tensors of this process) for ``update_weights_from_tensor(
     ..., load_format="ipc")`` of an engine whose ranks run on this node. Keep the tensors alive, unchanged,
-    until that call returns: the ranks read this process's memory directly."""
+    until that call returns: the ranks read this process's memory directly. Tensors of one allocation (views
+    of a ``bucket``) are mapped once by each rank; separate tensors once each."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     out = []

@@ -228,8 +228,10 @@ def ipc_items(tensors: list[list[Any]], group_rank: int) -> Iterator[tuple[str, 
         mine = tensors[group_rank]
     else:
         raise ValueError(f"named_tensors: {len(tensors)} per-rank lists, none for rank {group_rank}")
-    for t in mine:
-        yield t.name, open_ipc(t)
+    # all opened before any is read, and held until the update is staged: views of one shared bucket then map
+    # its allocation once (torch caches an opened handle only while a tensor of it is alive)
+    opened = [(t.name, open_ipc(t)) for t in mine]
+    yield from opened
 
 
 # ---------------------------------------------------------------------------------------------- model ops
