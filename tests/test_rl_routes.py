@@ -103,6 +103,16 @@ def test_answers_carry_the_new_version(fake):
     assert r.json()["weight_version"] == 10 and r.json()["num_paused_requests"] == 2
 
 
+def test_weight_version_strings(fake):
+    engine, client = fake
+    body = {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "weight_version": "12"}
+    assert client.post("/update_weights_from_distributed", headers=AUTH, json=body).status_code == 200
+    assert engine.calls[-1][1][-1] == 12
+    r = client.post("/update_weights_from_disk", headers=AUTH, json={"model_path": "/x", "weight_version": "v2"})
+    assert r.status_code == 400 and "weight_version" in r.json()["message"]
+    assert len(engine.calls) == 1
+
+
 def test_update_weights_from_tensor_decodes_json_and_refuses_pickles(fake):
     engine, client = fake
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)

@@ -26,6 +26,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # sglang clients send fields of newer sglang versions too
 
 
+def _version(value: int | str | None) -> int | None:
+    """sglang sends weight versions as strings; Flotilla's are ints ("7" is taken as 7)."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ValueError(f"weight_version: must be an int >= 0 (or its digits as a string), got {value!r}")
+
+
 class InitGroupBody(_Body):
     master_address: str
     master_port: int
@@ -41,14 +50,14 @@ class DistributedBody(_Body):
     shapes: list[list[int]]
     group_name: str = "weight_update_group"
     flush_cache: bool = True
-    weight_version: int | None = None
+    weight_version: int | str | None = None
 
 
 class TensorBody(_Body):
     serialized_named_tensors: list[Any]
     load_format: str | None = None
     flush_cache: bool = True
-    weight_version: int | None = None
+    weight_version: int | str | None = None
 
 
 class GroupNameBody(_Body):
@@ -60,7 +69,7 @@ class DiskBody(_Body):
     load_format: str | None = None
     abort_all_requests: bool = False
     flush_cache: bool = True
-    weight_version: int | None = None
+    weight_version: int | str | None = None
 
 
 class PauseBody(_Body):
@@ -153,7 +162,7 @@ def add_rl_routes(app: FastAPI, get_engine: Callable[[], Any], api_key: str | No
     def update_weights_from_distributed(body: DistributedBody) -> Any:
         e = engine()
         return call(lambda: e.update_weights_from_distributed(body.names, body.dtypes, body.shapes, body.group_name,
-                                                               body.flush_cache, body.weight_version),
+                                                               body.flush_cache, _version(body.weight_version)),
                     "weights updated", weight_version=lambda v: v)
 
     @router.post("/update_weights_from_tensor")
@@ -162,7 +171,7 @@ def add_rl_routes(app: FastAPI, get_engine: Callable[[], Any], api_key: str | No
 
         def run() -> int:
             tensors, load_format = _tensors(body)
-            return e.update_weights_from_tensor(tensors, load_format, body.flush_cache, body.weight_version)
+            return e.update_weights_from_tensor(tensors, load_format, body.flush_cache, _version(body.weight_version))
 
         return call(run, "weights updated", weight_version=lambda v: v)
 
@@ -180,7 +189,7 @@ def add_rl_routes(app: FastAPI, get_engine: Callable[[], Any], api_key: str | No
             if body.load_format not in (None, "auto", "safetensors"):
                 raise ValueError(f"load_format: must be None, 'auto' or 'safetensors', got {body.load_format!r}")
             aborted = e.abort_request(abort_all=True) if body.abort_all_requests else 0
-            return e.update_weights_from_disk(body.model_path, version=body.weight_version,
+            return e.update_weights_from_disk(body.model_path, version=_version(body.weight_version),
                                               flush_cache=body.flush_cache), aborted
 
         return call(run, "weights updated", weight_version=lambda out: out[0], num_paused_requests=lambda out: out[1])
