@@ -136,7 +136,14 @@ class WeightSync:
                 return InitWeightSyncGroup(op_id, master_address, master_port, world_size,
                                            by_group[group_of[replica]], group_name, backend, float(timeout))
 
-            self.plane._control(None, "init_weights_update_group", timeout + JOIN_MARGIN_S, make_for=make)
+            try:
+                self.plane._control(None, "init_weights_update_group", timeout + JOIN_MARGIN_S, make_for=make)
+            except BaseException:
+                # ranks undo a join that failed anywhere in their group, but another group may have joined (or
+                # may still be joining, after a time-out): make every rank leave, so the name can be used again
+                self.plane._control(lambda i: DestroyWeightSyncGroup(i, group_name), "destroy_weights_update_group",
+                                    5.0, check=False, targets=set(group_of))
+                raise
             self.groups[group_name] = _Group(group_name, backend, world_size, rank_offset,
                                              frozenset(group_of), ranks)
 

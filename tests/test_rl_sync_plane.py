@@ -83,6 +83,22 @@ def test_init_refusals():
     assert not sync.plane.sent and not sync.groups
 
 
+def test_a_failed_join_makes_every_rank_leave():
+    plane = FakePlane(layout(1, 2, False))
+    calls = []
+
+    def control(make, name, timeout, check=True, *, make_for=None, targets=None):
+        calls.append((name, check, sorted(targets or [])))
+        if name == "init_weights_update_group":
+            raise RuntimeError("init_weights_update_group failed: replica 1: rank 0: joining ... failed")
+
+    plane._control = control
+    sync = WeightSync(plane)
+    with pytest.raises(RuntimeError, match="replica 1"):
+        sync.init_group("127.0.0.1", 29500, 1, 3, backend="nccl")
+    assert calls[1] == ("destroy_weights_update_group", False, [0, 1]) and not sync.groups
+
+
 def test_a_group_is_bound_to_its_replicas():
     plane = FakePlane(layout(1, 2, False))
     sync = WeightSync(plane)
