@@ -106,3 +106,22 @@ def test_connect_and_join_refusals():
     with pytest.raises(ValueError, match="not joined"):
         weight_sync.get("nope")
     assert not weight_sync.leave("nope")
+
+
+def test_ipc_device_found_by_uuid(monkeypatch):
+    """A Ray actor numbers its GPUs from 0: the handle's GPU is found by UUID, not by the producer's index."""
+    from types import SimpleNamespace
+
+    from flotilla.ipc.messages import IpcTensor
+
+    uuids = ["GPU-aaaa", "GPU-bbbb"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=uuids[i]))
+
+    def h(index, uuid):
+        return IpcTensor("w", "float32", [1], [1], 0, index, b"", 4, 0, b"", 0, b"", False, uuid)
+
+    assert weight_sync.local_device(h(5, "GPU-bbbb")) == 1
+    assert weight_sync.local_device(h(3, "")) == 3  # no UUID: the producer's index
+    with pytest.raises(ValueError, match="does not see"):
+        weight_sync.local_device(h(0, "GPU-cccc"))

@@ -119,6 +119,7 @@ class IpcTensor(msgspec.Struct, array_like=True):
     ref_counter_offset: int
     event_handle: bytes
     event_sync_required: bool
+    device_uuid: str = ""     # the GPU's UUID: a consumer that numbers its GPUs otherwise finds it by this
 
 
 class UpdateWeightsFromIpc(UpdateWeights, tag=True):

@@ -77,7 +77,7 @@ class RLControlAPI:
                                    flush_cache: bool = True, weight_version: int | None = None) -> int:
         """(name, tensor) pairs; or ``load_format="ipc"`` with ``flotilla.rl.ipc_handles(...)`` of a colocated
         trainer (one list, or one per engine rank). Plain CUDA tensors from this process go through IPC by
-        themselves when every rank is on this node."""
+        themselves on an ``Engine`` (every rank on this node, every GPU visible to each)."""
         from flotilla.rl.weight_sync import ipc_handles
 
         if load_format not in (None, "direct", "ipc"):
@@ -88,8 +88,11 @@ class RLControlAPI:
         if load_format is None and is_ipc(named_tensors):
             return self.control.sync.update_from_ipc(named_tensors, **kw)
         items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
-        on_gpu = items and all(getattr(t, "is_cuda", False) for _, t in items if not isinstance(t, str))
-        if on_gpu and self.control.files_shared and self.control.config.device == "cuda":
+        on_gpu = bool(items) and all(getattr(t, "is_cuda", False) for _, t in items)
+        # by itself only where every rank sees every GPU of this node (the mp launcher: no stager); a Ray rank
+        # sees its own GPUs only, so there the caller opts in with load_format="ipc"
+        if on_gpu and self.control.stager is None and self.control.files_shared and \
+                self.control.config.device == "cuda":
             return self.control.sync.update_from_ipc(ipc_handles(items), **kw)  # no copy through the host
         return self.control.update_weights(items, **kw)
 

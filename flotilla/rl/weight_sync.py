@@ -118,7 +118,8 @@ def ipc_handles(named_tensors: Any) -> list[IpcTensor]:
          event_handle, event_sync) = args
         out.append(IpcTensor(name, str(dtype).removeprefix("torch."), list(size), list(stride), int(offset),
                              int(device), bytes(handle), int(size_bytes), int(storage_offset), bytes(ref_handle),
-                             int(ref_offset), bytes(event_handle or b""), bool(event_sync)))
+                             int(ref_offset), bytes(event_handle or b""), bool(event_sync),
+                             str(torch.cuda.get_device_properties(int(device)).uuid)))
     return out
 
 
@@ -187,6 +188,7 @@ def decode_ipc(entries: Iterable[Any]) -> list[IpcTensor]:
             raise ValueError(f"serialized_named_tensors: entry {i} must be an object of IpcTensor fields")
         try:
             d = dict(e)
+            d.setdefault("device_uuid", "")
             for f in _IPC_BYTES:
                 d[f] = base64.b64decode(d[f], validate=True)
             out.append(msgspec.convert([d[f] for f in IpcTensor.__struct_fields__], IpcTensor))

@@ -211,13 +211,25 @@ def stage(router: Any, items: Iterable[tuple[str, torch.Tensor]]) -> Callable[[]
 
 
 # ---------------------------------------------------------------------------------------------- CUDA IPC
+def local_device(t: Any) -> int:
+    """This process's index of the GPU an ``IpcTensor`` lives on: found by UUID (a Ray actor sees only its
+    own GPUs, numbered from 0), else the producer's index."""
+    if not t.device_uuid:
+        return t.device
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == t.device_uuid:
+            return i
+    raise ValueError(f"named_tensors: {t.name!r} lives on GPU {t.device_uuid}, which this rank does not see")
+
+
 def open_ipc(t: Any) -> torch.Tensor:
     """The tensor an ``IpcTensor`` describes, mapped from the producer's allocation (no copy)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     return rebuild_cuda_tensor(torch.Tensor, tuple(t.shape), tuple(t.stride), t.offset, torch.storage.TypedStorage,
-                               parse_dtype(t.dtype), t.device, t.handle, t.storage_size, t.storage_offset, False,
-                               t.ref_counter_handle, t.ref_counter_offset, t.event_handle, t.event_sync_required)
+                               parse_dtype(t.dtype), local_device(t), t.handle, t.storage_size, t.storage_offset,
+                               False, t.ref_counter_handle, t.ref_counter_offset, t.event_handle,
+                               t.event_sync_required)
 
 
 def ipc_items(tensors: list[list[Any]], group_rank: int) -> Iterator[tuple[str, torch.Tensor]]:
