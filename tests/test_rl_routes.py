@@ -191,3 +191,18 @@ def test_routes_against_an_engine(tmp_path):
         assert client.post("/abort_request", headers=AUTH, json={"abort_all": True}).json()["num_aborted"] == 0
         out = engine.generate(PROMPTS[:1], greedy, use_tqdm=False)[0]["token_ids"]
         assert out == hf_greedy(a, hf_tokenize(a, PROMPTS[0]), 10)
+
+
+def test_routes_inside_the_server_app():
+    """Mounted on the server's app (what the lead wires): the server's error handlers shape the 401."""
+    from flotilla.server.app import build_app
+
+    engine = FakeEngine()
+    app = build_app(None, "m", api_key=KEY)
+    add_rl_routes(app, lambda: engine, api_key=KEY)
+    client = TestClient(app)
+    r = client.post("/pause_generation", json={"mode": "in_place"})
+    assert r.status_code == 401 and "API key" in r.text
+    r = client.post("/pause_generation", headers=AUTH, json={"mode": "in_place"})
+    assert r.status_code == 200 and engine.calls == [("pause_generation", ("in_place",), {})]
+    assert client.get("/health").status_code == 503  # the server's own routes are untouched

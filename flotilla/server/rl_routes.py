@@ -17,9 +17,43 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
+from typing import Protocol
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
+
+
+class RLEngineClient(Protocol):
+    """What these routes use of an engine (``Engine`` and ``RayEngine`` satisfy it; flotilla/rl/api.py)."""
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = ..., backend: str = ...) -> None: ...
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
+                                        group_name: str = ..., flush_cache: bool = ...,
+                                        weight_version: int | None = ...) -> int: ...
+
+    def update_weights_from_tensor(self, named_tensors: Any, load_format: str | None = ..., flush_cache: bool = ...,
+                                   weight_version: int | None = ...) -> int: ...
+
+    def destroy_weights_update_group(self, group_name: str = ...) -> None: ...
+
+    def update_weights_from_disk(self, path: Any, **kwargs: Any) -> int: ...
+
+    def pause_generation(self, mode: str = ...) -> None: ...
+
+    def continue_generation(self) -> None: ...
+
+    def flush_cache(self) -> None: ...
+
+    def release_memory_occupation(self, tags: list[str] | None = ...) -> None: ...
+
+    def resume_memory_occupation(self, tags: list[str] | None = ...) -> None: ...
+
+    def get_weight_version(self) -> int: ...
+
+    def abort_request(self, rid: str = ..., abort_all: bool = ...) -> int: ...
 
 
 class _Body(BaseModel):
@@ -130,13 +164,14 @@ def _tensors(body: TensorBody) -> tuple[Any, str | None]:
     return decode_tensors(entries[0]), body.load_format
 
 
-def add_rl_routes(app: FastAPI, get_engine: Callable[[], Any], api_key: str | None = None) -> APIRouter:
+def add_rl_routes(app: FastAPI, get_engine: Callable[[], RLEngineClient | None],
+                  api_key: str | None = None) -> APIRouter:
     """Add the RL control routes to ``app``; ``get_engine()`` returns the engine (None while it loads).
     Handlers are plain functions: FastAPI runs them in its thread pool, since most block until every
     replica answered."""
     router = APIRouter(dependencies=[Depends(bearer_check(api_key))])
 
-    def engine() -> Any:
+    def engine() -> RLEngineClient:
         e = get_engine()
         if e is None:
             from fastapi import HTTPException
