@@ -195,6 +195,10 @@ class ControlPlane:
                     for state in self.controller.requests_on(t):
                         if self.fleet.redispatch(state):  # paused: held here until resume
                             self.controller.abort_on(t, state.rid)
+                            with self.controller.lock:  # it left t: routing must not count it there any more
+                                view = self.controller.views.get(t)
+                                if view is not None:
+                                    view.on_finish()
                             moved += 1
                         else:
                             state.wake()
