@@ -382,7 +382,8 @@ class ControlPlane:
             from flotilla.model.models import model_class
 
             hf = AutoConfig.from_pretrained(self.config.model)
-            model = build_on_meta(lambda: model_class(self.config.hf_config)(hf, max_positions=self.config.max_model_len))
+            cls = model_class(self.config.hf_config)
+            model = build_on_meta(lambda: cls(hf, max_positions=self.config.max_model_len))
             self._meta = (WeightRouter(model), _expected_names(model))
         return self._meta
 
