@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import threading
 
 import pytest
 import torch
@@ -42,9 +43,13 @@ def ckpt():
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-def _trainer(port: int, world_size: int, commands, results, helper: bool) -> None:
+def _trainer(port: int, world_size: int, commands, results, helper: bool, delay_s: float = 0.0) -> None:
     """A standalone trainer: rank 0 of the weight-sync group; broadcasts what it is told to."""
+    import time
+
     import torch.distributed as dist
+
+    time.sleep(delay_s)
     from safetensors.torch import load_file
 
     from flotilla.rl import TrainerGroup
@@ -80,12 +85,12 @@ def _trainer(port: int, world_size: int, commands, results, helper: bool) -> Non
 
 
 class Trainer:
-    def __init__(self, world_size: int, helper: bool = False):
+    def __init__(self, world_size: int, helper: bool = False, delay_s: float = 0.0):
         ctx = mp.get_context("spawn")
         self.port = free_port()
         self.commands, self.results = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=_trainer, args=(self.port, world_size, self.commands, self.results, helper),
-                                daemon=True)
+        self.proc = ctx.Process(target=_trainer, daemon=True,
+                                args=(self.port, world_size, self.commands, self.results, helper, delay_s))
         self.proc.start()
 
     def broadcast(self, path: str, stop_after: int | None = None) -> None:
@@ -218,5 +223,25 @@ def test_trainer_group_helper_with_tp_and_dp_attention(ckpt, tmp_path):
             assert trainer.results.get(timeout=30) == "sent"
             assert tokens(engine) == exp[b]
             engine.destroy_weights_update_group()
+        finally:
+            trainer.close()
+
+
+def test_a_late_trainer_does_not_get_the_replica_taken_for_dead(ckpt, tmp_path):
+    """The rank loop waits in the join and in the first receive; the leader keeps showing signs of life,
+    so a trainer that comes (and broadcasts) later than heartbeat_timeout_s costs no restart."""
+    a, b, exp = ckpt
+    file_b, meta_b = one_file(b, tmp_path)
+    with Engine(model=a, heartbeat_timeout_s=2.0, **OPTS) as engine:
+        trainer = Trainer(world_size=2, delay_s=4.0)
+        try:
+            engine.init_weights_update_group("127.0.0.1", trainer.port, 1, 2, backend="gloo", timeout=60)
+            assert trainer.results.get(timeout=30) == "joined"
+            threading.Timer(4.0, trainer.broadcast, args=(file_b,)).start()
+            assert engine.update_weights_from_distributed(*meta_b, timeout=60) == 1
+            assert trainer.results.get(timeout=30) == "sent"
+            assert tokens(engine) == exp[b]
+            stats = engine.stats()
+            assert stats["replica_restarts"] == 0 and all(r["alive"] for r in stats["replicas"])
         finally:
             trainer.close()
