@@ -125,6 +125,7 @@ def main() -> None:
         engine.init_weights_update_group(host, port, rank_offset=1, world_size=1 + num_ranks, backend="gloo")
         ray.get(joined)
         names, dtypes, shapes = ray.get(trainer.meta.remote())
+        engine.check_weights_update(names, dtypes, shapes)  # before any broadcast: a refused one would not be received
         greedy = SamplingParams(max_new_tokens=CHECK_TOKENS, temperature=0.0, ignore_eos=True)
         before = [o["token_ids"] for o in engine.generate(input_ids=prompt_ids, sampling_params=greedy,
                                                             use_tqdm=False)]

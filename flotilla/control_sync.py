@@ -170,6 +170,16 @@ class WeightSync:
         return group
 
     # ------------------------------------------------------------------------------------------ updates
+    def check_distributed(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
+                          group_name: str = "weight_update_group") -> None:
+        """Raise what ``update_from_distributed`` would refuse, touching nothing (a trainer checks before it
+        broadcasts: a broadcast the ranks never receive leaves the group out of step)."""
+        from flotilla.control import meta_tensor
+
+        names, dtypes, shapes = _check_lists(names, dtypes, shapes)
+        self._group(group_name)
+        self.plane._check_weights([(n, meta_tensor(n, s, d)) for n, d, s in zip(names, dtypes, shapes)])
+
     def update_from_distributed(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
                                 group_name: str = "weight_update_group", flush_cache: bool = True,
                                 version: int | None = None, timeout: float = 600.0) -> int:

@@ -145,6 +145,11 @@ def test_broadcast_update_matches_transformers(dp_engine, ckpt, tmp_path):
         assert stats["weight_version"] == v0 + 1 and [r["weight_version"] for r in stats["replicas"]] == [v0 + 1] * 2
 
         # refused before any rank is told: the group stays usable, the weights and the version stay
+        dp_engine.check_weights_update(names, dtypes, shapes)  # what a trainer asks before it broadcasts
+        with pytest.raises(ValueError, match="nope"):
+            dp_engine.check_weights_update(names + ["model.nope.weight"], dtypes + ["float32"], shapes + [[4]])
+        with pytest.raises(ValueError, match="group_name"):
+            dp_engine.check_weights_update(names, dtypes, shapes, group_name="other")
         with pytest.raises(ValueError, match="nope"):
             dp_engine.update_weights_from_distributed(names + ["model.nope.weight"], dtypes + ["float32"],
                                                       shapes + [[4]])

@@ -67,11 +67,18 @@ class RLControlAPI:
                                         group_name: str = "weight_update_group", flush_cache: bool = True,
                                         weight_version: int | None = None, timeout: float = 600.0) -> int:
         """Receive the trainer's broadcasts (from group rank 0, full Hugging Face tensors, in ``names``
-        order); every rank keeps its shard. Checked against the model first (nothing is received from a
-        refused update: broadcast only after the check, or let the broadcast time out); the weights change
-        only once every rank of a replica has all of them. Returns the new weight version."""
+        order); every rank keeps its shard. Checked against the model before any rank is told; the weights
+        change only once every rank of a replica has all of them. Returns the new weight version. A trainer must not
+        broadcast an update the engine refuses (the group's stream would be out of step): call
+        ``check_weights_update`` first; after any failed update, destroy the group and init it again."""
         return self.control.sync.update_from_distributed(names, dtypes, shapes, group_name, flush_cache,
                                                          weight_version, timeout)
+
+    def check_weights_update(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
+                             group_name: str = "weight_update_group") -> None:
+        """Raise ``ValueError`` / ``RuntimeError`` for what ``update_weights_from_distributed`` would refuse,
+        touching nothing: check before the trainer broadcasts (not in sglang)."""
+        self.control.sync.check_distributed(names, dtypes, shapes, group_name)
 
     def update_weights_from_tensor(self, named_tensors: Any, load_format: str | None = None,
                                    flush_cache: bool = True, weight_version: int | None = None) -> int:
