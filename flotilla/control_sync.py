@@ -240,7 +240,7 @@ class WeightSync:
 
 
 def _check_lists(names: Any, dtypes: Any, shapes: Any) -> tuple[list[str], list[str], list[list[int]]]:
-    from flotilla.worker.weight_sync import parse_dtype
+    from flotilla.rl.group import parse_dtype
 
     for field, value in (("names", names), ("dtypes", dtypes), ("shapes", shapes)):
         if not isinstance(value, (list, tuple)):

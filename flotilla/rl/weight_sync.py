@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from flotilla.ipc.messages import IpcTensor
-from flotilla.worker.weight_sync import SyncGroup, connect, parse_dtype
+from flotilla.rl.group import SyncGroup, connect, parse_dtype
 
 
 def named_items(named_tensors: Any) -> list[tuple[str, torch.Tensor]]:
