@@ -212,12 +212,15 @@ def test_init_arguments_are_checked(dp_engine, bad, match):
         dp_engine.init_weights_update_group(**args)
 
 
-def test_trainer_group_helper_with_tp_and_dp_attention(ckpt, tmp_path):
-    """A trainer with a default group of its own (flotilla.rl.TrainerGroup); an engine of tp=2 with two
-    attention-DP replicas: both ranks receive every full tensor and keep their shard."""
+@pytest.mark.parametrize("layout", [dict(tp_size=2, dp_size=2, enable_dp_attention=True), dict(pp_size=2)],
+                         ids=["tp2_dp_attention", "pp2"])
+def test_trainer_group_helper_with_sharded_layouts(ckpt, tmp_path, layout):
+    """A trainer with a default group of its own (flotilla.rl.TrainerGroup). tp=2 with two attention-DP
+    replicas: both ranks receive every full tensor and keep their shard. pp=2: each stage keeps its layers
+    (the pipeline drains before the op)."""
     a, b, exp = ckpt
     file_b, meta_b = one_file(b, tmp_path)
-    with Engine(model=a, tp_size=2, dp_size=2, enable_dp_attention=True, **OPTS) as engine:
+    with Engine(model=a, **layout, **OPTS) as engine:
         assert [r["rank_in_group"] for r in engine.weight_sync_ranks()] == [0, 1]
         trainer = Trainer(world_size=3, helper=True)
         try:
