@@ -32,6 +32,7 @@ import torch
 
 from typing import TYPE_CHECKING
 
+from flotilla.control_sync import WeightSync
 from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory, UpdateWeights
 from flotilla.request import wake_all
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
+PAUSE_MODES = ("abort", "retract", "in_place")
 CONTROL_SEND_TIMEOUT_MS = 2000  # a control op waits this long for a replica just started to connect
 
 # safetensors header dtype codes of float types (anything else is refused as not floating point)
@@ -67,6 +69,32 @@ def meta_tensor(name: str, shape: Any, dtype: str) -> torch.Tensor:
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ValueError(f"weights: {name!r}: dtype {dtype} is not a floating-point type")
     return torch.empty(tuple(shape), dtype=torch_dtype, device="meta")
+
+
+def build_on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``make()`` with every parameter on the meta device. Under ``torch.device("meta")`` when that works; a
+    model that computes a buffer on the CPU while it is built (llama 3's rope scaling) is built on the CPU
+    instead, each parameter moved to meta as it is registered (its attributes, e.g. weight_loader, kept), so
+    no more than one parameter's memory is ever taken."""
+    try:
+        with torch.device("meta"):
+            return make()
+    except NotImplementedError:
+        pass
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            moved = torch.nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+            moved.__dict__.update(param.__dict__)
+            param = moved
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
+    try:
+        return make()
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def collect_named_tensors(named_tensors: Any) -> list[tuple[str, Any]]:
@@ -105,6 +133,7 @@ class ControlPlane:
         # sources in order, or None when an update cannot be replayed (it was staged, not a file)
         self._replay: list[str] | None = []
         self._meta = None
+        self.sync = WeightSync(self)  # weight-sync groups with a trainer (flotilla/control_sync.py)
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -144,6 +173,32 @@ class ControlPlane:
             finally:
                 self._paused = self._paused_for_memory = False
                 self._release_held()
+
+    def pause_generation(self, mode: str = "abort", timeout: float = 60.0) -> int:
+        """``pause`` with what happens to the requests in flight (sglang's modes): ``"in_place"`` keeps them on
+        their replicas with their KV; ``"retract"`` takes them back to the front end (their KV is freed, their
+        tokens so far kept) to resume as continuations after ``resume()``; ``"abort"`` ends every request in
+        flight or held (finish_reason "abort"). Returns how many requests were retracted or aborted."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode: must be one of {list(PAUSE_MODES)}, got {mode!r}")
+        with self.lock:
+            self.pause(timeout)
+            if mode == "in_place":
+                return 0
+            with self.fleet.lock:
+                if mode == "abort":
+                    states = [self.controller.abort(rid) for rid in list(self.controller.requests)]
+                    wake_all([s for s in states if s is not None and s.finished])
+                    return len(states)
+                moved = 0
+                for t in sorted(self.fleet.ready_replicas()):
+                    for state in self.controller.requests_on(t):
+                        if self.fleet.redispatch(state):  # paused: held here until resume
+                            self.controller.abort_on(t, state.rid)
+                            moved += 1
+                        else:
+                            state.wake()
+                return moved
 
     def update_weights(self, named_tensors: Any, *, version: int | None = None, flush_cache: bool = True,
                        timeout: float = DEFAULT_TIMEOUT_S) -> int:
@@ -269,9 +324,11 @@ class ControlPlane:
         return {"weights_sources": list(replay), "weight_version": version}
 
     # ------------------------------------------------------------------------------------------ internals
-    def _control(self, make: Callable[[int], Any], name: str, timeout: float, check: bool = True) -> None:
-        """Send one control op to every ready leader and wait until each answered (or died)."""
-        targets = self.fleet.ready_replicas()
+    def _control(self, make: Callable[[int], Any] | None, name: str, timeout: float, check: bool = True, *,
+                 make_for: Callable[[int, int], Any] | None = None, targets: set[int] | None = None) -> None:
+        """Send one control op to every ready leader (or to ``targets``) and wait until each answered (or
+        died). ``make(op_id)`` builds the message, or ``make_for(op_id, replica)`` one for each replica."""
+        targets = self.fleet.ready_replicas() if targets is None else set(targets)
         if not targets:
             if not check:
                 return
@@ -281,9 +338,10 @@ class ControlPlane:
         with self._cv:
             self._ops[op_id] = op
         try:
-            msg = make(op_id)
+            msg = make(op_id) if make is not None else None
             for t in sorted(targets):
-                if not self.controller.send(t, msg, timeout_ms=CONTROL_SEND_TIMEOUT_MS):  # gone: failover handles it
+                if not self.controller.send(t, msg if make_for is None else make_for(op_id, t),
+                                            timeout_ms=CONTROL_SEND_TIMEOUT_MS):  # gone: failover handles it
                     log.warning("%s: replica %d unreachable", name, t)
                     with self._cv:
                         op.pending.discard(t)
@@ -320,8 +378,8 @@ class ControlPlane:
             from flotilla.model.models import model_class
 
             hf = AutoConfig.from_pretrained(self.config.model)
-            with torch.device("meta"):
-                model = model_class(self.config.hf_config)(hf, max_positions=self.config.max_model_len)
+            cls = model_class(self.config.hf_config)
+            model = build_on_meta(lambda: cls(hf, max_positions=self.config.max_model_len))
             self._meta = (WeightRouter(model), _expected_names(model))
         return self._meta
 
@@ -361,14 +419,19 @@ class ControlPlane:
             raise RuntimeError("update_weights: memory is released; call resume_memory() first")
 
     def _apply_update(self, source: str, version: int, flush_cache: bool, timeout: float, *,
-                      replay: str | None, full: bool) -> int:
+                      replay: str | None, full: bool, make: Callable[[int], Any] | None = None,
+                      make_for: Callable[[int, int], Any] | None = None) -> int:
+        """Pause, send the update (``UpdateWeights`` of ``source``, or what ``make`` / ``make_for`` build), wait
+        for every leader, commit the version and what a later replica replays, resume."""
         with self.lock:
             self._check_resident()
             was_paused = self._paused
             if not was_paused:
                 self.pause(timeout)
             try:
-                self._control(lambda i: UpdateWeights(i, source, version, flush_cache), "update_weights", timeout)
+                if make is None and make_for is None:
+                    make = lambda i: UpdateWeights(i, source, version, flush_cache)  # noqa: E731
+                self._control(make, "update_weights", timeout, make_for=make_for)
                 self._weight_version = version
                 if replay is None:
                     self._replay = None

@@ -22,6 +22,7 @@ from typing import Any
 
 from flotilla.config import EngineConfig
 from flotilla.control import ControlPlane
+from flotilla.delegation import delegates
 from flotilla.ipc.channel import ChannelHub
 from flotilla.ipc.links import HubLinks
 from flotilla.ipc.messages import (ControlDone, FlushCache, Shutdown, StepOutput, WorkerFailed, WorkerReady,
@@ -32,16 +33,21 @@ from flotilla.launch.worker_args import WorkerArgs
 from flotilla.inputs import InputProcessor, SamplingLike, batch_inputs
 from flotilla.private_dir import make_private_dir
 from flotilla.request import RequestFailed, RequestState, StreamCursor, choices_result, wake_all
+from flotilla.rl.api import RL_METHODS, RLControl
 from flotilla.router.controller import DPController
 from flotilla.router.fleet import FleetSettings, ReplicaFleet
 
 log = logging.getLogger(__name__)
 
 LOOP_STALL_S = 5.0  # the engine loop turns every 50 ms; this long without a turn means it is stuck
+CONTROL_METHODS = ("weight_version", "paused", "pause", "resume", "update_weights", "update_weights_from_disk",
+                   "release_memory", "resume_memory")
 MAIN_GUARD_HINT = ("workers start with 'spawn' and import your script again: put the code that creates the "
                    "Engine under `if __name__ == \"__main__\":`")
 
 
+@delegates("control", ControlPlane, CONTROL_METHODS)  # pause/resume, weight updates, memory (control.py)
+@delegates("rl", RLControl, RL_METHODS)  # sglang's names for RL frameworks (rl/api.py)
 class Engine:
     """Offline and online generation over one or more replicas.
 
@@ -93,6 +99,7 @@ class Engine:
                                                 config.worker_start_timeout, not config.enable_dp_attention))
         self.control = ControlPlane(config, self.controller, self.fleet, self._private_dir, self._launcher.stager,
                                     files_shared=not tcp)
+        self.rl = RLControl(self.control, self.abort)
         try:
             self.fleet.start(layout(config.tp_size, config.dp_size, config.enable_dp_attention, config.pp_size))
             self.max_model_len = self._wait_ready()
@@ -325,35 +332,6 @@ class Engine:
         self.fleet.scale(dp_size, drain_timeout_s)
         with self._cv:
             self._cv.notify_all()
-
-    # ------------------------------------------------------------------------------------------ control plane
-    # The control plane's operations (flotilla/control.py documents each): pause/resume, weight updates,
-    # memory release.
-    @property
-    def weight_version(self) -> int:
-        return self.control.weight_version
-
-    @property
-    def paused(self) -> bool:
-        return self.control.paused
-
-    def pause(self, timeout: float = 60.0) -> None:
-        self.control.pause(timeout)
-
-    def resume(self, timeout: float = 60.0) -> None:
-        self.control.resume(timeout)
-
-    def update_weights(self, named_tensors: Any, **kwargs: Any) -> int:
-        return self.control.update_weights(named_tensors, **kwargs)
-
-    def update_weights_from_disk(self, path: Any, **kwargs: Any) -> int:
-        return self.control.update_weights_from_disk(path, **kwargs)
-
-    def release_memory(self, weights: bool = False, **kwargs: Any) -> None:
-        self.control.release_memory(weights, **kwargs)
-
-    def resume_memory(self, **kwargs: Any) -> None:
-        self.control.resume_memory(**kwargs)
 
     # ------------------------------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:

@@ -14,7 +14,10 @@ class RayEngine(Engine):
 
     With no group given, it uses the current one (an actor scheduled on a placement group), or creates
     one and removes it at shutdown. A group it was given is never removed. Placement, GPU shares and the
-    object-store weight staging are the Ray launcher's (``flotilla/launch/ray.py``).
+    object-store weight staging are the Ray launcher's (``flotilla/launch/ray.py``). The RL control calls
+    (``init_weights_update_group``, ``update_weights_from_distributed``, ``pause_generation``, ...) are
+    Engine's (``flotilla/rl/api.py``); ``examples/rl_loop.py`` runs them with a trainer actor in the same
+    placement group.
     """
 
     def __init__(self, model: str, *, placement_group=None, bundle_indices: list[int] | None = None,

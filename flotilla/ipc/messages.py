@@ -72,10 +72,69 @@ class ResumeMemory(msgspec.Struct, tag=True):
     op_id: int
 
 
-ModelOp = UpdateWeights | ReleaseMemory | ResumeMemory
+# Weight-sync groups (RL trainers; flotilla/worker/weight_sync.py). Model ops too: every rank joins, receives
+# or leaves in the same step. The two update ops subclass UpdateWeights, so a leader's bookkeeping (KV flush,
+# new version) is the same as for any update.
+class InitWeightSyncGroup(msgspec.Struct, tag=True):
+    """Join the trainer's torch.distributed group: ``ranks[r]`` is the group rank of this replica group's
+    rank ``r`` (the trainer is rank 0); the trainer's TCPStore listens at master_address:master_port."""
+
+    op_id: int
+    master_address: str
+    master_port: int
+    world_size: int
+    ranks: list[int]
+    group_name: str = "weight_update_group"
+    backend: str = "gloo"
+    timeout_s: float = 600.0
+
+
+class DestroyWeightSyncGroup(msgspec.Struct, tag=True):
+    op_id: int
+    group_name: str = "weight_update_group"
+
+
+class UpdateWeightsFromDistributed(UpdateWeights, tag=True):
+    """Receive full tensors broadcast by the sync group's rank 0 (``source``: the group name), in ``names``
+    order, then copy each rank's shard in. Nothing is written until every tensor arrived."""
+
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[list[int]] = []
+
+
+class IpcTensor(msgspec.Struct, array_like=True):
+    """A CUDA tensor of another process on this node, as the fields of torch's IPC handle (no pickle)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    stride: list[int]
+    offset: int               # storage offset of the tensor, in elements
+    device: int
+    handle: bytes             # cudaIpcMemHandle of the storage's allocation
+    storage_size: int         # bytes
+    storage_offset: int       # bytes of the storage into the allocation
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    device_uuid: str = ""     # the GPU's UUID: a consumer that numbers its GPUs otherwise finds it by this
+
+
+class UpdateWeightsFromIpc(UpdateWeights, tag=True):
+    """Copy from a colocated trainer's CUDA tensors: ``tensors[r]`` for group rank ``r``, or ``tensors[0]`` for
+    every rank when the list has one entry."""
+
+    tensors: list[list[IpcTensor]] = []
+
+
+ModelOp = (UpdateWeights | ReleaseMemory | ResumeMemory | InitWeightSyncGroup | DestroyWeightSyncGroup |
+           UpdateWeightsFromDistributed | UpdateWeightsFromIpc)
 
 ToWorker = (AddRequest | AbortRequest | FlushCache | Shutdown | UpdateWeights | Pause | Resume | ReleaseMemory |
-            ResumeMemory)
+            ResumeMemory | InitWeightSyncGroup | DestroyWeightSyncGroup | UpdateWeightsFromDistributed |
+            UpdateWeightsFromIpc)
 
 
 # ----------------------------------------------------------------------------------- worker -> front end

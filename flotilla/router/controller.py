@@ -92,6 +92,7 @@ class DPController:
         with self.lock:
             self.requests[state.rid] = state
             if replica is None and self.paused:
+                self._leave(state)
                 state.replica = -1
                 self.held[state.rid] = state
                 return -1
@@ -110,6 +111,8 @@ class DPController:
             except Exception as e:
                 state.replica = -1
                 raise ReplicaUnreachable(replica, str(e)) from None
+            if state.replica != replica:
+                self._leave(state)
             if state.affinity:
                 rids = self.affinity.get(state.affinity, (replica, set()))[1]
                 rids.add(state.rid)
@@ -118,6 +121,12 @@ class DPController:
             view.on_dispatch(len(state.prompt_ids), state.sampling.max_new_tokens)
             self.policy.on_dispatch(replica, state.prompt_ids)
             return replica
+
+    def _leave(self, state: RequestState) -> None:
+        """A request moves off its replica (drain, retract): that replica's load no longer counts it."""
+        view = self.views.get(state.replica)
+        if view is not None:
+            view.on_finish()
 
     def abort(self, rid: str, reason: str = "abort") -> RequestState | None:
         """Ask for a request to end. It is marked, so that a failover of its replica ends it instead of

@@ -19,6 +19,7 @@ from flotilla.server.completions import add_completion_route
 from flotilla.server.engine_client import EngineClient
 from flotilla.server.errors import CatchAllMiddleware, install_error_handlers
 from flotilla.server.metrics import render, safe_stats
+from flotilla.server.rl_routes import add_rl_routes
 from flotilla.server.state import ServerState
 from flotilla.server.tokenization import add_tokenization_routes
 
@@ -38,6 +39,7 @@ def build_app(engine: EngineClient | None, model_name: str, api_key: str | None 
     add_chat_route(app, state)
     add_tokenization_routes(app, state)
     add_admin_routes(app, state)
+    add_rl_routes(app, lambda: state.engine, api_key)
     return app
 
 

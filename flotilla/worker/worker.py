@@ -23,6 +23,7 @@ from flotilla.ipc.messages import (AbortRequest, AddRequest, BatchPlan, ControlD
                                    Resume, ResumeMemory, Shutdown, StepOutput, TokenOutput, UpdateWeights,
                                    WorkerFailed, WorkerReady, batch_plan_decoder, encoder, from_worker_decoder,
                                    to_worker_decoder)
+from flotilla.ipc.messages import DestroyWeightSyncGroup, InitWeightSyncGroup  # weight sync (RL)
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.sampling import SamplingParams
 from flotilla.testing.faults import StepFaults
@@ -151,7 +152,8 @@ class _Leader:
             elif isinstance(msg, (Pause, Resume)):
                 self.paused = isinstance(msg, Pause)
                 self.reply(msg.op_id, "pause" if self.paused else "resume")
-            elif isinstance(msg, (UpdateWeights, ReleaseMemory, ResumeMemory)):
+            elif isinstance(msg, (UpdateWeights, ReleaseMemory, ResumeMemory, InitWeightSyncGroup,
+                                  DestroyWeightSyncGroup)):  # UpdateWeights: and its weight-sync subclasses
                 self.model_ops.append(msg)
             elif isinstance(msg, Shutdown):
                 return BatchPlan([], kind="stop"), None
@@ -371,9 +373,13 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
 
 def _apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: _Leader | None) -> None:
     """Every rank of the group runs this in the same step; the leaders learn whether all ranks succeeded."""
-    error = None
+    from flotilla.worker import weight_sync
+
+    error = commit = None
     try:
-        if isinstance(op, UpdateWeights):
+        if weight_sync.is_sync_op(op):  # before UpdateWeights: two of them subclass it
+            commit = weight_sync.apply(op, runner, args.rank, progress=leader.heartbeat if leader else None)
+        elif isinstance(op, UpdateWeights):
             runner.update_weights(open_source(op.source), progress=leader.heartbeat if leader else None)
         elif isinstance(op, ReleaseMemory):
             runner.release_memory(op.weights)
@@ -383,10 +389,22 @@ def _apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: _Leader |
         error = f"rank {args.rank}: {type(e).__name__}: {e}"
         log.error("replica %d: %s failed: %s", args.replica_id, type(op).__name__, error)
     failed = [r for r, (f,) in enumerate(get_group("world").all_gather_ints([int(error is not None)])) if f]
+    if failed and isinstance(op, InitWeightSyncGroup):  # all ranks in the group, or none
+        weight_sync.leave(op.group_name)
+    if commit is not None and not failed:  # staged on every rank: now the live weights change, all at once
+        try:
+            commit()
+        except Exception as e:  # an in-place copy of a staged shard: not expected to fail
+            error = f"rank {args.rank}: commit: {type(e).__name__}: {e}"
+            log.error("replica %d: %s", args.replica_id, error)
     if leader is not None:
         if failed and error is None:
             error = f"rank(s) {failed} failed (see their logs)"
-        leader.op_done(op, error)
+        if isinstance(op, (InitWeightSyncGroup, DestroyWeightSyncGroup)):  # no weights, KV or version change
+            leader.model_ops.pop(0)
+            leader.reply(op.op_id, "weight_sync_group", error)
+        else:
+            leader.op_done(op, error)
 
 
 class _RowIds:
