@@ -95,12 +95,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
 
+RAW_SEND = "flotilla.raw_send"
+"""Scope key of the server's own ``send``, below every middleware (set by ``CatchAllMiddleware``)."""
+
+
 class CatchAllMiddleware:
     """Outermost ASGI layer: an exception nothing else handled becomes a logged 500 in OpenAI's shape.
 
     Starlette's own last-resort handler answers ``Internal Server Error`` as plain text; clients then see an
     unparseable body. If the response has already started (a stream), nothing can be sent any more; streams
     turn their own failures into error events (see ``streaming.py``), so that only happens on a bug.
+
+    It also leaves the server's own ``send`` in the scope (``RAW_SEND``): a stream sends its start through the
+    middlewares (each records that the response started) and then its body chunks straight to the server,
+    skipping three layers of pass-through wrappers per chunk.
     """
 
     def __init__(self, app: ASGIApp):
@@ -111,6 +119,7 @@ class CatchAllMiddleware:
             await self.app(scope, receive, send)
             return
         started = False
+        scope[RAW_SEND] = send
 
         async def tracking_send(message: Message) -> None:
             nonlocal started

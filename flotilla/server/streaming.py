@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 
 from flotilla.request import RequestFailed
 from flotilla.server.engine_client import Delta
-from flotilla.server.errors import Receive, Scope, Send, error_body, internal_error
+from flotilla.server.errors import RAW_SEND, Receive, Scope, Send, error_body, internal_error
 from flotilla.server.runs import Run, wait_disconnect
 from flotilla.server.usage import usage, usage_so_far
 
@@ -48,7 +48,7 @@ class SSEResponse(StreamingResponse):
         self._source = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
-        writer = asyncio.ensure_future(self._write(send))
+        writer = asyncio.ensure_future(self._write(send, scope.get(RAW_SEND) or send))
         watch = asyncio.ensure_future(wait_disconnect(receive))
         try:
             await asyncio.wait({writer, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -60,11 +60,13 @@ class SSEResponse(StreamingResponse):
         if writer.done() and not writer.cancelled() and writer.exception() is not None:
             raise writer.exception()  # type: ignore[misc]
 
-    async def _write(self, send: Send) -> None:
+    async def _write(self, send: Send, body_send: Send) -> None:
+        """The start through every middleware; the body chunks through ``body_send`` (the server's own send
+        when ``CatchAllMiddleware`` left it in the scope: the layers between only pass body messages on)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         async for chunk in self._source:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await body_send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def sse(obj: dict[str, Any]) -> bytes:
