@@ -159,11 +159,14 @@ class RawClient:
 
         u = urlsplit(base_url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     async def _conn(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            reader, writer, since = self._idle.pop()
+            if time.monotonic() - since < 2.0 and not reader.at_eof():  # uvicorn closes idle ones after 5 s
+                return reader, writer
+            writer.close()
         return await asyncio.open_connection(self.host, self.port, limit=1 << 20)
 
     async def request(self, path: str, body: bytes, headers: dict[str, str], on_body: Any) -> int:
@@ -199,13 +202,13 @@ class RawClient:
             on_body(await reader.read(), time.perf_counter())
             keep = False
         if keep:
-            self._idle.append((reader, writer))
+            self._idle.append((reader, writer, time.monotonic()))
         else:
             writer.close()
         return status
 
     async def aclose(self) -> None:
-        for _, w in self._idle:
+        for _, w, _ in self._idle:
             w.close()
         self._idle.clear()
 
@@ -258,7 +261,9 @@ async def run_load(base_url: str, specs: list[Spec], concurrency: int, request_r
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # idle connections expire here before uvicorn's 5 s keep-alive closes them (a request sent on a connection
+    # the server is closing fails in the client: a race, not the server's doing)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(None, connect=60),
                                  http1=True) as client:
         if model is None:
