@@ -85,6 +85,18 @@ def make_specs(n: int, input_len: int, output_len: int, ratio: float = 0.0, data
     return specs
 
 
+def twin_specs(specs: list[Spec], vocab: int, seed: int) -> list[Spec]:
+    """Requests of exactly the same lengths with other random prompts."""
+    rng = random.Random(seed)
+    out = []
+    for s in specs:
+        if isinstance(s.prompt, list):
+            out.append(Spec([rng.randrange(vocab) for _ in s.prompt], s.output_len))
+        else:
+            out.append(Spec(" ".join(rng.choice(_WORDS) for _ in s.prompt.split(" ")), s.output_len))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- client
 def _body(spec: Spec, model: str, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
@@ -493,7 +505,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             if args.offline:
                 if warm:
                     _offline(engine, warm)
-                result["offline"] = _offline(engine, specs)
+                # the same shape of work with other random prompts: the same ones would be in the prefix cache
+                # when the served run comes
+                result["offline"] = _offline(engine, twin_specs(specs, vocab, args.seed + 7919))
             server = ServerThread(build_app(engine, model, args.api_key), http=args.uvicorn_http,
                                   loop=args.uvicorn_loop).start()
             url = server.url

@@ -74,3 +74,15 @@ def test_sampled_lengths_stay_in_range() -> None:
     assert len({s.output_len for s in specs}) > 10
     assert all(0 <= t < 300 for s in specs for t in s.prompt)
     assert make_specs(3, 5, 7, dataset="random-ids", seed=1)[0].prompt == make_specs(3, 5, 7, seed=1)[0].prompt
+
+
+def test_offline_twin_has_the_same_lengths_and_other_prompts() -> None:
+    from flotilla.bench_serve import twin_specs
+
+    for dataset in ("random-ids", "random-text"):
+        specs = make_specs(20, 30, 10, ratio=0.3, dataset=dataset, vocab=300, seed=2)
+        twin = twin_specs(specs, 300, 99)
+        assert [s.output_len for s in twin] == [s.output_len for s in specs]
+        size = (lambda p: len(p)) if dataset == "random-ids" else (lambda p: len(p.split(" ")))
+        assert [size(t.prompt) for t in twin] == [size(s.prompt) for s in specs]
+        assert [t.prompt for t in twin] != [s.prompt for s in specs]
