@@ -147,9 +147,12 @@ class _SSEParser:
             if "error" in obj:
                 out.error = str(obj["error"].get("message"))
                 continue
-            for ch in obj.get("choices") or ():
-                if ch.get("text") or (ch.get("delta") or {}).get("content"):
-                    out.chunks.append(now)
+            choices = obj.get("choices") or ()
+            # every chunk with a choice carries tokens (the server sends none without), even when their text
+            # is empty: a shape's stand-in tokenizer decodes most of a dummy model's ids to nothing
+            if choices and "role" not in (choices[0].get("delta") or {}):
+                out.chunks.append(now)
+            for ch in choices:
                 if ch.get("finish_reason"):
                     out.finished = True
             if obj.get("usage"):

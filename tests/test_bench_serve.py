@@ -86,3 +86,18 @@ def test_offline_twin_has_the_same_lengths_and_other_prompts() -> None:
         size = (lambda p: len(p)) if dataset == "random-ids" else (lambda p: len(p.split(" ")))
         assert [size(t.prompt) for t in twin] == [size(s.prompt) for s in specs]
         assert [t.prompt for t in twin] != [s.prompt for s in specs]
+
+
+def test_parser_counts_chunks_with_empty_text_and_sees_the_end() -> None:
+    from flotilla.bench_serve import Outcome, _SSEParser
+
+    out = Outcome()
+    p = _SSEParser(out)
+    frames = (b'data: {"choices":[{"index":0,"text":"","finish_reason":null}],"usage":null}\n\n'
+              b'data: {"choices":[{"index":0,"text":"a","finish_reason":"length"}],"usage":null}\n\ndata: {"cho')
+    p.feed(frames, 1.0)
+    p.feed(b'ices":[],"usage":{"completion_tokens":2}}\n\ndata: [DONE]\n\n', 2.0)
+    assert out.chunks == [1.0, 1.0] and out.finished and out.done and out.output_tokens == 2 and out.error is None
+    cut = Outcome()
+    _SSEParser(cut).feed(b'data: {"error":{"message":"replica died"}}\n\n', 1.0)
+    assert cut.error == "replica died" and not cut.done
