@@ -15,7 +15,9 @@ chunk carrying k coalesced tokens is one gap), TPOT ((last - first chunk) / (tok
 in ms at p50/p90/p99; output tok/s (the usage the server reports, over the wall time from first send to last
 byte); and ``cut``: streams that ended without ``data: [DONE]``, which must be 0. With an in-process server,
 the server process's CPU per output token (and its HTTP and engine threads' shares). ``--offline`` runs the same
-work through ``flotilla bench``'s offline path (``engine.stream_async`` in-process) first and prints both.
+work through ``flotilla bench``'s offline path (``engine.stream_async`` in-process, every request submitted at
+once, as ``flotilla bench`` does) first and prints both; its prompts have the same lengths but other random ids,
+so the served run finds none of them in the prefix cache.
 """
 
 from __future__ import annotations
