@@ -16,7 +16,7 @@ from flotilla.server.protocol import CompletionRequest
 from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
 from flotilla.server.sampling import check_common, delta_tops, sampling_params
 from flotilla.server.state import ServerState
-from flotilla.server.streaming import ChunkTemplate, SSEResponse, UsageMode, stream_frames
+from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
 from flotilla.server.tokens import TokenStrings, encode, off_loop
 from flotilla.server.usage import usage
 
@@ -153,12 +153,12 @@ def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: To
         return {**base, "choices": [choice]}
 
     mode = UsageMode.of(body.stream_options)
-    fast = None
+    fast: FastFrame | None = None
     if body.logprobs is None and not mode.continuous:
         tail = {"usage": None} if mode.final else {}
         templates: dict[int, ChunkTemplate] = {}
 
-        def fast(i: int, delta: Delta) -> bytes | None:
+        def templated(i: int, delta: Delta) -> bytes | None:
             if not delta["token_ids"] and not delta["text"] and not delta["finished"]:
                 return None
             t = templates.get(i)
@@ -166,5 +166,7 @@ def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: To
                 t = templates[i] = ChunkTemplate(lambda text, fin: {
                     **base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fin}], **tail})
             return t.render(delta["text"], delta["finish_reason"])
+
+        fast = templated
 
     return stream_frames(run, frame, base, mode, head=[], offload=body.logprobs is not None, fast=fast)
