@@ -96,7 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 RAW_SEND = "flotilla.raw_send"
-"""Scope key of the server's own ``send``, below every middleware (set by ``CatchAllMiddleware``)."""
+"""Scope key of the ``send`` that ``CatchAllMiddleware`` was given: every layer inside it (ours, Starlette's
+exception layers, the route's) is bypassed by what is sent through it; only Starlette's outermost
+``ServerErrorMiddleware`` (and FastAPI's telemetry, when on) stay in the path."""
 
 
 class CatchAllMiddleware:
@@ -106,9 +108,9 @@ class CatchAllMiddleware:
     unparseable body. If the response has already started (a stream), nothing can be sent any more; streams
     turn their own failures into error events (see ``streaming.py``), so that only happens on a bug.
 
-    It also leaves the server's own ``send`` in the scope (``RAW_SEND``): a stream sends its start through the
-    middlewares (each records that the response started) and then its body chunks straight to the server,
-    skipping three layers of pass-through wrappers per chunk.
+    It also leaves the ``send`` it was given in the scope (``RAW_SEND``): a stream sends its start through every
+    layer (each records that the response started) and then its body chunks through that ``send``, skipping
+    the pass-through wrappers inside this one (three per chunk).
     """
 
     def __init__(self, app: ASGIApp):

@@ -61,8 +61,8 @@ class SSEResponse(StreamingResponse):
             raise writer.exception()  # type: ignore[misc]
 
     async def _write(self, send: Send, body_send: Send) -> None:
-        """The start through every middleware; the body chunks through ``body_send`` (the server's own send
-        when ``CatchAllMiddleware`` left it in the scope: the layers between only pass body messages on)."""
+        """The start through every layer; the body chunks through ``body_send`` (the send ``CatchAllMiddleware``
+        was given, when it left it in the scope: the layers inside it only pass body messages on)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         async for chunk in self._source:
             await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
