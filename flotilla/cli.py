@@ -189,6 +189,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from flotilla.bench_serve import cmd_bench_serve as run
+
+    return run(args)
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     from flotilla.testing.soak import run_soak
 
@@ -255,6 +261,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     add_bench_args(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = subs["bench-serve"] = sub.add_parser("bench-serve", help="serving benchmark: streaming completions against "
+                                                                 "a running server or one started here")
+    from flotilla.bench_serve import add_bench_serve_args
+
+    add_bench_serve_args(p)
+    p.set_defaults(fn=cmd_bench_serve)
 
     p = subs["soak"] = sub.add_parser("soak", help="chaos soak: traffic while replicas are killed, stopped, scaled "
                                                    "and updated; checks nothing is lost or duplicated")

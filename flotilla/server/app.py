@@ -26,7 +26,7 @@ from flotilla.server.tokenization import add_tokenization_routes
 
 def build_app(engine: EngineClient | None, model_name: str, api_key: str | None = None) -> FastAPI:
     """The HTTP app for ``engine`` (or for ``None`` while it loads: /health is 503 until ``set_engine``)."""
-    app = FastAPI(title="Flotilla", summary="OpenAI-compatible LLM server", version="0.1.0")
+    app = FastAPI(title="Flotilla", summary="OpenAI-compatible LLM server", version="0.1.0", **_telemetry_kwargs())
     state = ServerState(engine, model_name, api_key)
     app.state.flotilla = state
     if api_key:
@@ -41,6 +41,21 @@ def build_app(engine: EngineClient | None, model_name: str, api_key: str | None 
     add_admin_routes(app, state)
     add_rl_routes(app, lambda: state.engine, api_key)
     return app
+
+
+def _telemetry_kwargs() -> dict[str, Any]:
+    """FastAPI's native OpenTelemetry hooks off unless the environment configures OpenTelemetry (an
+    ``OTEL_*`` variable). Left on, FastAPI asks OpenTelemetry for its providers on every request, which reads
+    the environment several times: about 8% of the HTTP thread's time under 128 streams in a profile. Older
+    FastAPI versions have no such option, and nothing to turn off."""
+    import inspect
+    import os
+
+    if any(k.startswith("OTEL_") for k in os.environ):
+        return {}
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def set_engine(app: FastAPI, engine: EngineClient) -> None:

@@ -16,7 +16,7 @@ from flotilla.server.protocol import ChatCompletionRequest, ChatMessage
 from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
 from flotilla.server.sampling import check_common, default_max_tokens, delta_tops, sampling_params
 from flotilla.server.state import ServerState
-from flotilla.server.streaming import SSEResponse, UsageMode, stream_frames
+from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
 from flotilla.server.tokens import TokenStrings, encode, off_loop, render_chat
 from flotilla.server.usage import usage
 
@@ -125,7 +125,7 @@ def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | Non
     return {"content": content}
 
 
-def _stream(run: Run, body: ChatCompletionRequest, base: dict[str, Any], strings: TokenStrings) -> AsyncIterator[str]:
+def _stream(run: Run, body: ChatCompletionRequest, base: dict[str, Any], strings: TokenStrings) -> AsyncIterator[bytes]:
     base = {**base, "object": "chat.completion.chunk"}
 
     def frame(i: int, delta: Delta, seen: int) -> dict[str, Any] | None:
@@ -141,4 +141,19 @@ def _stream(run: Run, body: ChatCompletionRequest, base: dict[str, Any], strings
 
     role = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None}]}
-    return stream_frames(run, frame, base, UsageMode.of(body.stream_options), head=[role], offload=body.logprobs)
+    mode = UsageMode.of(body.stream_options)
+    fast: FastFrame | None = None
+    if not body.logprobs and not mode.continuous:
+        tail = {"usage": None} if mode.final else {}
+        template = ChunkTemplate(lambda text, fin: {
+            **base, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": fin}],
+            **tail})
+
+        def templated(i: int, delta: Delta) -> bytes | None:
+            if not delta["token_ids"] and not delta["text"]:
+                return None  # a finish-only chunk has an empty delta: the slow path
+            return template.render(delta["text"], delta["finish_reason"])
+
+        fast = templated
+
+    return stream_frames(run, frame, base, mode, head=[role], offload=bool(body.logprobs), fast=fast)

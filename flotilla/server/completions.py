@@ -16,7 +16,7 @@ from flotilla.server.protocol import CompletionRequest
 from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
 from flotilla.server.sampling import check_common, delta_tops, sampling_params
 from flotilla.server.state import ServerState
-from flotilla.server.streaming import SSEResponse, UsageMode, stream_frames
+from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
 from flotilla.server.tokens import TokenStrings, encode, off_loop
 from flotilla.server.usage import usage
 
@@ -137,7 +137,7 @@ def _choices(jobs: list[Job], results: list[dict[str, Any]], body: CompletionReq
     return choices
 
 
-def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: TokenStrings) -> AsyncIterator[str]:
+def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: TokenStrings) -> AsyncIterator[bytes]:
     offsets = [0] * len(run.jobs)
 
     def frame(i: int, delta: Delta, seen: int) -> dict[str, Any] | None:
@@ -152,5 +152,21 @@ def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: To
         choice = {"index": i, "text": delta["text"], "logprobs": logprobs, "finish_reason": delta["finish_reason"]}
         return {**base, "choices": [choice]}
 
-    return stream_frames(run, frame, base, UsageMode.of(body.stream_options), head=[],
-                         offload=body.logprobs is not None)
+    mode = UsageMode.of(body.stream_options)
+    fast: FastFrame | None = None
+    if body.logprobs is None and not mode.continuous:
+        tail = {"usage": None} if mode.final else {}
+        templates: dict[int, ChunkTemplate] = {}
+
+        def templated(i: int, delta: Delta) -> bytes | None:
+            if not delta["token_ids"] and not delta["text"] and not delta["finished"]:
+                return None
+            t = templates.get(i)
+            if t is None:
+                t = templates[i] = ChunkTemplate(lambda text, fin: {
+                    **base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fin}], **tail})
+            return t.render(delta["text"], delta["finish_reason"])
+
+        fast = templated
+
+    return stream_frames(run, frame, base, mode, head=[], offload=body.logprobs is not None, fast=fast)

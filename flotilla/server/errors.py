@@ -95,12 +95,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
 
+RAW_SEND = "flotilla.raw_send"
+"""Scope key of the ``send`` that ``CatchAllMiddleware`` was given: every layer inside it (ours, Starlette's
+exception layers, the route's) is bypassed by what is sent through it; only Starlette's outermost
+``ServerErrorMiddleware`` (and FastAPI's telemetry, when on) stay in the path."""
+
+
 class CatchAllMiddleware:
     """Outermost ASGI layer: an exception nothing else handled becomes a logged 500 in OpenAI's shape.
 
     Starlette's own last-resort handler answers ``Internal Server Error`` as plain text; clients then see an
     unparseable body. If the response has already started (a stream), nothing can be sent any more; streams
     turn their own failures into error events (see ``streaming.py``), so that only happens on a bug.
+
+    It also leaves the ``send`` it was given in the scope (``RAW_SEND``): a stream sends its start through every
+    layer (each records that the response started) and then its body chunks through that ``send``, skipping
+    the pass-through wrappers inside this one (three per chunk).
     """
 
     def __init__(self, app: ASGIApp):
@@ -111,6 +121,7 @@ class CatchAllMiddleware:
             await self.app(scope, receive, send)
             return
         started = False
+        scope[RAW_SEND] = send
 
         async def tracking_send(message: Message) -> None:
             nonlocal started

@@ -15,6 +15,9 @@ from flotilla.server.app import build_app, set_engine
 from flotilla.server.errors import ASGIApp
 
 
+KEEP_ALIVE_S = 30
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket bound now, so that port 0 yields a real port before the server starts."""
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -36,17 +39,27 @@ class ServerThread:
     engine meanwhile, so Ctrl-C and Ray's signal handling stay where they belong) and by the tests."""
 
     def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 access_log: bool = False):
+                 access_log: bool = False, http: str = "auto", loop: str = "auto"):
         import uvicorn
 
         self.sock = bind_socket(host, port)
         self.host = host
         self.port = self.sock.getsockname()[1]
+        # "auto" takes httptools and uvloop when installed (the server extra installs them): h11's pure-Python
+        # parser and asyncio's loop cost several times more per SSE chunk
+        # keep-alive 30 s, not uvicorn's 5 s: clients keep idle connections for 5 s (httpx's default), and a
+        # request sent on a connection the server is closing at that moment fails in the client as a read
+        # error; with the server holding on longer, the client always lets go first
         config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5,
-                                lifespan="off")
+                                lifespan="off", http=http, loop=loop, timeout_keep_alive=KEEP_ALIVE_S)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="flotilla-http", daemon=True)
         self.error: BaseException | None = None
+
+    @property
+    def thread_id(self) -> int | None:
+        """The server thread's native id, once started (for per-thread CPU accounting)."""
+        return self._thread.native_id
 
     @property
     def url(self) -> str:

@@ -91,6 +91,10 @@ class Run:
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, delta) pairs; raises whatever a request failed with after it started (RequestFailed
         when its replicas died), or StreamEnded if a stream stopped without finishing."""
+        if len(self._gens) == 1:
+            async for item in self._single():
+                yield item
+            return
         queue: asyncio.Queue[tuple[int, Delta | BaseException | _End]] = asyncio.Queue()
         self._pumps = [asyncio.ensure_future(self._pump(i, queue))
                        for i, d in enumerate(self._firsts) if not d["finished"]]
@@ -105,6 +109,27 @@ class Run:
                 raise item
             else:
                 yield i, item
+
+    async def _single(self) -> AsyncIterator[tuple[int, Delta]]:
+        """One job (every chat request, most completions): its stream is read in the consumer's own task.
+        Merging needs a pump task and a queue per job, which cost a task switch per delta; one stream needs
+        no merging."""
+        first = self._firsts[0]
+        yield 0, first
+        if first["finished"]:
+            return
+        timer, gen = self._timers[0], self._gens[0]
+        try:
+            async for delta in gen:
+                timer.on_delta(delta)
+                yield 0, delta
+                if delta["finished"]:
+                    return
+        except Exception:
+            timer.on_end("error")
+            raise
+        timer.on_end("error")
+        raise StreamEnded(f"the engine's stream for {self.jobs[0].request_id} ended before it finished")
 
     async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, Delta | BaseException | _End]]) -> None:
         finished = False

@@ -1,0 +1,207 @@
+"""A model-free engine for measuring the HTTP server's own cost per token (``flotilla bench-serve --synthetic``).
+
+On a GPU the server's ceiling hides behind the model; on a CPU the model hides the server. This engine has no
+model: a background thread plays every replica, advancing each running request one token per "step" every
+``step_ms`` (as fast as a large GPU batch would), and pushes the steps through exactly the front end's real
+per-token path: msgpack-encoded ``StepOutput`` frames decoded again, ``DPController.on_step`` (incremental
+detokenization and stop strings in ``RequestState.apply``), and one batched ``wake_all`` per step. What the
+HTTP server adds on top of that is what a profile of this process attributes to the server.
+
+It satisfies ``EngineClient`` (``stream_async``, ``stats``, ``scale``, ``tokenizer``, ``max_model_len``) plus
+``abort`` and ``shutdown``. Token ids are random (seeded per request id), so texts are plausible but
+meaningless; ``ignore_eos`` is implied (a request ends at ``max_new_tokens`` or on a stop string).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flotilla.inputs import InputProcessor
+from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOutput, TokenOutput, encoder, \
+    from_worker_decoder
+from flotilla.request import RequestFailed, StreamCursor, wake_all
+from flotilla.router.controller import DPController
+
+
+@dataclass
+class _Running:
+    rid: str
+    left: int
+    rng: random.Random
+
+
+@dataclass
+class _Replica:
+    rid: int
+    running: dict[str, _Running] = field(default_factory=dict)
+    steps: int = 0
+
+
+class SyntheticEngine:
+    """``dp_size`` simulated replicas of at most ``max_num_seqs`` requests, stepping every ``step_ms``.
+
+    ``step_ms=0`` steps as fast as the front end absorbs (the server's ceiling); a step that takes longer than
+    ``step_ms`` of front-end work simply delays the next, as a real engine's output would queue.
+    """
+
+    def __init__(self, tokenizer: Any, dp_size: int = 1, step_ms: float = 5.0, max_num_seqs: int = 256,
+                 max_model_len: int = 32768):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        vocab = len(tokenizer)
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._ids = [i for i in range(vocab) if i not in special]
+        self.vocab_size = vocab
+        self.inputs = InputProcessor(tokenizer, vocab, max_model_len)
+        self.controller = DPController("round_robin")
+        self.step_s = step_ms / 1e3
+        self.max_num_seqs = max_num_seqs
+        self._inbox: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
+        self._replicas = [_Replica(r) for r in range(dp_size)]
+        for r in range(dp_size):
+            self.controller.add_replica(r, self._sender(r))
+        self._aborted: list[tuple[int, str, str]] = []  # (replica, rid, reason): reported in its next step
+        self._closed = False
+        self.tokens_emitted = 0
+        self._thread = threading.Thread(target=self._loop, name="synthetic-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_shape(cls, shape: str = "qwen3-0.6b", **kwargs: Any) -> "SyntheticEngine":
+        """With the tokenizer of a built-in shape (``flotilla.model.shapes``)."""
+        from transformers import AutoTokenizer
+
+        from flotilla.model.shapes import write_shape
+
+        folder = write_shape(shape)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return cls(tok, **kwargs)
+
+    @property
+    def thread_id(self) -> int | None:
+        """The stepping thread's native id (for per-thread CPU accounting)."""
+        return self._thread.native_id
+
+    def _sender(self, replica: int):
+        def send(msg: object, timeout_ms: int = 0) -> None:
+            self._inbox.put((replica, msg))
+        return send
+
+    # ------------------------------------------------------------------------------------------ the "replicas"
+    def _loop(self) -> None:
+        next_t = time.perf_counter()
+        while not self._closed:
+            self._drain_inbox()
+            woken = []
+            for rep in self._replicas:
+                if rep.running or self._aborted:
+                    raw = encoder.encode(self._step(rep))
+                    woken.extend(st for st, _ in self.controller.on_step(from_worker_decoder.decode(raw)))
+            if woken:
+                wake_all(woken)
+            next_t += self.step_s
+            delay = next_t - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_t = time.perf_counter()
+                if not woken:
+                    time.sleep(0.0005)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                replica, msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            rep = self._replicas[replica]
+            if isinstance(msg, AddRequest):
+                seed = zlib.crc32(msg.rid.encode())
+                rep.running[msg.rid] = _Running(msg.rid, msg.sampling.max_new_tokens - len(msg.output_ids),
+                                                random.Random(seed))
+            elif isinstance(msg, AbortRequest):
+                run = rep.running.pop(msg.rid, None)
+                if run is not None:
+                    self._aborted.append((replica, msg.rid, msg.reason))
+
+    def _step(self, rep: _Replica) -> StepOutput:
+        outs = []
+        for run in list(rep.running.values())[: self.max_num_seqs]:
+            run.left -= 1
+            done = run.left <= 0
+            outs.append(TokenOutput(run.rid, [run.rng.choice(self._ids)], finished=done,
+                                    finish_reason="length" if done else None))
+            if done:
+                del rep.running[run.rid]
+        aborted = [a for a in self._aborted if a[0] == rep.rid]
+        for _, rid, reason in aborted:
+            outs.append(TokenOutput(rid, [], finished=True, finish_reason=reason))
+        self._aborted = [a for a in self._aborted if a[0] != rep.rid]
+        rep.steps += 1
+        self.tokens_emitted += len(outs)
+        return StepOutput(rep.rid, outs, ReplicaLoad(running=len(rep.running), num_steps=rep.steps))
+
+    # ------------------------------------------------------------------------------------------ EngineClient
+    async def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
+                           input_ids: list[int] | None = None,
+                           request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """As ``Engine.stream_async``: validate, submit, yield deltas cut from the request's state; closing
+        the iterator aborts."""
+        state = self.inputs.make_state(prompt, input_ids, sampling_params, request_id)
+        ev = state.add_async_waiter()
+        if self._closed:
+            raise RequestFailed("the engine is shut down")
+        self.controller.admit(state)
+        self.controller.dispatch(state)
+        cursor = StreamCursor()
+        try:
+            while True:
+                await ev.wait()
+                ev.clear()
+                delta = cursor.take(state)
+                if delta is not None:
+                    yield delta
+                    if delta["finished"]:
+                        return
+        finally:
+            state.remove_async_waiter(ev)
+            if not state.finished:
+                self.abort(state.rid)
+
+    def abort(self, request_id: str) -> bool:
+        state = self.controller.abort(request_id)
+        if state is not None and state.finished:
+            state.wake()
+        return state is not None
+
+    def stats(self) -> dict[str, Any]:
+        rows = [{"id": r.rid, "alive": True, "running": len(r.running), "waiting": 0, "kv_used": 0.0,
+                 "cached_tokens": 0, "num_steps": r.steps} for r in self._replicas]
+        return {"replicas": rows, "num_requests_inflight": self.controller.inflight(),
+                "dp_size": len(self._replicas), "max_model_len": self.max_model_len}
+
+    def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
+        raise ValueError("dp_size: the synthetic engine cannot scale")
+
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=5)
+        with self.controller.lock:
+            left = list(self.controller.requests.values())
+        for state in left:
+            self.controller.fail(state, "the engine shut down")
+        wake_all(left)
