@@ -186,11 +186,13 @@ def test_wrong_or_missing_key(server: ServerThread) -> None:
 @pytest.mark.parametrize("kwargs, param", [
     ({"top_p": 0}, "top_p"),
     ({"temperature": -1}, "temperature"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
     ({"max_tokens": 10**6}, "max_tokens"),
     ({"logprobs": 99}, "logprobs"),
     ({"extra_body": {"top_k": "many"}}, "top_k"),
-    ({"echo": True}, "echo"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"best_of": 1, "n": 2}, "best_of"),
+    ({"extra_body": {"guided_regex": "a(b"}}, "structured_output.regex"),
     ({"extra_body": {"suffix": "x"}}, "suffix"),
     ({"stop": 5}, "stop"),
 ])
@@ -203,7 +205,7 @@ def test_bad_parameter_is_400_naming_it(client: openai.OpenAI, kwargs: dict[str,
 
 def test_bad_chat_parameters(client: openai.OpenAI) -> None:
     msgs = [{"role": "user", "content": "Hi"}]
-    for kwargs, param in [({"n": 2}, "n"), ({"top_p": 0}, "top_p"), ({"max_completion_tokens": 0},
+    for kwargs, param in [({"n": 200}, "n"), ({"top_p": 0}, "top_p"), ({"max_completion_tokens": 0},
                                                                      "max_completion_tokens"),
                           ({"top_logprobs": 3}, "top_logprobs")]:
         with pytest.raises(openai.BadRequestError) as err:
@@ -420,13 +422,15 @@ def test_unknown_fields_are_ignored_and_logged_once(client: openai.OpenAI, caplo
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"n": 2}, "n"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools.0"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                   "function": {"name": "g"}}},
+     "tool_choice"),
 ])
-def test_known_but_unsupported_chat_fields_are_refused(client: openai.OpenAI, kwargs: dict[str, Any],
+def test_bad_or_unsupported_chat_fields_are_refused(client: openai.OpenAI, kwargs: dict[str, Any],
                                                         param: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,

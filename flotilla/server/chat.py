@@ -14,10 +14,11 @@ from flotilla.server.engine_client import Delta, Tokenizer
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import ChatCompletionRequest, ChatMessage
 from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
-from flotilla.server.sampling import check_common, default_max_tokens, delta_tops, sampling_params
+from flotilla.server.sampling import check_common, choice_jobs, default_max_tokens, delta_tops, sampling_params
 from flotilla.server.state import ServerState
 from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
 from flotilla.server.tokens import TokenStrings, encode, off_loop, render_chat
+from flotilla.server.tools import check_tools, parse_tool_calls, tool_constraint, tool_format
 from flotilla.server.usage import usage
 
 
@@ -26,40 +27,54 @@ def add_chat_route(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine = state.accept("/v1/chat/completions", body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        check_chat(body)
-        ids = await off_loop(chat_prompt_ids, body.messages, engine.tokenizer)
-        job, aliases = chat_job(body, ids, engine.max_model_len, rid)
-        run = Run(engine, state.metrics, [job])
+        forced = check_chat(body)
+        tools = body.tools if body.tools and body.tool_choice != "none" else None
+        fmt = tool_format(getattr(engine.tokenizer, "chat_template", None)) if tools else None
+        ids = await off_loop(chat_prompt_ids, body.messages, engine.tokenizer, tools=tools)
+        jobs, aliases = chat_jobs(body, ids, engine.max_model_len, rid, forced, fmt)
+        run = Run(engine, state.metrics, jobs)
         await start_or_error(request, run, aliases)
         strings = TokenStrings(engine.tokenizer)
         base = {"id": rid, "created": int(time.time()), "model": state.model_name, "system_fingerprint": None}
         if body.stream:
-            return SSEResponse(_stream(run, body, base, strings))
-        (res,) = await collect_or_error(request, run)
-        logprobs = None
-        if body.logprobs:
-            tops = res.get("top_logprobs") if body.top_logprobs else None
-            logprobs = await off_loop(logprobs_block, strings, res["token_ids"], res.get("logprobs"), tops)
-        choice = {"index": 0, "message": {"role": "assistant", "content": res["text"]}, "logprobs": logprobs,
-                  "finish_reason": res["finish_reason"]}
-        return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": usage([res])})
+            return SSEResponse(_stream(run, body, base, strings, fmt))
+        results = await collect_or_error(request, run)
+        choices = []
+        for job, res in zip(jobs, results):
+            logprobs = None
+            if body.logprobs:
+                tops = res.get("top_logprobs") if body.top_logprobs else None
+                logprobs = await off_loop(logprobs_block, strings, res["token_ids"], res.get("logprobs"), tops)
+            message, finish = assistant_message(res["text"], res["finish_reason"], fmt)
+            choices.append({"index": job.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+        return JSONResponse({**base, "object": "chat.completion", "choices": choices,
+                             "usage": usage(results, body.n)})
 
 
-def check_chat(body: ChatCompletionRequest) -> None:
-    """Known fields the engine cannot honour yet are refused with a 400 naming them."""
+def check_chat(body: ChatCompletionRequest) -> str | None:
+    """Known fields the engine cannot honour are refused with a 400 naming them; returns the function a
+    tool_choice forces ("*": any), or None."""
     check_common(body)
-    if body.tools:
-        raise bad_param("tools", "tool calling is not supported")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise bad_param("tool_choice", "tool calling is not supported")
     if body.functions:
-        raise bad_param("functions", "function calling is not supported")
+        raise bad_param("functions", "the legacy functions field is not supported; use tools")
     if body.function_call not in (None, "none", "auto"):
-        raise bad_param("function_call", "function calling is not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_param("response_format", "only {\"type\": \"text\"} is supported")
+        raise bad_param("function_call", "the legacy function_call field is not supported; use tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_param("top_logprobs", "requires logprobs to be true")
+    forced = check_tools(body.tools, body.tool_choice)
+    if forced is not None and body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_param("response_format", "cannot be combined with a tool_choice that forces a call")
+    return forced
+
+
+def assistant_message(text: str, finish: str | None, fmt: str | None) -> tuple[dict[str, Any], str | None]:
+    """The reply as an assistant message: tool calls parsed out of it when tools were offered."""
+    if fmt is not None:
+        content, calls = parse_tool_calls(text, fmt)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, \
+                "tool_calls" if finish == "stop" else finish
+    return {"role": "assistant", "content": text}, finish
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -80,11 +95,11 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False) -> list[int]:
-    """The rendered template's token ids. Blocking: call it through ``off_loop``. By default no special tokens
-    are added, since the template already writes any BOS it wants."""
+                    add_special_tokens: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The rendered template's token ids (``tools`` passed to the template). Blocking: call it through
+    ``off_loop``. By default no special tokens are added, since the template already writes any BOS it wants."""
     try:
-        text = render_chat(tokenizer, message_dicts(messages), add_generation_prompt)
+        text = render_chat(tokenizer, message_dicts(messages), add_generation_prompt, tools)
     except LookupError as e:
         raise bad_param("messages", f"{e}; use /v1/completions") from None
     except ValueError as e:
@@ -95,17 +110,20 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer, add_gener
     return ids
 
 
-def chat_job(body: ChatCompletionRequest, ids: list[int], max_model_len: int, rid: str) -> tuple[Job, dict[str, str]]:
+def chat_jobs(body: ChatCompletionRequest, ids: list[int], max_model_len: int, rid: str, forced: str | None,
+              fmt: str) -> tuple[list[Job], dict[str, str]]:
     limit_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if limit is None:  # OpenAI's chat default: as much as the context allows
         limit = default_max_tokens(len(ids), max_model_len, "messages")
     params = sampling_params(body, limit)
+    if forced is not None:  # the reply must be a call that parses: constrained by a grammar
+        params["structured_output"] = tool_constraint(body.tools, forced, fmt)
     if body.logprobs:
         params["logprobs"], params["top_logprobs"] = True, body.top_logprobs or 0
     aliases = {"max_new_tokens": limit_name, "input_ids": "messages", "prompt": "messages",
                "sampling_params": "body"}
-    return Job(0, rid, ids, params), aliases
+    return choice_jobs(rid, [ids], params, body.n), aliases
 
 
 def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | None,
@@ -125,35 +143,53 @@ def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | Non
     return {"content": content}
 
 
-def _stream(run: Run, body: ChatCompletionRequest, base: dict[str, Any], strings: TokenStrings) -> AsyncIterator[bytes]:
+def _stream(run: Run, body: ChatCompletionRequest, base: dict[str, Any], strings: TokenStrings,
+            fmt: str | None) -> AsyncIterator[bytes]:
+    """Content deltas as they come. With tools offered (``fmt``), a choice's text is held until it ends, then
+    sent as tool-call deltas (OpenAI's shape: index, id, type, name and the whole arguments) or as content:
+    whether a reply is a call is known only once it is complete."""
     base = {**base, "object": "chat.completion.chunk"}
+    held = [""] * len(run.jobs)
 
     def frame(i: int, delta: Delta, seen: int) -> dict[str, Any] | None:
         ids = delta.get("token_ids") or []
         if not ids and not delta["text"] and not delta["finished"]:
             return None
+        finish = delta["finish_reason"]
+        out: dict[str, Any] = {"content": delta["text"]} if delta["text"] or ids else {}
+        if fmt is not None:
+            held[i] += delta["text"]
+            if not delta["finished"]:
+                return None
+            message, finish = assistant_message(held[i], finish, fmt)
+            out = {"content": message["content"]} if message["content"] else {}
+            if "tool_calls" in message:
+                out["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
         logprobs = None
         if body.logprobs:
             logprobs = logprobs_block(strings, ids, delta.get("logprobs"), delta_tops(delta, run.jobs[i], seen))
-        choice = {"index": i, "delta": {"content": delta["text"]} if delta["text"] or ids else {},
-                  "logprobs": logprobs, "finish_reason": delta["finish_reason"]}
-        return {**base, "choices": [choice]}
+        return {**base, "choices": [{"index": run.jobs[i].index, "delta": out, "logprobs": logprobs,
+                                     "finish_reason": finish}]}
 
-    role = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}]}
+    roles = [{**base, "choices": [{"index": j.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}]} for j in run.jobs]
     mode = UsageMode.of(body.stream_options)
     fast: FastFrame | None = None
-    if not body.logprobs and not mode.continuous:
+    if not body.logprobs and not mode.continuous and fmt is None:
         tail = {"usage": None} if mode.final else {}
-        template = ChunkTemplate(lambda text, fin: {
-            **base, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": fin}],
-            **tail})
+        templates: dict[int, ChunkTemplate] = {}
 
         def templated(i: int, delta: Delta) -> bytes | None:
             if not delta["token_ids"] and not delta["text"]:
                 return None  # a finish-only chunk has an empty delta: the slow path
-            return template.render(delta["text"], delta["finish_reason"])
+            t = templates.get(i)
+            if t is None:
+                index = run.jobs[i].index
+                t = templates[i] = ChunkTemplate(lambda text, fin: {
+                    **base, "choices": [{"index": index, "delta": {"content": text}, "logprobs": None,
+                                         "finish_reason": fin}], **tail})
+            return t.render(delta["text"], delta["finish_reason"])
 
         fast = templated
 
-    return stream_frames(run, frame, base, mode, head=[role], offload=bool(body.logprobs), fast=fast)
+    return stream_frames(run, frame, base, mode, head=roles, offload=bool(body.logprobs), fast=fast)

@@ -14,10 +14,10 @@ from flotilla.server.engine_client import Delta, Tokenizer
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import CompletionRequest
 from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
-from flotilla.server.sampling import check_common, delta_tops, sampling_params
+from flotilla.server.sampling import MAX_N, check_common, choice_jobs, delta_tops, sampling_params
 from flotilla.server.state import ServerState
 from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
-from flotilla.server.tokens import TokenStrings, encode, off_loop
+from flotilla.server.tokens import TokenStrings, decode, encode, off_loop
 from flotilla.server.usage import usage
 
 # the engine's field names -> the API's, so a 400 names what the client sent
@@ -34,26 +34,37 @@ def add_completion_route(app: FastAPI, state: ServerState) -> None:
         rid = f"cmpl-{uuid.uuid4().hex}"
         check_completion(body)
         prompts = await off_loop(prompt_ids, body, engine.tokenizer)
-        jobs = [Job(i, f"{rid}-{i}", ids, completion_params(body)) for i, ids in enumerate(prompts)]
+        best_of = body.best_of or body.n
+        jobs = choice_jobs(rid, prompts, completion_params(body, ranked=best_of > body.n), best_of)
+        heads = await off_loop(prompt_texts, body, prompts, engine.tokenizer) if body.echo else []
         run = Run(engine, state.metrics, jobs)
         await start_or_error(request, run, ALIASES)
         strings = TokenStrings(engine.tokenizer)
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
         if body.stream:
-            return SSEResponse(_stream(run, body, base, strings))
+            return SSEResponse(_stream(run, body, base, strings, heads))
         results = await collect_or_error(request, run)
-        choices = await off_loop(_choices, jobs, results, body, strings)
-        return JSONResponse({**base, "choices": choices, "usage": usage(results), "system_fingerprint": None})
+        choices = await off_loop(_choices, jobs, results, body, strings, prompts, heads)
+        if body.max_tokens == 0:
+            results = [{**r, "completion_tokens": 0} for r in results]
+        return JSONResponse({**base, "choices": choices, "usage": usage(results, best_of),
+                             "system_fingerprint": None})
 
 
 def check_completion(body: CompletionRequest) -> None:
     check_common(body)
-    if body.echo:
-        raise bad_param("echo", "is not supported")
     if body.suffix:
         raise bad_param("suffix", "is not supported")
-    if body.best_of not in (None, 1):
-        raise bad_param("best_of", f"only best_of=1 is supported, got {body.best_of}")
+    if body.best_of is not None:
+        if isinstance(body.best_of, bool) or not body.n <= body.best_of <= MAX_N:
+            raise bad_param("best_of", f"must be in [n, {MAX_N}] (n={body.n}), got {body.best_of}")
+        if body.stream and body.best_of > body.n:
+            raise bad_param("best_of", "cannot be larger than n when streaming")
+    if body.max_tokens == 0 and (not body.echo or body.stream):
+        raise bad_param("max_tokens", "0 is only allowed with echo and without stream (the prompt alone, e.g. for "
+                                      "its logprobs)")
+    if body.echo and body.stream and body.logprobs is not None:
+        raise bad_param("echo", "with logprobs is only supported without stream")
 
 
 def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
@@ -74,11 +85,18 @@ def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]
     return out
 
 
-def completion_params(body: CompletionRequest) -> dict[str, Any]:
-    params = sampling_params(body, body.max_tokens if body.max_tokens is not None else _DEFAULT_MAX_TOKENS)
-    if body.logprobs is not None:
+def completion_params(body: CompletionRequest, ranked: bool = False) -> dict[str, Any]:
+    """``ranked``: best_of > n, so the sampled tokens' logprobs are needed to pick the best choices. With echo
+    and logprobs the prompt's own logprobs come from the forward pass; max_tokens=0 asks for one token, which
+    the response leaves out."""
+    limit = body.max_tokens if body.max_tokens is not None else _DEFAULT_MAX_TOKENS
+    params = sampling_params(body, max(limit, 1))
+    if body.logprobs is not None or ranked:
         params["logprobs"] = True
+    if body.logprobs is not None:
         params["top_logprobs"] = candidates_for(body.logprobs)
+        if body.echo:
+            params["prompt_logprobs"] = candidates_for(body.logprobs)
     return params
 
 
@@ -119,25 +137,55 @@ def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | Non
     block: dict[str, Any] = {"tokens": tokens,
                              "token_logprobs": [lps[j] if j < len(lps) else None for j in range(len(tokens))],
                              "text_offset": offsets, "top_logprobs": None}
-    if tops is not None:
-        block["top_logprobs"] = [top_by_text(strings, row, k) for row in tops]
+    if tops is not None:  # a prompt's first token has no candidates (None)
+        block["top_logprobs"] = [None if row is None else top_by_text(strings, row, k) for row in tops]
     return block, offset
 
 
-def _choices(jobs: list[Job], results: list[dict[str, Any]], body: CompletionRequest,
-             strings: TokenStrings) -> list[dict[str, Any]]:
+def prompt_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer) -> list[str]:
+    """What echo puts first, per prompt: the prompt as sent (a string), or its decoded ids."""
+    given = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
+        else [body.prompt]
+    return [g if isinstance(g, str) else decode(tokenizer, ids) for g, ids in zip(given, prompts)]
+
+
+def best_choices(jobs: list[Job], results: list[dict[str, Any]], n: int, best_of: int) -> list[tuple[Job, dict]]:
+    """The ``n`` of each prompt's ``best_of`` candidates with the highest total logprob, re-indexed."""
+    out = []
+    for p in range(len(jobs) // best_of):
+        group = list(zip(jobs[p * best_of:(p + 1) * best_of], results[p * best_of:(p + 1) * best_of]))
+        group.sort(key=lambda jr: -sum(jr[1].get("logprobs") or [0.0]))
+        for c, (job, res) in enumerate(group[:n]):
+            out.append((Job(p * n + c, job.request_id, job.input_ids, job.params), res))
+    return out
+
+
+def _choices(jobs: list[Job], results: list[dict[str, Any]], body: CompletionRequest, strings: TokenStrings,
+             prompts: list[list[int]], heads: list[str]) -> list[dict[str, Any]]:
+    best_of = body.best_of or body.n
+    pairs = best_choices(jobs, results, body.n, best_of) if best_of > body.n else list(zip(jobs, results))
     choices = []
-    for job, res in zip(jobs, results):
+    for job, res in pairs:
+        p = job.index // body.n
+        generated = body.max_tokens != 0  # max_tokens=0 (echo only): the one token asked for is left out
+        head = heads[p] if body.echo else ""
+        text = head + (res["text"] if generated else "")
         logprobs = None
         if body.logprobs is not None:
+            ids = res["token_ids"] if generated else []
             tops = res.get("top_logprobs") if body.logprobs else None
-            logprobs, _ = logprobs_block(strings, res["token_ids"], res.get("logprobs"), tops, body.logprobs, 0)
-        choices.append({"index": job.index, "text": res["text"], "logprobs": logprobs,
-                        "finish_reason": res["finish_reason"]})
+            logprobs, _ = logprobs_block(strings, ids, res.get("logprobs"), tops, body.logprobs, len(head))
+            if body.echo:
+                ptops = res.get("prompt_top_logprobs") if body.logprobs else None
+                echo, _ = logprobs_block(strings, prompts[p], res.get("prompt_logprobs"), ptops, body.logprobs, 0)
+                logprobs = {k: None if echo[k] is None else echo[k] + logprobs[k] for k in logprobs}
+        choices.append({"index": job.index, "text": text, "logprobs": logprobs,
+                        "finish_reason": res["finish_reason"] if generated else "length"})
     return choices
 
 
-def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: TokenStrings) -> AsyncIterator[bytes]:
+def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: TokenStrings,
+            heads: list[str]) -> AsyncIterator[bytes]:
     offsets = [0] * len(run.jobs)
 
     def frame(i: int, delta: Delta, seen: int) -> dict[str, Any] | None:
@@ -169,4 +217,6 @@ def _stream(run: Run, body: CompletionRequest, base: dict[str, Any], strings: To
 
         fast = templated
 
-    return stream_frames(run, frame, base, mode, head=[], offload=body.logprobs is not None, fast=fast)
+    head = [{**base, "choices": [{"index": job.index, "text": heads[job.index // body.n], "logprobs": None,
+                                  "finish_reason": None}]} for job in run.jobs] if body.echo else []
+    return stream_frames(run, frame, base, mode, head=head, offload=body.logprobs is not None, fast=fast)

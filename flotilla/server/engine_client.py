@@ -29,7 +29,7 @@ class Tokenizer(Protocol):
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]: ...
 
     def apply_chat_template(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> Any: ...
+                            tokenize: bool = True, **kwargs: Any) -> Any: ...
 
 
 class EngineClient(Protocol):
@@ -44,7 +44,11 @@ class EngineClient(Protocol):
     max_model_len: int
 
     def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
-                     input_ids: list[int] | None = None, request_id: str | None = None) -> AsyncIterator[Delta]: ...
+                     input_ids: list[int] | None = None, request_id: str | None = None,
+                     affinity: str | None = None) -> AsyncIterator[Delta]:
+        """``affinity``: requests with one key go to one replica (the n choices of one prompt share its KV);
+        only passed when set."""
+        ...
 
     def stats(self) -> dict[str, Any]:
         """``{"replicas": [{"id", "alive", "running", "waiting", "kv_used", "cached_tokens"}, ...],

@@ -59,7 +59,7 @@ def from_value_error(err: ValueError, aliases: dict[str, str]) -> APIError:
     """Turn the engine's ``ValueError("field: ...")`` into a 400 naming the API's parameter for that field."""
     text = str(err)
     head, sep, rest = text.partition(":")
-    if sep and head.isidentifier():
+    if sep and head and all(part.isidentifier() or part.isdigit() for part in head.split(".")):
         param = aliases.get(head, head)
         return APIError(400, f"{param}:{rest}", param=param, code="invalid_parameter")
     return APIError(400, text, code="invalid_parameter")

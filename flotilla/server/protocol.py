@@ -3,8 +3,8 @@
 Unknown fields are accepted and ignored (``extra="allow"``; ``app.py`` logs each new name once), as vLLM does:
 OpenAI keeps adding fields (``reasoning_effort``, ``prompt_cache_key``, ``safety_identifier``...) that clients
 send by default, and refusing them would break those clients against an otherwise working server. Fields we
-know but cannot honour yet (tools, response_format other than text, n > 1, echo...) are declared here and
-refused with a 400 naming them (``completions.py``, ``chat.py``), so nobody silently gets something else.
+know but cannot honour (``logit_bias``, ``suffix``, legacy ``functions``) are declared here and refused with a
+400 naming them (``completions.py``, ``chat.py``), so nobody silently gets something else.
 
 Text that will be tokenized is a ``Text``: a lone UTF-16 surrogate (``"\\ud800"``, legal in a JSON string but not
 encodable to UTF-8) is a 400 naming the field rather than a 500 from deep in the tokenizer.
@@ -56,6 +56,8 @@ class SamplingFields(_Lenient):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # structured output (server/structured.py; vLLM's and sglang's extra-body names are read from the extras)
+    response_format: dict[str, Any] | None = None
     # extras
     ignore_eos: bool | None = None
     top_k: int | None = None
@@ -89,8 +91,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # known, but only their default values are supported (see chat.check_chat)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None

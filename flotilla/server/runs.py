@@ -30,6 +30,7 @@ class Job:
     request_id: str
     input_ids: list[int]
     params: dict[str, Any]
+    affinity: str | None = None  # the choices of one prompt share one key (one replica, the prompt's KV)
 
 
 class StreamEnded(RuntimeError):
@@ -46,7 +47,8 @@ class Run:
     def __init__(self, engine: EngineClient, metrics: ServerMetrics, jobs: list[Job]):
         self.jobs = jobs
         self._metrics = metrics
-        self._gens = [engine.stream_async(sampling_params=j.params, input_ids=j.input_ids, request_id=j.request_id)
+        self._gens = [engine.stream_async(sampling_params=j.params, input_ids=j.input_ids, request_id=j.request_id,
+                                          **({"affinity": j.affinity} if j.affinity else {}))
                       for j in jobs]
         self._timers = [RequestTimer(metrics) for _ in jobs]
         self._firsts: list[Delta] = []

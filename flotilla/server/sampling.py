@@ -8,11 +8,15 @@ from flotilla.server.engine_client import Delta
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import SamplingFields
 from flotilla.server.runs import Job
+from flotilla.server.structured import structured_output
 
 # API fields passed to the engine under the same name when set; the engine validates them (a bad value is a
 # ValueError naming the field, which becomes a 400).
 _PASSED_AS_IS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "ignore_eos", "stop_token_ids")
+
+
+MAX_N = 128
 
 
 def sampling_params(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]:
@@ -24,13 +28,30 @@ def sampling_params(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]
             params[name] = value
     if body.stop is not None:
         params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    so = structured_output(body)
+    if so is not None:
+        params["structured_output"] = so
     return params
+
+
+def choice_jobs(rid: str, prompts: list[list[int]], params: dict[str, Any], n: int) -> list[Job]:
+    """``n`` jobs per prompt, choice index ``prompt * n + c`` (OpenAI's order), choice c seeded with seed + c,
+    the choices of one prompt under one affinity key (one replica, which shares the prompt's KV)."""
+    jobs = []
+    for p, ids in enumerate(prompts):
+        for c in range(n):
+            own = dict(params)
+            if c and params.get("seed") is not None:
+                own["seed"] = params["seed"] + c
+            jobs.append(Job(p * n + c, f"{rid}-{p}-{c}" if n > 1 else f"{rid}-{p}", ids, own,
+                            affinity=f"{rid}-{p}" if n > 1 else None))
+    return jobs
 
 
 def check_common(body: SamplingFields) -> None:
     """Known fields whose non-default values the engine cannot honour yet: refused, never silently ignored."""
-    if body.n != 1:
-        raise bad_param("n", f"only n=1 is supported, got {body.n}")
+    if isinstance(body.n, bool) or not 1 <= body.n <= MAX_N:
+        raise bad_param("n", f"must be in [1, {MAX_N}], got {body.n}")
     if body.logit_bias:
         raise bad_param("logit_bias", "is not supported")
     if body.stream_options is not None and not body.stream:

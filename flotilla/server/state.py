@@ -27,9 +27,11 @@ class IgnoredFields:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, endpoint: str, body: BaseModel) -> None:
+        from flotilla.server.structured import EXTRA_FIELDS
+
         extra = body.model_extra or {}
         with self.lock:
-            new = sorted(k for k in extra if k not in self.seen)
+            new = sorted(k for k in extra if k not in self.seen and k not in EXTRA_FIELDS)
             self.seen.update(new)
         for name in new:
             log.warning("%s: ignoring the unknown request field %r (logged once)", endpoint, name)

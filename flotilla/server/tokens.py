@@ -102,12 +102,15 @@ class TokenStrings:
         return self.text(token_id).encode("utf-8")
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
     """The chat template's text; raises ValueError (with the template's own message) when it refuses them."""
     if not getattr(tokenizer, "chat_template", None):
         raise LookupError("this model's tokenizer has no chat template")
+    kw = {"tools": tools} if tools else {}
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                             **kw)
     except Exception as e:  # jinja's raise_exception (e.g. roles must alternate) and friends
         raise ValueError(f"the chat template rejected them: {e}") from None
 

@@ -6,10 +6,11 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def usage(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Totals over the finished choices' results; ``cached_tokens`` are prompt tokens found in the prefix cache."""
+def usage(results: Iterable[dict[str, Any]], n: int = 1) -> dict[str, Any]:
+    """Totals over the finished choices' results (``n`` choices per prompt: each prompt counts once, every
+    choice's tokens count); ``cached_tokens`` are prompt tokens found in the prefix cache."""
     results = list(results)
-    prompt = sum(r.get("prompt_tokens", 0) for r in results)
+    prompt = sum(r.get("prompt_tokens", 0) for r in results) // max(1, n)
     completion = sum(r.get("completion_tokens", 0) for r in results)
     cached = sum(r.get("cached_tokens", 0) or 0 for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
