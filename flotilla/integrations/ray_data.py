@@ -249,7 +249,11 @@ class FlotillaStage:
 
 # ---------------------------------------------------------------------------------------------- the processor
 class Processor:
-    """``processor(ds)`` returns the dataset with the generation columns added (lazily, like any Ray Data op)."""
+    """``processor(ds)`` returns the dataset with the generation columns added (lazily, like any Ray Data op).
+    ``stage_cls`` is the callable class each actor runs; a subclass of ``FlotillaStage`` can wrap it (the
+    benchmark's timed stage does)."""
+
+    stage_cls: type = FlotillaStage
 
     def __init__(self, config: FlotillaProcessorConfig, preprocess: Callable[[Row], Row] | None,
                  postprocess: Callable[[Row], Row] | None, preprocess_map_kwargs: dict[str, Any] | None = None,
@@ -268,7 +272,7 @@ class Processor:
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
         opts = cfg.actor_options(has_gpus)
         named = {k: opts.pop(k) for k in list(opts) if k in _NAMED_MAP_ARGS}
-        ds = ds.map_batches(FlotillaStage, fn_constructor_args=(cfg,), batch_size=cfg.batch_size,
+        ds = ds.map_batches(self.stage_cls, fn_constructor_args=(cfg,), batch_size=cfg.batch_size,
                             batch_format="pyarrow", compute=cfg.compute(), zero_copy_batch=True, **named, **opts)
         if self.postprocess is not None:
             ds = ds.map(self.postprocess, **self.postprocess_map_kwargs)
