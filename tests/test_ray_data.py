@@ -50,6 +50,7 @@ def test_200_rows_two_engines_match_offline_greedy(ray_cluster):
                                      max_concurrent_batches=2)
     processor = build_processor(config, preprocess=_pre,
                                 postprocess=lambda row: {**row, "n": row["num_generated_tokens"]})
+    before = _alive()
     out = processor(ray.data.range(rows)).take_all()
     with Engine(model=path, **OPTS) as engine:
         offline = engine.generate([_prompt(i) for i in range(rows)],
@@ -63,6 +64,24 @@ def test_200_rows_two_engines_match_offline_greedy(ray_cluster):
         assert got["num_input_tokens"] == offline[i]["prompt_tokens"]
         assert got["num_generated_tokens"] == got["n"] == N
         assert got["prompt"] == _prompt(i)  # preprocess's columns are carried through
+    assert _new_leftovers(before) == set()  # the engines' ranks and groups went with their actors
+
+
+def _alive() -> set[str]:
+    """Named actors of any engine (ranks, group holders) still alive, and placement groups not removed."""
+    actors = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("flotilla-")}
+    return actors | {p["placement_group_id"] for p in ray.util.placement_group_table().values()
+                     if p["state"] != "REMOVED"}
+
+
+def _new_leftovers(before: set[str], timeout: float = 60.0) -> set[str]:
+    """What this test's engines left behind, once their actors had ``timeout`` seconds to go."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := _alive() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 def _bad_pre(row):
@@ -84,8 +103,10 @@ def test_failed_row_raises_with_its_error(ray_cluster):
 def test_continue_on_error_fills_the_error_column(ray_cluster):
     config = FlotillaProcessorConfig(model_source=tiny("llama"), engine_kwargs=OPTS, batch_size=8,
                                      should_continue_on_error=True)
+    before = _alive()
     out = {r["id"]: r for r in build_processor(config, preprocess=_bad_pre)(ray.data.range(6)).take_all()}
     assert sorted(out) == list(range(6))
+    assert _new_leftovers(before) == set()
     assert "temperature" in out[3][ERROR_COLUMN] and out[3]["generated_token_ids"] is None
     assert "exactly one of prompt, messages or input_ids" in out[4][ERROR_COLUMN]
     for i in (0, 1, 2, 5):
@@ -123,6 +144,8 @@ def test_actor_resources_and_row_helpers():
     ray_cfg = FlotillaProcessorConfig(model_source="/m", engine_kwargs={"tp_size": 2},
                                       ray_remote_args={"num_cpus": 0.5})
     assert ray_cfg.actor_options(True) == {"num_cpus": 0.5}  # the engine's own placement group holds the GPUs
+    assert ray_cfg.resolved(True).engine_kwargs == {"tp_size": 2, "device": "cuda"}  # decided in the driver
+    assert mp.resolved(False) is mp
     auto = FlotillaProcessorConfig(model_source="/m", concurrency=[1, 3])
     assert auto.concurrency == (1, 3) and (auto.compute().min_size, auto.compute().max_size) == (1, 3)
     assert sampling_of({"sampling_params": {"max_tokens": 5, "seed": None, "stop": ("a",)}}) == \
@@ -149,3 +172,16 @@ def test_messages_use_the_chat_template():
     assert prompt is None and ids == list(tok(text, add_special_tokens=False)["input_ids"])
     with pytest.raises(ValueError, match="messages"):
         row_input({"messages": []}, tok)
+
+
+def test_held_group_goes_when_heartbeats_stop_or_cannot_be_placed(ray_cluster):
+    from flotilla.integrations.group_holder import HeldGroup, rank_bundles
+
+    before = _alive()
+    with pytest.raises(RuntimeError, match="placement_group"):
+        HeldGroup([{"CPU": 64.0}], ready_timeout_s=2)
+    held = HeldGroup(rank_bundles(1, False, 1.0), timeout_s=3)
+    assert ray.util.placement_group_table(held.pg)["state"] == "CREATED"
+    held._stop.set()  # what a killed user looks like to the holder: no more heartbeats, no release
+    assert _new_leftovers(before, timeout=30) == set()
+    assert rank_bundles(2, True, 0.5) == [{"CPU": 1.0, "GPU": 0.5}] * 2

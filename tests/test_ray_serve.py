@@ -228,6 +228,10 @@ def test_deployment_options():
     assert opts["num_replicas"] == 3 and opts["health_check_period_s"] == 5 and "request_router_config" not in opts
     with pytest.raises(ValueError, match="config"):
         build_openai_app({"model_source": "/m"})
+    # "auto" is decided where the cluster is known: inside a replica, CUDA is hidden
+    assert FlotillaServeConfig(model_source="/m").resolved(True).engine_kwargs == {"device": "cuda"}
+    assert FlotillaServeConfig(model_source="/m", engine_kwargs={"device": "cpu"}).resolved(True).engine_kwargs == \
+        {"device": "cpu"}
 
 
 def test_prefix_key_and_rendezvous_order():

@@ -13,7 +13,10 @@ request.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import dataclasses
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -111,6 +114,14 @@ class FlotillaProcessorConfig:
             opts["runtime_env"] = self.runtime_env
         return opts
 
+    def resolved(self, cluster_has_gpus: bool) -> "FlotillaProcessorConfig":
+        """This config with ``device="auto"`` decided here, in the driver: inside an actor that holds no GPU
+        (the engine's group holds them), CUDA is hidden, and the engine would pick the CPU."""
+        if self.engine_config.device != "auto":
+            return self
+        return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs,
+                                                        "device": "cuda" if cluster_has_gpus else "cpu"})
+
     def compute(self) -> Any:
         """The actor pool: fixed or autoscaling, and ``max_concurrent_batches`` calls of the UDF running at once
         in each actor (Ray Data runs one at a time unless told that the UDF is thread-safe, which it is: each
@@ -196,11 +207,21 @@ class FlotillaStage:
 
     def __init__(self, config: FlotillaProcessorConfig):
         self.config = config
+        self.engine: Any = None
+        self._group: Any = None
         kwargs = dict(config.engine_kwargs)
         if config.launcher == "ray":
+            from flotilla.integrations.group_holder import HeldGroup, rank_bundles
             from flotilla.ray_engine import RayEngine
 
-            self.engine = RayEngine(model=config.model_source, gpus_per_rank=config.gpus_per_rank, **kwargs)
+            on_gpu = config.engine_config.device == "cuda"  # resolved in the driver (see Processor)
+            self._group = HeldGroup(rank_bundles(config.ranks, on_gpu, config.gpus_per_rank))
+            try:
+                self.engine = RayEngine(model=config.model_source, placement_group=self._group.pg,
+                                        gpus_per_rank=config.gpus_per_rank, **kwargs)
+            except BaseException:
+                self._group.close()
+                raise
         else:
             from flotilla.engine import Engine
 
@@ -208,6 +229,10 @@ class FlotillaStage:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="flotilla-ray-data", daemon=True)
         self._thread.start()
+        # Ray Data usually ends its actors with ray.kill, when nothing of this runs; the engine's ranks die with
+        # the actor (their owner) and its placement group with the holder's heartbeat (group_holder.py). On a
+        # graceful exit (an autoscaling pool shrinking) this hook, registered after Ray connected, runs first.
+        atexit.register(_close_if_alive, weakref.ref(self))
 
     def __call__(self, batch: "pyarrow.Table") -> "pyarrow.Table":
         import pyarrow as pa
@@ -238,13 +263,28 @@ class FlotillaStage:
             raise RequestFailed(result.get("error") or "the request failed")
         return result_columns(result)
 
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+    def close(self) -> None:
+        """Shut the engine down (its ranks, and the placement group it made) and stop the loop. Idempotent."""
+        engine, self.engine = getattr(self, "engine", None), None
+        group, self._group = getattr(self, "_group", None), None
+        try:
+            if engine is not None:
+                engine.shutdown()
+        finally:
+            if group is not None:
+                group.close()
         loop = getattr(self, "_loop", None)
-        if loop is not None:
+        if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _close_if_alive(ref: "weakref.ref[FlotillaStage]") -> None:
+    stage = ref()
+    if stage is not None:
+        stage.close()
 
 
 # ---------------------------------------------------------------------------------------------- the processor
@@ -270,6 +310,7 @@ class Processor:
         if self.preprocess is not None:
             ds = ds.map(self.preprocess, **self.preprocess_map_kwargs)
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+        cfg = cfg.resolved(has_gpus)
         opts = cfg.actor_options(has_gpus)
         named = {k: opts.pop(k) for k in list(opts) if k in _NAMED_MAP_ARGS}
         ds = ds.map_batches(self.stage_cls, fn_constructor_args=(cfg,), batch_size=cfg.batch_size,

@@ -18,6 +18,7 @@ busy by ``affinity_imbalance`` requests, or full, when Serve's usual least-loade
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -117,6 +118,13 @@ class FlotillaServeConfig:
     def ranks(self) -> int:
         e = self.engine_config
         return world_size(e.tp_size, e.dp_size, e.enable_dp_attention, e.pp_size)
+
+    def resolved(self, on_gpu: bool) -> "FlotillaServeConfig":
+        """This config with ``device="auto"`` decided here: a replica holds no GPU itself (its placement group's
+        rank bundles do), so inside it CUDA is hidden and the engine would pick the CPU."""
+        if self.engine_config.device != "auto":
+            return self
+        return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs, "device": "cuda" if on_gpu else "cpu"})
 
     def engine_deployment_options(self, on_gpu: bool) -> dict[str, Any]:
         """``serve.deployment`` options of the engine deployment."""
@@ -352,8 +360,10 @@ def build_openai_app(config: FlotillaServeConfig) -> Any:
     if inspect.signature(serve.ingress).parameters["app"].default is not None:
         raise RuntimeError("build_openai_app needs a Ray Serve whose serve.ingress() takes no app "
                            "(__serve_build_asgi_app__); install ray[serve]>=2.60")
+    on_gpu = _on_gpu(config)
+    config = config.resolved(on_gpu)
     engine_cls = serve.deployment(name="FlotillaEngine")(FlotillaEngineReplica)
-    engine = engine_cls.options(**config.engine_deployment_options(_on_gpu(config))).bind(config)
+    engine = engine_cls.options(**config.engine_deployment_options(on_gpu)).bind(config)
     ingress_opts: dict[str, Any] = {"num_replicas": config.ingress_replicas, "max_ongoing_requests": 4096,
                                     "ray_actor_options": {"num_cpus": 1}}
     ingress_opts.update(config.ingress_options)
