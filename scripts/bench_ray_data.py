@@ -70,10 +70,13 @@ class TimedProcessor(Processor):
 
 
 def run_ray_data(args: argparse.Namespace, model: str, wl: Any, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    import os
+
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    # the actors import this checkout's flotilla and, on the GPU machine, the carried wheels (prelude.sh's PYTHONPATH)
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
+    ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": path}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         kwargs = {k: v for k, v in engine_kwargs.items() if k != "gpus_per_rank"}
