@@ -22,11 +22,13 @@ DEFAULT_TIMEOUT_S = 15.0
 class _Holder:
     """Creates the group in its constructor; removes it and exits on ``release`` or a missed heartbeat."""
 
-    def __init__(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float):
+    def __init__(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float, ready_timeout_s: float):
         from ray.util.placement_group import placement_group
 
         self.pg = placement_group(bundles, strategy=strategy, name=f"flotilla-held-{uuid.uuid4().hex[:8]}")
         self._last = time.monotonic()
+        # heartbeats start once the group is handed over; until then the user waits in group(), up to its timeout
+        self._limit_s = ready_timeout_s + timeout_s
         self._timeout_s = timeout_s
         threading.Thread(target=self._watch, name="flotilla-group-watch", daemon=True).start()
 
@@ -41,6 +43,7 @@ class _Holder:
             remove_placement_group(self.pg)  # the caller then ends this actor
             raise RuntimeError(f"placement_group: {self.pg.bundle_specs} could not be scheduled within "
                                f"{ready_timeout_s}s (not enough free resources)") from None
+        self._last, self._limit_s = time.monotonic(), self._timeout_s
         return self.pg
 
     def beat(self) -> None:
@@ -59,7 +62,7 @@ class _Holder:
     def _watch(self) -> None:
         import ray
 
-        while time.monotonic() - self._last < self._timeout_s:
+        while time.monotonic() - self._last < self._limit_s:
             time.sleep(HEARTBEAT_S / 2)
         try:  # as an actor call, so that exit_actor ends the actor cleanly
             ray.get_runtime_context().current_actor.release.remote()
@@ -76,7 +79,8 @@ class HeldGroup:
 
         holder_cls = ray.remote(num_cpus=0, max_concurrency=4)(_Holder)
         self._holder = holder_cls.options(name=f"flotilla-holder-{uuid.uuid4().hex[:8]}", namespace="flotilla",
-                                          lifetime="detached").remote(bundles, strategy, timeout_s)
+                                          lifetime="detached").remote(bundles, strategy, timeout_s,
+                                                                                      ready_timeout_s)
         self._stop = threading.Event()
         try:
             self.pg = ray.get(self._holder.group.remote(ready_timeout_s))
