@@ -260,3 +260,85 @@ def test_translate_error():
     assert isinstance(translate_error(ActorDiedError()), RequestFailed)
     other = KeyError("x")
     assert translate_error(other) is other
+
+
+class _FakeGen:
+    """A DeploymentResponseGenerator stand-in: yields ``deltas``, then raises ``error`` if given."""
+
+    def __init__(self, deltas, error=None):
+        self.deltas, self.error, self.cancelled = list(deltas), error, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.deltas:
+            return self.deltas.pop(0)
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _FakeHandle:
+    def __init__(self, gen, stats=None):
+        self.gen, self.calls, self._stats = gen, [], stats
+        self.stats = self
+
+    def options(self, **kwargs):
+        return self
+
+    def remote(self, *args):
+        self.calls.append(args)
+        if self._stats is not None:
+            async def answer():
+                if isinstance(self._stats, Exception):
+                    raise self._stats
+                return self._stats
+            return answer()
+        return self.gen
+
+
+def test_client_aborts_on_close_and_translates_stream_errors():
+    import asyncio
+
+    from ray.exceptions import RayTaskError
+
+    from flotilla.integrations.ray_serve import ServeEngineClient
+
+    async def first_then_close(client):
+        agen = client.stream_async(None, {"max_new_tokens": 9}, input_ids=[1, 2, 3], request_id="r1")
+        first = await agen.__anext__()
+        await agen.aclose()  # the HTTP client left: the server closes the stream
+        return first
+
+    gen = _FakeGen([{"finished": False, "token_ids": [5]}, {"finished": False, "token_ids": [6]}])
+    handle = _FakeHandle(gen)
+    client = ServeEngineClient(handle, tokenizer=None, max_model_len=64)
+    assert asyncio.run(first_then_close(client))["token_ids"] == [5]
+    assert gen.cancelled  # Serve cancels the call in the replica, whose generator then aborts the engine request
+    assert handle.calls == [([1, 2, 3], {"max_new_tokens": 9}, "r1", None)]  # input_ids first: the router reads it
+
+    async def drain(client):
+        return [d async for d in client.stream_async(input_ids=[1])]
+
+    done = _FakeGen([{"finished": True, "token_ids": [], "result": {}}])
+    assert len(asyncio.run(drain(ServeEngineClient(_FakeHandle(done), None, 64)))) == 1 and not done.cancelled
+    bad = _FakeGen([], RayTaskError("stream", "tb", ValueError("temperature: must be >= 0")))
+    with pytest.raises(ValueError, match="^temperature: must be >= 0$"):
+        asyncio.run(drain(ServeEngineClient(_FakeHandle(bad), None, 64)))
+    assert bad.cancelled  # it never finished
+
+    with pytest.raises(RuntimeError, match="no engine replica"):
+        client.stats()  # /health says 503 until a replica answered
+    with pytest.raises(ValueError, match="num_replicas"):
+        client.scale(3)
+    polled = ServeEngineClient(_FakeHandle(None, stats={"replicas": [{"id": 0, "alive": True}]}), None, 64)
+    asyncio.run(polled.refresh_stats())
+    assert polled.stats()["replicas"][0]["alive"]
+    failing = ServeEngineClient(_FakeHandle(None, stats=RuntimeError("replica restarting")), None, 64)
+    asyncio.run(failing.refresh_stats())
+    with pytest.raises(RuntimeError):
+        failing.stats()
