@@ -47,9 +47,9 @@ class FlotillaProcessorConfig:
     engines (actors), an int for a fixed pool or ``(min, max)`` for an autoscaling one. ``batch_size``: rows per
     ``map_batches`` call. ``max_concurrent_batches``: batches one actor runs at once.
 
-    ``launcher``: ``"ray"`` (default) builds a ``RayEngine``: the ranks are Ray actors on a placement group the
-    engine creates (one bundle per rank: 1 CPU, plus 1 GPU on CUDA), owned by the Ray Data actor, so they die with
-    it and Ray accounts for every rank. ``"mp"`` builds an ``Engine``: the ranks are child processes of the actor,
+    ``launcher``: ``"ray"`` (default) builds a ``RayEngine``: the ranks are Ray actors, owned by the Ray Data actor
+    (so they die with it), on a placement group of one bundle per rank (1 CPU, plus ``gpus_per_rank`` GPU on CUDA)
+    that a detached holder keeps while the actor lives (``group_holder.py``), so Ray accounts for every rank. ``"mp"`` builds an ``Engine``: the ranks are child processes of the actor,
     which must then hold the devices itself (it asks ``num_gpus`` = ranks on CUDA); Ray does not count their CPUs.
     ``ray_remote_args``: extra options for the actors (``num_cpus``, ``num_gpus``, ``resources``, ``memory``...),
     over the defaults (1 CPU: the engine's front end, tokenizer and loop). ``gpus_per_rank``: RayEngine's GPU share.
