@@ -188,6 +188,10 @@ def test_killed_replica_streams_fail_others_finish_and_serve_restarts_it(client)
     for prompt in by_replica[victim]:  # the new replica now owns the victim's keys, and answers
         out = client.completions.create(model=MODEL, prompt=prompt, **_greedy(4))
         assert out.usage.completion_tokens == 4
+    # the ranks sit in their replica's own (Serve-made) group, so the dead replica left none behind: one group per
+    # live replica, none made by an engine
+    groups = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
+    assert len(groups) == 2 and not any(p["name"].startswith("flotilla-") for p in groups), groups
 
 
 # ---------------------------------------------------------------------------------------------- no cluster needed
