@@ -32,7 +32,7 @@ from flotilla.launch.topology import GroupSpec, layout
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.inputs import InputProcessor, SamplingLike, batch_inputs
 from flotilla.private_dir import make_private_dir
-from flotilla.request import RequestFailed, RequestState, StreamCursor, choices_result, wake_all
+from flotilla.request import RequestFailed, RequestState, StreamCursor, choices_result, follow, wake_all
 from flotilla.rl.api import RL_METHODS, RLControl
 from flotilla.router.controller import DPController
 from flotilla.router.fleet import FleetSettings, ReplicaFleet
@@ -287,20 +287,8 @@ class Engine:
             state = self._new_state(*args)
         ev = state.add_async_waiter()
         self._submit(state)
-        cursor = StreamCursor()
-        try:
-            while True:
-                await ev.wait()
-                ev.clear()
-                delta = cursor.take(state)
-                if delta is not None:
-                    yield delta
-                    if delta["finished"]:
-                        return
-        finally:
-            state.remove_async_waiter(ev)
-            if not state.finished:
-                self.abort(state.rid)
+        async for delta in follow(state, ev, self.abort):
+            yield delta
 
     async def generate_async(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                              input_ids: list[int] | None = None, request_id: str | None = None) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +208,25 @@ class StreamCursor:
             self.done = True
             delta["result"] = s.result()
         return delta
+
+
+async def follow(state: RequestState, ev: asyncio.Event, abort: Callable[[str], Any]) -> AsyncIterator[dict[str, Any]]:
+    """Deltas of a submitted request as its waiter ``ev`` is woken; closing the iterator before the end aborts
+    the request (a client that left)."""
+    cursor = StreamCursor()
+    try:
+        while True:
+            await ev.wait()
+            ev.clear()
+            delta = cursor.take(state)
+            if delta is not None:
+                yield delta
+                if delta["finished"]:
+                    return
+    finally:
+        state.remove_async_waiter(ev)
+        if not state.finished:
+            abort(state.rid)
 
 
 class RequestFailed(RuntimeError):

@@ -44,15 +44,7 @@ class StructuredOutput:
 
     @classmethod
     def from_any(cls, value: "StructuredOutput | dict[str, Any]") -> "StructuredOutput":
-        if isinstance(value, cls):
-            return replace(value)
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"structured_output: unknown field(s) {unknown}; allowed: {sorted(known)}")
-            return cls(**value)
-        raise ValueError(f"structured_output: expected StructuredOutput or dict, got {type(value).__name__}")
+        return _from_any(cls, value, "structured_output")
 
 
 @dataclass
@@ -129,20 +121,23 @@ class SamplingParams:
 
         A SamplingParams is copied and validated again: fields set after it was built are checked here, at
         submit, and later changes by the caller do not reach a request in flight."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return replace(value)
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"sampling_params: unknown field(s) {unknown}; allowed: {sorted(known)}")
-            return cls(**value)
-        raise ValueError(f"sampling_params: expected SamplingParams or dict, got {type(value).__name__}")
+        return cls() if value is None else _from_any(cls, value, "sampling_params")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _from_any(cls: type, value: Any, name: str) -> Any:
+    """A validated copy of an instance, or an instance from a dict (unknown keys are an error naming them)."""
+    if isinstance(value, cls):
+        return replace(value)
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**value)
+    raise ValueError(f"{name}: expected {cls.__name__} or dict, got {type(value).__name__}")
 
 
 def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, hint: str = "") -> None:

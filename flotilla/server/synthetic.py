@@ -27,7 +27,7 @@ from typing import Any
 from flotilla.inputs import InputProcessor
 from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOutput, TokenOutput, encoder, \
     from_worker_decoder
-from flotilla.request import RequestFailed, StreamCursor, wake_all
+from flotilla.request import RequestFailed, follow, wake_all
 from flotilla.router.controller import DPController
 
 
@@ -164,20 +164,8 @@ class SyntheticEngine:
             raise RequestFailed("the engine is shut down")
         self.controller.admit(state)
         self.controller.dispatch(state)
-        cursor = StreamCursor()
-        try:
-            while True:
-                await ev.wait()
-                ev.clear()
-                delta = cursor.take(state)
-                if delta is not None:
-                    yield delta
-                    if delta["finished"]:
-                        return
-        finally:
-            state.remove_async_waiter(ev)
-            if not state.finished:
-                self.abort(state.rid)
+        async for delta in follow(state, ev, self.abort):
+            yield delta
 
     def abort(self, request_id: str) -> bool:
         state = self.controller.abort(request_id)
