@@ -115,7 +115,8 @@ class Record:
     output_tokens: int = 0
 
 
-def _pcts(xs: list[float]) -> dict[str, float]:
+def percentiles_ms(xs: list[float]) -> dict[str, float]:
+    """Mean and p50/p90/p99 of durations in seconds, in milliseconds."""
     if not xs:
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
     a = np.asarray(xs, dtype=np.float64) * 1e3
@@ -141,7 +142,7 @@ def summarize(wl: Workload, records: list[Record]) -> dict[str, Any]:
         "expected_output_tokens": wl.output_tokens,
         "request_throughput": len(records) / dur, "input_throughput": wl.input_tokens / dur,
         "output_throughput": out_tokens / dur, "total_token_throughput": (wl.input_tokens + out_tokens) / dur,
-        "ttft_ms": _pcts(ttft), "tpot_ms": _pcts(tpot), "itl_ms": _pcts(itl),
+        "ttft_ms": percentiles_ms(ttft), "tpot_ms": percentiles_ms(tpot), "itl_ms": percentiles_ms(itl),
     }
 
 

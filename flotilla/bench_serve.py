@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from flotilla.bench import percentiles_ms
+
 _WORDS = ("the of and to in is was for on that with as by at from his her an which or be are this had not but "
           "what all were when we there can said each she do how their if will up other about out many then them "
           "these so some would make like him into time has look two more write go see number way could people my "
@@ -363,14 +365,6 @@ def load_in_processes(base_url: str, specs: list[Spec], concurrency: int, rate: 
 
 
 # ---------------------------------------------------------------------------------------------- figures
-def _pcts(xs: list[float]) -> dict[str, float]:
-    if not xs:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    a = np.asarray(xs, dtype=np.float64) * 1e3
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99))}
-
-
 def summarize(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
     ok = [o for o in outcomes if o.error is None and o.done and o.finished]
     tokens = sum(o.output_tokens for o in outcomes)
@@ -386,7 +380,7 @@ def summarize(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
             "request_throughput": len(ok) / wall_s if wall_s > 0 else 0.0,
             "chunks": sum(len(o.chunks) for o in ok),
             "chunks_per_request": (sum(len(o.chunks) for o in ok) / len(ok)) if ok else 0.0,
-            "ttft_ms": _pcts(ttft), "itl_ms": _pcts(itl), "tpot_ms": _pcts(tpot), "e2e_ms": _pcts(e2e)}
+            "ttft_ms": percentiles_ms(ttft), "itl_ms": percentiles_ms(itl), "tpot_ms": percentiles_ms(tpot), "e2e_ms": percentiles_ms(e2e)}
 
 
 class CpuMeter:
