@@ -10,7 +10,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("launcher,seconds", [("mp", 60), ("ray", 45)])
+@pytest.mark.parametrize("launcher,seconds", [("mp", 45), ("ray", 30)])
 def test_chaos_soak(launcher, seconds, tmp_path):
     out = tmp_path / "soak.json"
     cmd = [sys.executable, "-m", "flotilla.testing.soak", "--launcher", launcher, "--seconds", str(seconds),
