@@ -18,7 +18,7 @@ def test_chaos_soak(launcher, seconds, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 420)
     print(r.stdout[-4000:], r.stderr[-4000:])
     report = json.loads(out.read_text())
-    assert report["faults_injected"] >= 3 and report["requests"] > 100
+    assert report["faults_injected"] >= 2 and report["requests"] > 100
     assert report["lost"] == 0 and report["duplicated_tokens"] == 0 and report["wrong"] == 0, report["examples"]
     assert report["bad_inputs"] > 0 and report["bad_inputs_refused"] == report["bad_inputs"], report["examples"]
     assert report["completed"] > 50
