@@ -198,11 +198,12 @@ def test_routes_inside_the_server_app():
     from flotilla.server.app import build_app
 
     engine = FakeEngine()
-    app = build_app(None, "m", api_key=KEY)
-    add_rl_routes(app, lambda: engine, api_key=KEY)
+    app = build_app(None, "m", api_key=KEY)  # build_app mounts the RL routes itself, over the app's engine
     client = TestClient(app)
+    assert client.post("/pause_generation", headers=AUTH, json={"mode": "in_place"}).status_code == 503  # loading
+    app.state.flotilla.engine = engine
     r = client.post("/pause_generation", json={"mode": "in_place"})
     assert r.status_code == 401 and "API key" in r.text
     r = client.post("/pause_generation", headers=AUTH, json={"mode": "in_place"})
     assert r.status_code == 200 and engine.calls == [("pause_generation", ("in_place",), {})]
-    assert client.get("/health").status_code == 503  # the server's own routes are untouched
+    assert client.get("/v1/models").status_code == 401  # the server's own routes keep their auth

@@ -90,7 +90,7 @@ def completion_params(body: CompletionRequest, ranked: bool = False) -> dict[str
     and logprobs the prompt's own logprobs come from the forward pass; max_tokens=0 asks for one token, which
     the response leaves out."""
     limit = body.max_tokens if body.max_tokens is not None else _DEFAULT_MAX_TOKENS
-    params = sampling_params(body, max(limit, 1))
+    params = sampling_params(body, 1 if limit == 0 else limit)
     if body.logprobs is not None or ranked:
         params["logprobs"] = True
     if body.logprobs is not None:
