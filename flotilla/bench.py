@@ -343,18 +343,22 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results to this file")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    tmp: Path | None = None
-    if args.model_shape:
-        from flotilla.model.shapes import write_shape
+def resolve_model(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """The checkpoint folder to load: ``--model``, or for ``--model-shape`` a temporary folder with its config
+    and tokenizer (dummy weights; the caller removes the folder returned second)."""
+    if not args.model_shape:
+        return args.model, None
+    from flotilla.model.shapes import write_shape
 
-        if args.load_format not in ("auto", "dummy"):
-            raise SystemExit("--model-shape has no weights: use --load-format dummy")
-        args.load_format = "dummy"
-        tmp = write_shape(args.model_shape)
-        model = str(tmp)
-    else:
-        model = args.model
+    if args.load_format not in ("auto", "dummy"):
+        raise SystemExit("--model-shape has no weights: use --load-format dummy")
+    args.load_format = "dummy"
+    tmp = write_shape(args.model_shape)
+    return str(tmp), tmp
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    model, tmp = resolve_model(args)
     try:
         cfg = json.loads((Path(model) / "config.json").read_text())
         wl = make_workload(args, int(cfg["vocab_size"]))

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flotilla.bench import add_bench_args, make_workload, run_flotilla, summarize
+from flotilla.bench import add_bench_args, make_workload, resolve_model, run_flotilla, summarize
 from flotilla.integrations.ray_data import FlotillaProcessorConfig, FlotillaStage, Processor
 
 
@@ -119,15 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent-batches", type=int, default=8, help="batches one actor runs at once")
     p.add_argument("--launcher", default="ray", choices=["ray", "mp"], help="how each actor's engine starts its ranks")
     args = p.parse_args(argv)
-    tmp: Path | None = None
-    if args.model_shape:
-        from flotilla.model.shapes import write_shape
-
-        args.load_format = "dummy"
-        tmp = write_shape(args.model_shape)
-        model = str(tmp)
-    else:
-        model = args.model
+    model, tmp = resolve_model(args)
     try:
         cfg = json.loads((Path(model) / "config.json").read_text())
         wl = make_workload(args, int(cfg["vocab_size"]))
