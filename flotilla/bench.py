@@ -170,7 +170,7 @@ def run_flotilla(args: argparse.Namespace, model: str, wl: Workload) -> tuple[li
         dtype=args.dtype, load_format=args.load_format, attention_backend=args.attention_backend,
         enable_cuda_graph=not args.no_cuda_graph, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-        cuda_graph_max_bs=args.cuda_graph_max_bs)
+        cuda_graph_max_bs=args.cuda_graph_max_bs, enable_overlap_schedule=args.overlap_schedule)
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
     if args.kv_cache_tokens:
@@ -234,6 +234,7 @@ def run_transformers(args: argparse.Namespace, model: str, wl: Workload) -> tupl
                                                     max_generated_length=max(wl.output_lens),
                                                     num_requests=len(wl.prompts))
     info: dict[str, Any] = {"transformers_device": device, "transformers_dtype": dtype_name}
+    print(f"transformers: model built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     with hf.continuous_batching_context_manager(**cm_kwargs) as mgr:
         info["engine_start_s"] = time.perf_counter() - t0
 
@@ -243,8 +244,12 @@ def run_transformers(args: argparse.Namespace, model: str, wl: Workload) -> tupl
                 rid = f"{tag}{i}"
                 recs[rid] = Record(time.perf_counter())
                 mgr.add_request(ids, request_id=rid, max_new_tokens=n, record_timestamps=True, eos_token_id=-1)
-            done = 0
+            done, tokens, t_start, last = 0, 0, time.perf_counter(), time.perf_counter()
             while done < len(recs):
+                if time.perf_counter() - last > 10:  # a slow run cut short by a time limit still says how far it got
+                    last = time.perf_counter()
+                    print(f"transformers {tag}: {last - t_start:.0f} s, {done}/{len(recs)} requests finished, "
+                          f"{tokens} of their output tokens", file=sys.stderr, flush=True)
                 res = mgr.get_result(timeout=1)
                 if res is None:
                     if not mgr.is_running():
@@ -259,6 +264,7 @@ def run_transformers(args: argparse.Namespace, model: str, wl: Workload) -> tupl
                 rec.arrivals = [(t, 1) for t in stamps]
                 rec.finish = stamps[-1] if stamps else time.perf_counter()
                 rec.output_tokens = len(res.generated_tokens)
+                tokens += rec.output_tokens
                 done += 1
             return list(recs.values())
 
@@ -329,6 +335,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-rank", type=float, default=1.0, help="with --ray: below 1, ranks share a GPU")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--overlap-schedule", action="store_true", help="enable_overlap_schedule: plan step N+1 while "
+                   "step N runs")
     p.add_argument("--prefix-caching", default=None, choices=["on", "off"],
                    help="default: off for sglang-random, the engine's default otherwise")
     p.add_argument("--max-num-seqs", type=int, default=256)

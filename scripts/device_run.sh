@@ -4,6 +4,7 @@
 #   bash scripts/device_run.sh check    # kernels vs reference, engine greedy equality, first benchmarks
 #   bash scripts/device_run.sh report   # the report figures (transformers CB side by side, sglang-random)
 #   bash scripts/device_run.sh ray      # RayEngine vs Engine, dp=1 and dp=2 sharing one GPU (docs/benchmarks.md §8)
+#   bash scripts/device_run.sh overlap  # overlap scheduling vs the synchronous order (docs/benchmarks.md §15)
 # Logs and JSON results are written to $RES and packed after every step into $OUT/results.tgz (the device
 # tool returns at most 8 files), so what finished comes back even if a later step runs out of time.
 set -uo pipefail
@@ -90,6 +91,17 @@ case "$stage" in
     bench cc_mp_dp1_seqs512 150 "${wl[@]}" --max-num-seqs 512 --cuda-graph-max-bs 512
     bench cc_ray_dp2 150 "${wl[@]}" --dp-size 2 --ray --gpus-per-rank 0.5
     bench cc_mp_dp1 150 "${wl[@]}"
+    ;;
+  overlap)  # issue 18: overlap scheduling against the synchronous order, side by side (same GPU, same call)
+    TAIL=12 step equality 240 python3 scripts/gpu_check.py equality --out "$OUT"  # includes overlap == sync
+    for mode in sync overlap; do
+      flag=(); [ "$mode" = overlap ] && flag=(--overlap-schedule)
+      bench "nanovllm_qwen06_$mode" 120 --model-shape qwen3-0.6b --workload nanovllm "${flag[@]}"
+      bench "decode_llama8b_$mode" 120 --model-shape llama-3.1-8b --workload random --num-prompts 1 \
+        --input-len 1024 --output-len 256 --warmup-requests 2 --roofline "${flag[@]}"
+      bench "sglang_random_llama8b_$mode" 200 --model-shape llama-3.1-8b --workload sglang-random "${flag[@]}"
+    done
+    bench nanovllm_qwen06_transformers 420 --model-shape qwen3-0.6b --workload nanovllm --backend transformers
     ;;
   *)
     echo "unknown stage $stage"; exit 2 ;;

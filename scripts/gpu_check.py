@@ -271,7 +271,7 @@ def _engine_tokens(path: str, prompts: list[list[int]], n: int, **kw) -> list[li
 
 def check_equality() -> dict:
     """Greedy tokens on tiny checkpoints, bf16 and fp32: CUDA graphs (Triton) vs eager Triton vs eager torch
-    backend; graphs must equal eager Triton exactly. Also transformers' own greedy tokens for fp32."""
+    backend, and graphs with overlap scheduling; graphs must equal eager Triton (and overlap) exactly. Also transformers' own greedy tokens for fp32."""
     from flotilla.testing.tiny import tiny_model_path
 
     rs = np.random.RandomState(7)
@@ -285,9 +285,13 @@ def check_equality() -> dict:
             g = _engine_tokens(path, prompts, 48, attention_backend="triton", enable_cuda_graph=True, **common)
             e = _engine_tokens(path, prompts, 48, attention_backend="triton", enable_cuda_graph=False, **common)
             t = _engine_tokens(path, prompts, 48, attention_backend="torch", enable_cuda_graph=False, **common)
+            o = _engine_tokens(path, prompts, 48, attention_backend="triton", enable_cuda_graph=True,
+                               enable_overlap_schedule=True, **common)
             same_ge = sum(a == b for a, b in zip(g, e))
             same_gt = sum(a == b for a, b in zip(g, t))
-            row = {"graph==eager": f"{same_ge}/{len(prompts)}", "graph==torch": f"{same_gt}/{len(prompts)}"}
+            same_go = sum(a == b for a, b in zip(g, o))
+            row = {"graph==eager": f"{same_ge}/{len(prompts)}", "graph==torch": f"{same_gt}/{len(prompts)}",
+                   "overlap==sync (graphs)": f"{same_go}/{len(prompts)}"}
             if dtype == "float32":
                 from transformers import AutoModelForCausalLM
 
@@ -305,6 +309,7 @@ def check_equality() -> dict:
             print(f"equality {arch}/{dtype}: {row}")
             if dtype == "float32":  # bf16: a padded graph batch may run other GEMM kernels than eager
                 assert same_ge == len(prompts), "CUDA graph replay must give the eager tokens"
+                assert same_go == len(prompts), "overlap scheduling must give the synchronous tokens"
     return report
 
 

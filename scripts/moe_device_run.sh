@@ -3,7 +3,7 @@
 # Run from the repository root on the GPU machine, after the wheel prelude (../shared/device/prelude.sh):
 #   bash scripts/moe_device_run.sh check    # kernel tests, tile sweep, layer timings, tiny-MoE equality, decode bs=1
 #   bash scripts/moe_device_run.sh report   # kernel tests, tiny-MoE equality, decode profile, sglang-random
-#   bash scripts/moe_device_run.sh compare  # nanovllm: Flotilla vs transformers CB
+#   bash scripts/moe_device_run.sh compare  # nanovllm: Flotilla vs transformers CB (NUM_PROMPTS=16 ... to fit)
 # Logs and JSON go to $RES, packed after every step into $OUT/moe_results.tgz.
 set -uo pipefail
 FINAL="${OUT:-./out}"
@@ -44,9 +44,10 @@ case "$stage" in
     bench sglang_random200_qwen30b 110 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 200
     ;;
   compare)  # nanovllm: Flotilla and transformers' continuous batching, one after the other on one GPU
-    TAIL=4 step tests 60 python3 -m pytest -q --maxfail=4 -p no:cacheprovider tests/test_moe_kernels.py
-    bench nanovllm64_qwen30b 75 --model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 64
-    bench nanovllm64_qwen30b_transformers 210 --model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 64 \
-      --backend transformers
+    # NUM_PROMPTS (64), WARMUP (16), FLOTILLA_S (75) and TRANSFORMERS_S (210) size it to the device time left
+    N="${NUM_PROMPTS:-64}" W="${WARMUP:-16}"
+    W_ARGS=(--model-shape qwen3-30b-a3b --workload nanovllm --num-prompts "$N" --warmup-requests "$W")
+    bench "nanovllm${N}_qwen30b" "${FLOTILLA_S:-75}" "${W_ARGS[@]}"
+    TAIL=30 bench "nanovllm${N}_qwen30b_transformers" "${TRANSFORMERS_S:-210}" "${W_ARGS[@]}" --backend transformers
     ;;
 esac

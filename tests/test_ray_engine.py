@@ -35,7 +35,8 @@ def _no_leftovers():
 
 
 @pytest.mark.parametrize("layout", [dict(dp_size=2), dict(tp_size=2), dict(tp_size=2, dp_size=2),
-                                    dict(tp_size=2, dp_size=2, enable_dp_attention=True)])
+                                    dict(tp_size=2, dp_size=2, enable_dp_attention=True),
+                                    dict(tp_size=2, enable_overlap_schedule=True)])
 def test_driver_created_group_matches_transformers(ray_cluster, layout):
     path = tiny("llama")
     with RayEngine(model=path, **OPTS, **layout) as engine:
@@ -43,6 +44,8 @@ def test_driver_created_group_matches_transformers(ray_cluster, layout):
         stats = engine.stats()
     assert [o["token_ids"] for o in outs] == expected(path)
     assert len(stats["replicas"]) == layout.get("dp_size", 1)
+    if layout.get("enable_overlap_schedule"):  # the rank actors fed each step from the one before
+        assert all(r["num_overlapped_steps"] > 0 for r in stats["replicas"])
     alive, pgs = _no_leftovers()
     assert not alive and not pgs
 

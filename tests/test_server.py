@@ -139,7 +139,10 @@ def test_completion_equals_engine_greedy(client: openai.OpenAI, engine) -> None:
                                   extra_body={"ignore_eos": True})
     choice = r.choices[0]
     assert choice.text == ref["text"]
-    assert choice.logprobs.tokens == [engine.tokenizer.decode([t]) for t in ref["token_ids"]]
+    assert len(choice.logprobs.tokens) == len(ref["token_ids"])
+    for name, t in zip(choice.logprobs.tokens, ref["token_ids"]):  # pieces of a character: OpenAI's bytes: form
+        text = engine.tokenizer.decode([t])
+        assert name == text if "\ufffd" not in text else name.startswith("bytes:\\x")
     assert choice.logprobs.token_logprobs == pytest.approx(ref["logprobs"], abs=1e-3)
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == ref["prompt_tokens"]
 

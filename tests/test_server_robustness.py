@@ -239,10 +239,15 @@ def test_logprob_bytes_are_the_tokens_own_bytes(tokenizer: Any) -> None:
     assert strings.bytes(special) == b"<|im_end|>"
 
 
-def test_completion_top_logprobs_keep_k_distinct_texts(tokenizer: Any) -> None:
+def test_completion_top_logprobs_keep_k_distinct_entries(tokenizer: Any) -> None:
     c3, a9 = list(tokenizer("é")["input_ids"])[-2:]
     a, b = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("b")
     strings = TokenStrings(tokenizer)
-    row = [(c3, -0.1), (a9, -0.2), (a, -0.3), (b, -0.4)]  # two candidates share the text U+FFFD
-    assert top_by_text(strings, row, 3) == {"\ufffd": -0.1, "a": -0.3, "b": -0.4}
-    assert top_by_text(strings, row, 2) == {"\ufffd": -0.1, "a": -0.3}
+    row = [(c3, -0.1), (a9, -0.2), (a, -0.3), (b, -0.4)]  # two candidates both decode to U+FFFD alone
+    assert top_by_text(strings, row, 3) == {"bytes:\\xc3": -0.1, "bytes:\\xa9": -0.2, "a": -0.3}
+    assert top_by_text(strings, row, 4) == {"bytes:\\xc3": -0.1, "bytes:\\xa9": -0.2, "a": -0.3, "b": -0.4}
+    # text offsets count a split character once, at its first piece
+    ids = list(tokenizer("aé b")["input_ids"])
+    ids = ids[-4:] if len(ids) > 4 else ids
+    assert [strings.label(t) for t in ids] == ["a", "bytes:\\xc3", "bytes:\\xa9", " b"]
+    assert [strings.num_chars(t) for t in ids] == [1, 1, 0, 2]

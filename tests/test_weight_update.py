@@ -62,8 +62,25 @@ def run_in_thread(fn):
 
 @pytest.fixture(scope="module")
 def dp_engine(ckpt):
-    with Engine(model=ckpt[0], dp_size=2, **OPTS) as engine:
+    # overlap scheduling on: an update must wait for the step in flight (test_sharded_layouts runs without)
+    with Engine(model=ckpt[0], dp_size=2, enable_overlap_schedule=True, **OPTS) as engine:
         yield engine
+
+
+def test_update_while_a_step_is_in_flight(dp_engine, ckpt):
+    """Not paused: the update lands between two steps of a running stream, which finishes whole."""
+    a, b, exp = ckpt
+    long = SamplingParams(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+    stream = dp_engine.stream(PROMPTS[0], long)
+    first = next(stream)
+    dp_engine.update_weights(weights(b))
+    rest = list(stream)
+    assert len(first["token_ids"]) + sum(len(d["token_ids"]) for d in rest) == 200
+    assert tokens(dp_engine) == exp[b]
+    assert dp_engine.stats()["num_requests_inflight"] == 0
+    dp_engine.update_weights_from_disk(a)
+    assert tokens(dp_engine) == exp[a]
+    assert all(r["num_overlapped_steps"] > 0 for r in dp_engine.stats()["replicas"])
 
 
 def test_update_to_b_and_back_to_a(dp_engine, ckpt):

@@ -107,6 +107,14 @@ class ParallelGroup:
         dist.broadcast(buf, src=src, group=self.pg)
         return payload if self.rank == src_rank else bytes(buf.cpu().numpy())
 
+    def broadcast_tensor(self, x: torch.Tensor, src_rank: int = 0) -> torch.Tensor:
+        """Overwrite ``x`` on every rank with the group's ``src_rank``'s ``x``, in place (on the device's
+        stream over NCCL: the host does not wait)."""
+        if self.size > 1:
+            src = dist.get_global_rank(self.pg, src_rank) if self.pg is not None else src_rank
+            dist.broadcast(x, src=src, group=self.pg)
+        return x
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.pg)

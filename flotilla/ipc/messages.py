@@ -166,6 +166,7 @@ class ReplicaLoad(msgspec.Struct):
     cached_tokens: int = 0
     num_steps: int = 0
     num_preemptions: int = 0
+    num_overlapped_steps: int = 0  # steps planned while the step before still ran (overlap scheduling)
     weight_version: int = 0
     # pipeline parallel (pp_size > 1): forwards run by each stage so far, and the most micro-batches that
     # were in flight at once
@@ -236,6 +237,9 @@ class SeqPlan(msgspec.Struct, array_like=True):
     # (their log-probabilities are computed from this forward), and how many top candidates to report
     prompt_targets: list[int] = []
     prompt_top: int = 0
+    # overlap scheduling: >= 0 when the slice's one token is not known on the host yet: it is row ``prev_row``
+    # of the token ids the previous step sampled (still on the device); ``token_ids`` then holds a placeholder
+    prev_row: int = -1
 
 
 class BatchPlan(msgspec.Struct, tag=True):

@@ -464,14 +464,15 @@ class ReplicaFleet:
                         "accepting": view.accepting, "running": view.running, "waiting": view.waiting,
                         "kv_used": view.kv_used, "cached_tokens": view.cached_tokens,
                         "outstanding_tokens": view.outstanding_tokens, "num_steps": rep.num_steps,
-                        "num_preemptions": rep.num_preemptions, "weight_version": rep.weight_version,
+                        "num_preemptions": rep.num_preemptions, "num_overlapped_steps": rep.num_overlapped_steps,
+                        "weight_version": rep.weight_version,
                         "stage_forwards": list(rep.stage_forwards), "max_in_flight": rep.max_in_flight,
                         "restarts": rec.restarts})
                 for t in rec.down_replicas:
                     out.append({"id": t, "group": None, "state": rec.state.value, "pids": [], "alive": False,
                                 "accepting": False, "running": 0, "waiting": 0, "kv_used": 0.0, "cached_tokens": 0,
                                 "outstanding_tokens": 0, "num_steps": 0, "num_preemptions": 0,
-                                "weight_version": None, "down_reason": rec.reason,
+                                "num_overlapped_steps": 0, "weight_version": None, "down_reason": rec.reason,
                                 "restarting": rec.state is GroupState.RESTARTING, "restarts": rec.restarts})
         return sorted(out, key=lambda r: r["id"])
 

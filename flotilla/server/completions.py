@@ -24,7 +24,6 @@ from flotilla.server.usage import usage
 ALIASES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", "input_ids": "prompt",
            "sampling_params": "body"}
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-_MAX_CANDIDATES = 20      # the engine's limit on top_logprobs
 
 
 def add_completion_route(app: FastAPI, state: ServerState) -> None:
@@ -94,30 +93,20 @@ def completion_params(body: CompletionRequest, ranked: bool = False) -> dict[str
     if body.logprobs is not None or ranked:
         params["logprobs"] = True
     if body.logprobs is not None:
-        params["top_logprobs"] = candidates_for(body.logprobs)
+        # candidates are keyed by TokenStrings.label, which tells every token apart: k of them are k entries
+        params["top_logprobs"] = body.logprobs
         if body.echo:
-            params["prompt_logprobs"] = candidates_for(body.logprobs)
+            params["prompt_logprobs"] = body.logprobs
     return params
 
 
-def candidates_for(k: int) -> int:
-    """How many candidates to ask the engine for so that ``k`` distinct texts survive: several tokens can decode
-    to the same text (pieces of multi-byte characters all decode to U+FFFD) and the completions API keys
-    ``top_logprobs`` by text. So the engine's maximum (20) whenever k > 0; the extra candidates cost a larger
-    top-k in the sampler and more bytes per token, only for requests that asked for logprobs. A k outside
-    [0, 20] goes through unchanged for the engine to refuse."""
-    if not 0 < k <= _MAX_CANDIDATES:
-        return k
-    return _MAX_CANDIDATES
-
-
 def top_by_text(strings: TokenStrings, row: list[Any], k: int) -> dict[str, float]:
-    """The ``k`` most likely distinct texts of one position; on a collision the more likely token wins (the
-    engine sends candidates most likely first). Fewer than ``k`` entries only when even the extra
-    candidates do not hold ``k`` distinct texts."""
+    """The ``k`` most likely candidates of one position, keyed by ``TokenStrings.label`` (pieces of a character
+    are ``bytes:...``, so they never collide); should two tokens still share a label (added tokens spelling a
+    vocabulary entry), the more likely wins and the extra candidates fill the ``k``."""
     out: dict[str, float] = {}
     for tid, lp in sorted(row, key=lambda c: -float(c[1])):
-        text = strings.text(int(tid))
+        text = strings.label(int(tid))
         if text not in out:
             out[text] = float(lp)
             if len(out) == k:
@@ -128,11 +117,11 @@ def top_by_text(strings: TokenStrings, row: list[Any], k: int) -> dict[str, floa
 def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | None, tops: list[Any] | None, k: int,
                    offset: int) -> tuple[dict[str, Any], int]:
     """OpenAI's legacy logprobs block for some tokens; offsets are into the completion text."""
-    tokens = [strings.text(t) for t in ids]
+    tokens = [strings.label(t) for t in ids]
     offsets = []
-    for t in tokens:
+    for t in ids:
         offsets.append(offset)
-        offset += len(t)
+        offset += strings.num_chars(t)
     lps = list(lps or [])
     block: dict[str, Any] = {"tokens": tokens,
                              "token_logprobs": [lps[j] if j < len(lps) else None for j in range(len(tokens))],

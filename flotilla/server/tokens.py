@@ -78,6 +78,22 @@ class TokenStrings:
             self._text[token_id] = text
         return text
 
+    def label(self, token_id: int) -> str:
+        """The token as the legacy completions API names it: its text, or for a token whose own bytes are not
+        UTF-8 on their own (a piece of a character) OpenAI's ``bytes:\\xNN...`` form, so that no two tokens
+        share a name (``top_logprobs`` is keyed by it) and the name says which piece it is."""
+        raw = self.bytes(token_id)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return self.text(token_id)
+
+    def num_chars(self, token_id: int) -> int:
+        """Characters of the text that begin in this token (its UTF-8 lead bytes): a character split over
+        tokens is counted once, at its first piece, so these add up to text offsets."""
+        return sum(1 for b in self.bytes(token_id) if b & 0xC0 != 0x80)
+
     def bytes(self, token_id: int) -> bytes:
         raw = self._bytes.get(token_id)
         if raw is None:

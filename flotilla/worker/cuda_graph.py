@@ -35,6 +35,7 @@ import torch
 
 from flotilla.distributed.dp_attention import dp_attention_mlp
 from flotilla.ipc.messages import SeqPlan
+from flotilla.worker.feed import feed_input_ids
 from flotilla.model.attention import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -141,9 +142,10 @@ class CudaGraphRunner:
     def bucket(self, n: int) -> int:
         return next(b for b in self.sizes if b >= n)
 
-    def run(self, plans: list[SeqPlan], bs: int | None = None) -> torch.Tensor:
+    def run(self, plans: list[SeqPlan], bs: int | None = None, fed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [sampled sequences, vocab] (float32) of a decode batch, replayed at size ``bs`` (default:
         the bucket of the batch; with DP attention the size all ranks agreed on, the batch may be empty).
+        ``fed``: the previous step's sampled ids, for plans with ``prev_row`` (ModelRunner.forward).
 
         The result is a view of the static logits buffer: it is valid until the next replay (the worker
         samples from it before it schedules the next step).
@@ -172,6 +174,8 @@ class CudaGraphRunner:
         if n:
             self.bt_stage[: n * w].copy_(self.host_bt[: n * w], non_blocking=True)
         self._copied.record()
+        if fed is not None:
+            feed_input_ids(self.scalars[0, :n], plans, fed)
         if n:
             self.block_tables[:n, :w].copy_(self.bt_stage[: n * w].view(n, w))
         self.graphs[bs].replay()

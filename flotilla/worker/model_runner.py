@@ -16,6 +16,7 @@ from flotilla.model.attention import AttentionMetadata, make_backend
 from flotilla.model.loader import init_dummy, load_checkpoint
 from flotilla.model.models import model_class
 from flotilla.worker.cuda_graph import CudaGraphRunner
+from flotilla.worker.feed import feed_input_ids
 
 log = logging.getLogger(__name__)
 
@@ -271,20 +272,25 @@ class ModelRunner:
         return dp_replay_size(self.graphs.sizes, dp_counts, flags)
 
     @torch.inference_mode()
-    def forward(self, plans: list[SeqPlan], dp_counts: list[int] | None = None) -> torch.Tensor:
+    def forward(self, plans: list[SeqPlan], dp_counts: list[int] | None = None,
+                fed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [num sampled sequences, vocab] in float32 (every rank of the attention group gets them).
 
         ``dp_counts``: with DP attention, the token count of every attention-DP group in this step.
+        ``fed``: the token ids the previous step sampled, on this device (overlap scheduling): a plan with
+        ``prev_row`` >= 0 computes ``fed[prev_row]`` in place of its placeholder.
         A decode batch that fits a captured CUDA graph replays it; the logits are then a view of the graph's
         output buffer, valid until the next forward.
         """
         if self.graphs is not None and dp_counts is None and self.graphs.can_run(plans):
-            return self.graphs.run(plans)
+            return self.graphs.run(plans, fed=fed)
         if self.graphs is not None and dp_counts is not None and self.graphs.dp_size > 1:
             bs = self._dp_replay_size(plans, dp_counts)
             if bs is not None:
-                return self.graphs.run(plans, bs=bs)
+                return self.graphs.run(plans, bs=bs, fed=fed)
         inp = self.prepare(plans)
+        if fed is not None:
+            feed_input_ids(inp.input_ids, plans, fed, [int(x) for x in inp.meta.q_lens_cpu])
         if dp_counts is None:
             hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         else:

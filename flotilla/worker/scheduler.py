@@ -5,6 +5,11 @@ chunk of every sequence still in prefill, then new sequences from the queue whil
 ``max_num_seqs`` allow. When the pool cannot hold the next token of a running sequence, the most
 recently admitted one gives its pages back and returns to the head of the queue to be recomputed
 later (its finished pages usually survive in the prefix cache, so the recompute is cheap).
+
+A step's results come back in two parts, so the worker can schedule step N+1 while step N still runs on
+the device (overlap scheduling): ``advance`` when the step is launched (its KV counts as computed, each
+sampled sequence gets a placeholder token the next step reads from the device), ``record`` once its sampled
+ids are on the host (placeholders replaced, stop conditions checked). ``process`` is both at once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from dataclasses import dataclass
 from flotilla.ipc.messages import ReplicaLoad, SeqPlan, TokenOutput
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.sequence import Sequence
+
+# What a sampled sequence's new token reads as between ``advance`` and ``record`` (a valid id: the plan that
+# carries it is marked ``prev_row`` and the device overwrites it with the real token)
+PLACEHOLDER = 0
 
 
 @dataclass
@@ -114,13 +123,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(seqs) < limit:
             seq = self.running[i]
-            if seq.rid in exclude:
-                i += 1
+            if seq.rid in exclude or (seq.pending and self._length_stop(seq, len(seq.tokens))):
+                i += 1  # (a sequence whose pending token surely ends it by length gets no slot)
                 continue
             n = min(seq.remaining_prefill, budget)
             if not self._grow(seq, seq.num_computed + n):
-                # never a sequence in flight elsewhere (a later stage still writes its pages) or in this batch
-                victim = next((v for v in reversed(self.running) if v.rid not in exclude and v not in seqs), None)
+                # never a sequence in flight elsewhere (a later stage still writes its pages), one whose last
+                # token is still on the device, or one in this batch
+                victim = next((v for v in reversed(self.running)
+                               if v.rid not in exclude and not v.pending and v not in seqs), None)
                 if victim is None:
                     break
                 self._preempt(victim)
@@ -172,6 +183,8 @@ class Scheduler:
     def _plan(self, seq: Sequence, n: int) -> SeqPlan:
         start = seq.num_computed
         plan = SeqPlan(seq.tokens[start:start + n], start, list(seq.block_table), start + n == len(seq.tokens))
+        if seq.pending:  # its one token to compute is the previous step's sampled id, still on the device
+            plan.prev_row = seq.feed_row
         k = seq.sampling.prompt_logprobs
         if k is not None and start + 1 < seq.prompt_len:  # positions whose next token is still in the prompt
             plan.prompt_targets = seq.tokens[start + 1:min(start + n, seq.prompt_len - 1) + 1]
@@ -189,6 +202,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        assert not seq.pending, "a sequence whose token is still on the device cannot be preempted"
         self.num_preemptions += 1
         self.running.remove(seq)
         self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
@@ -200,29 +214,53 @@ class Scheduler:
     def process(self, batch: ScheduledBatch, next_tokens: list[int], logprobs: list[float] | None = None,
                 top_logprobs: list[list[tuple[int, float]]] | None = None,
                 grammar_done: set[str] | None = None, prompt_logprobs: dict | None = None) -> list[TokenOutput]:
-        """Advance every scheduled sequence; ``next_tokens`` has one entry per sampled sequence.
+        """``advance`` and ``record`` at once: the step's results are already on the host."""
+        self.advance(batch)
+        return self.record(batch, next_tokens, logprobs, top_logprobs, grammar_done, prompt_logprobs)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The step is launched: its tokens' KV counts as computed (pages it fills are published: they hold
+        known tokens only, and any step that reads them runs after this one on the device), and each sampled
+        sequence gets a placeholder for its new token, row ``feed_row`` of the step's sampled ids."""
+        page = self.kv.block_size
+        k = 0
+        for seq, plan in zip(batch.seqs, batch.plans):
+            row = k
+            k += plan.sample  # an aborted sequence's row is sampled all the same: rows stay aligned
+            if seq.finished:
+                continue
+            n = len(plan.token_ids)
+            seq.num_computed += n
+            # Only a step that fills a page has anything new to publish; skipping the others saves slicing
+            # every sequence's token list on every decode step (~1 ms of host time at batch 256). A page is
+            # published once its tokens are known: one holding a placeholder waits for ``record``.
+            known = min(seq.num_computed, len(seq.tokens) - seq.pending)
+            if known // page > (seq.num_computed - n) // page:
+                self.kv.cache_pages(seq.tokens[:known], seq.block_table)
+            if plan.sample:
+                seq.tokens.append(PLACEHOLDER)
+                seq.pending += 1
+                seq.feed_row = row
+
+    def record(self, batch: ScheduledBatch, next_tokens: list[int], logprobs: list[float] | None = None,
+               top_logprobs: list[list[tuple[int, float]]] | None = None,
+               grammar_done: set[str] | None = None, prompt_logprobs: dict | None = None) -> list[TokenOutput]:
+        """The step's sampled ids reached the host (``next_tokens``: one per sampled sequence): put each in
+        place of its placeholder, stop the sequences that are done, and return the outputs to report.
         ``grammar_done``: requests whose structured-output grammar is complete (they stop here).
         ``prompt_logprobs``: index in the batch -> (logprobs, top candidates) of its prompt positions."""
         outputs = self.finished_outputs
         self.finished_outputs = []
         k = 0
         for i, (seq, plan) in enumerate(zip(batch.seqs, batch.plans)):
-            if seq.finished:  # aborted while the step ran
-                if plan.sample:
-                    k += 1  # its row was sampled all the same: keep the rows of the others aligned
+            if seq.finished:  # aborted while the step ran, or stopped by the step before (overlap)
+                k += plan.sample
                 continue
             if prompt_logprobs and i in prompt_logprobs:
                 lps, tops = prompt_logprobs[i]
                 outputs.append(TokenOutput(seq.rid, [], prompt_start=plan.start + 1, prompt_logprobs=lps,
                                            prompt_top_logprobs=tops))
-            seq.num_computed += len(plan.token_ids)
-            # Only a step that fills a page has anything new to publish; skipping the others saves slicing
-            # every sequence's token list on every decode step (~1 ms of host time at batch 256).
-            page = self.kv.block_size
-            filled = seq.num_computed // page > (seq.num_computed - len(plan.token_ids)) // page
             if not plan.sample:
-                if filled:
-                    self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
                 continue
             token = next_tokens[k]
             out = TokenOutput(seq.rid, [token])
@@ -231,25 +269,30 @@ class Scheduler:
             if top_logprobs is not None and seq.sampling.top_logprobs:
                 out.top_logprobs = [top_logprobs[k]]
             k += 1
-            seq.tokens.append(token)
-            if filled:
-                self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
+            at = len(seq.tokens) - seq.pending  # the oldest placeholder is this step's
+            seq.tokens[at] = token
+            seq.pending -= 1
+            if (at + 1) % self.kv.block_size == 0 and at < seq.num_computed:  # a computed page is known now
+                self.kv.cache_pages(seq.tokens[: at + 1], seq.block_table)
             if not seq.reported_cached:
                 out.cached_tokens, seq.reported_cached = max(seq.cached_tokens, 0), True
-            reason = "stop" if grammar_done and seq.rid in grammar_done else self._stop_reason(seq, token)
+            reason = "stop" if grammar_done and seq.rid in grammar_done else self._stop_reason(seq, token, at + 1)
             if reason is not None:
                 out.finished, out.finish_reason = True, reason
                 self._finish(seq, reason)
             outputs.append(out)
         return outputs
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def _stop_reason(self, seq: Sequence, token: int, length: int) -> str | None:
+        """Why ``seq`` stops at ``token``, its ``length``-th token (placeholders after it not counted)."""
         sp = seq.sampling
         if (not sp.ignore_eos and token in self.cfg.eos_token_ids) or token in sp.stop_token_ids:
             return "stop"
-        if seq.num_outputs >= sp.max_new_tokens or len(seq.tokens) >= self.cfg.max_model_len:
-            return "length"
-        return None
+        return "length" if self._length_stop(seq, length) else None
+
+    def _length_stop(self, seq: Sequence, length: int) -> bool:
+        """A sequence of ``length`` tokens has reached its output or context limit."""
+        return length - seq.prompt_len >= seq.sampling.max_new_tokens or length >= self.cfg.max_model_len
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finished, seq.finish_reason = True, reason

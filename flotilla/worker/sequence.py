@@ -21,6 +21,11 @@ class Sequence:
     reported_cached: bool = False
     finished: bool = False
     finish_reason: str | None = None
+    # Overlap scheduling: the last ``pending`` entries of ``tokens`` are placeholders for tokens a launched step
+    # sampled on the device whose values the host has not read yet; ``feed_row`` is this sequence's row among
+    # the sampled rows of the last launched step (where the next step takes its input token from).
+    pending: int = 0
+    feed_row: int = -1
 
     @property
     def prompt_ids(self) -> list[int]:

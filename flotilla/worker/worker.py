@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -32,8 +33,9 @@ from flotilla.worker.heartbeat import HeartbeatThread
 from flotilla.worker.grammar import Grammars
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.model_runner import ModelRunner
-from flotilla.worker.sampler import Sampler, SamplingBatch
-from flotilla.worker.scheduler import Scheduler, SchedulerConfig
+from flotilla.worker.host_copy import HostCopy
+from flotilla.worker.sampler import Sampler, SamplerOutput, SamplingBatch
+from flotilla.worker.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from flotilla.worker.weight_sources import open_source
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,7 @@ class _Leader:
         self.sampler = Sampler()
         self.faults = StepFaults(args.replica_id)  # test-only fault injection (inactive unless the env asks)
         self.steps = 0
+        self.overlapped = 0  # steps left in flight while the next one was planned
         self.last_sent = time.monotonic()
         # control state: paused (no scheduling), KV released, model ops waiting for every rank to take them
         self.paused = self.released = False
@@ -215,16 +218,36 @@ class _Leader:
                                                        error=f"malformed request: {type(error).__name__}: {error}"))
 
     def finish_step(self, batch, logits) -> None:
-        if batch is not None:
-            if self.faults.active:
-                self.faults.on_step(self.steps + 1)
-                self.faults.before_sample(batch.sampled)
+        """Sample ``batch`` from ``logits`` and report its results (or, with no batch, what aborts and
+        failures left to report): ``launch`` and ``collect`` in one go, the order without overlap."""
+        self.collect(self.launch(batch, logits))
+
+    def launch(self, batch, logits) -> "_Launched | None":
+        """Start sampling ``batch`` (its ids stay on the device) and advance the scheduler past it; the
+        results are read by ``collect``. Masks and penalties read the host's token lists, so a batch with a
+        constrained or penalised row is marked ``needs_sync``: it is collected before the next step is planned."""
+        if batch is None:
+            return None
+        if self.faults.active:
+            self.faults.on_step(self.steps + 1)
+            self.faults.before_sample(batch.sampled)
+        sampled = batch.sampled
+        rids = [s.rid for s in sampled]
+        constrained = self._mask(logits, rids) if self.grammars.matchers else []
+        prompt = self.runner.take_prompt_logprobs() if self.runner.prompt_logprobs else None
+        tokens, copy, values = self._sample(batch, logits)
+        self.sched.advance(batch)
+        needs_sync = bool(constrained) or any(_penalised(s.sampling) for s in sampled)
+        return _Launched(batch, tokens, copy, values, constrained, prompt, needs_sync)
+
+    def collect(self, step: "_Launched | None") -> None:
+        """Read a launched step's sampled ids (waiting for that step only), record them, report."""
+        if step is not None:
+            batch = step.batch
+            tokens, logprobs, top = step.values or _host_values(step.copy.wait(), batch.sampled)
             rids = [s.rid for s in batch.sampled]
-            constrained = self._mask(logits, rids) if self.grammars.matchers else []
-            tokens, logprobs, top = self._sample(batch, logits)
-            done = self.grammars.accept(constrained, tokens, rids) if constrained else None
-            prompt = self.runner.take_prompt_logprobs() if self.runner.prompt_logprobs else None
-            outputs = self.sched.process(batch, tokens, logprobs, top, grammar_done=done, prompt_logprobs=prompt)
+            done = self.grammars.accept(step.constrained, tokens, rids) if step.constrained else None
+            outputs = self.sched.record(batch, tokens, logprobs, top, grammar_done=done, prompt_logprobs=step.prompt)
             self.steps += 1
             self.beat.steps = self.steps
         else:
@@ -237,10 +260,22 @@ class _Leader:
         if outputs or now - self.last_sent > HEARTBEAT_S:
             self.report(outputs)
 
+    def settle(self, pending: "_Launched | None", launched: "_Launched | None", overlap: bool) -> "_Launched | None":
+        """Collect what is due after a launch: the step before it, and the new one too unless it may stay in
+        flight (overlap on and nothing in it needs the host's tokens). Returns the step left in flight."""
+        keep = launched if overlap and launched is not None and not launched.needs_sync else None
+        self.overlapped += keep is not None
+        if pending is not None:
+            self.collect(pending)
+        if keep is None:
+            self.collect(launched)
+        return keep
+
     def report(self, outputs=None) -> None:
         load = self.sched.load()
         load.num_steps = self.steps
         load.num_preemptions = self.sched.num_preemptions
+        load.num_overlapped_steps = self.overlapped
         load.weight_version = self.weight_version
         if self.pipeline is not None:
             load.stage_forwards, load.max_in_flight = self.pipeline.stage_forwards(), self.pipeline.max_in_flight
@@ -291,11 +326,16 @@ class _Leader:
             return []
 
     def _sample(self, batch, logits):
-        """Sample the batch's rows. Only the leader samples (its TP peers are already on their way to the
-        next plan), so a sampling error can be handled here without breaking the group's lockstep: if the
-        batch fails, sample row by row, fail the requests whose rows still fail, and serve the others."""
+        """Sample the batch's rows: (token ids on the device, a HostCopy of the sampler's output, None), or
+        after a failure (None for the copy and) the host values. Only the leader samples (its TP peers are
+        already on their way to the next plan), so a sampling error can be handled here without breaking the
+        group's lockstep: if the batch fails, sample row by row, fail the requests whose rows still fail,
+        and serve the others."""
+        if not batch.sampled:  # every row a prefill chunk that samples nothing yet
+            return torch.zeros(0, dtype=torch.int64, device=logits.device), None, ([], None, None)
         try:
-            return _sample(self.sampler, logits, batch.sampled, self.runner)
+            out = _draw(self.sampler, logits, batch.sampled, self.runner)
+            return out.token_ids, HostCopy([out.token_ids, out.logprobs, out.top_ids, out.top_logprobs]), None
         except Exception as e:
             log.error("replica %d: sampling a batch failed (%s: %s); retrying row by row", self.args.replica_id,
                       type(e).__name__, e)
@@ -303,18 +343,20 @@ class _Leader:
         rows: list[tuple[float | None, list | None]] = []
         for r, seq in enumerate(batch.sampled):
             try:
-                (tok,), lps, top = _sample(self.sampler, logits[r:r + 1], [seq], self.runner)
+                out = _draw(self.sampler, logits[r:r + 1], [seq], self.runner)
+                (tok,), lps, top = _host_values([out.token_ids, out.logprobs, out.top_ids, out.top_logprobs], [seq])
                 tokens.append(tok)
                 rows.append((lps[0] if lps is not None else None, top[0] if top is not None else None))
             except Exception as e:
                 log.error("replica %d: request %r failed in sampling: %s: %s", self.args.replica_id, seq.rid,
                           type(e).__name__, e)
                 self.sched.fail(seq.rid, f"sampling failed: {type(e).__name__}: {e}")
-                tokens.append(0)  # never used: process() skips finished sequences but keeps rows aligned
+                tokens.append(0)  # never used: record() skips finished sequences but keeps rows aligned
                 rows.append((None, None))
         logprobs = [lp or 0.0 for lp, _ in rows] if any(lp is not None for lp, _ in rows) else None
         top = [t or [] for _, t in rows] if any(t is not None for _, t in rows) else None
-        return tokens, logprobs, top
+        device_tokens = torch.tensor(tokens, dtype=torch.int64).to(logits.device, non_blocking=True)
+        return device_tokens, None, (tokens, logprobs, top)
 
     def close(self) -> None:
         self.beat.stop()
@@ -337,6 +379,9 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
     attn_tp, attn_dp = get_group("attn_tp"), get_group("attn_dp")
     leader = _Leader(args, cfg, runner, out_ch) if attn_tp.rank == 0 else None
     busy_elsewhere = False
+    overlap = cfg.enable_overlap_schedule
+    fed = None  # overlap: the ids the last forward's rows sampled, on this rank's device (the next step's inputs)
+    pending = None  # the leader's step still in flight (overlap)
     try:
         while True:
             plan, batch = leader.next_plan(busy_elsewhere) if leader else (None, None)
@@ -361,14 +406,30 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
                 apply_op = op_id != 0
             # An exception in forward ends the worker (run_worker reports it): a rank cannot tell whether its
             # model, KV cache or collectives are still sane, nor whether its peers finished the same step.
-            logits = runner.forward(plan.seqs, dp_counts=counts) if run else None
+            logits = runner.forward(plan.seqs, dp_counts=counts, fed=fed) if run else None
+            launched = leader.launch(batch, logits) if leader else None
+            if overlap:
+                fed = _share_sampled(attn_tp, plan, launched, runner.device) if run else None
             if leader:
-                leader.finish_step(batch, logits)
+                pending = leader.settle(pending, launched, overlap)
             if apply_op:
+                if pending is not None:  # an op sees every result recorded (a weight update drops all KV)
+                    leader.collect(pending)
+                    pending = None
                 _apply_model_op(args, runner, plan.op, leader)
     finally:
         if leader:
             leader.close()
+
+
+def _share_sampled(attn_tp, plan: BatchPlan, launched: "_Launched | None", device: torch.device):
+    """The ids this step sampled, on every rank of the attention group (the leader sampled them): the next
+    step's fed inputs. A broadcast on the device's stream, so no rank waits for the step to finish."""
+    n = sum(p.sample for p in plan.seqs)
+    if n == 0:
+        return None
+    tokens = launched.tokens if launched is not None else torch.empty(n, dtype=torch.int64, device=device)
+    return attn_tp.broadcast_tensor(tokens)
 
 
 def _apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: _Leader | None) -> None:
@@ -420,21 +481,41 @@ class _RowIds:
         return getattr(self.seqs[r], self.attr)
 
 
-def _sample(sampler: Sampler, logits: torch.Tensor, seqs: list, runner: ModelRunner):
-    """Sample one token per sequence of ``seqs`` (row r of ``logits`` is ``seqs[r]``'s)."""
-    if not seqs:
-        return [], None, None
+@dataclass
+class _Launched:
+    """A step whose sampling was launched: its results may still be on the device."""
+
+    batch: ScheduledBatch
+    tokens: torch.Tensor              # [sampled rows] int64 on the device: what the next step is fed
+    copy: HostCopy | None             # the sampler's output on its way to the host
+    values: tuple | None              # (tokens, logprobs, top) already on the host (row-by-row sampling)
+    constrained: list                 # structured-output rows, as Grammars.mask returned them
+    prompt: dict | None               # prompt logprobs the forward computed
+    needs_sync: bool                  # collect before planning the next step
+
+
+def _penalised(sp: SamplingParams) -> bool:
+    return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
+
+
+def _draw(sampler: Sampler, logits: torch.Tensor, seqs: list, runner: ModelRunner) -> SamplerOutput:
+    """Sample one token per sequence of ``seqs`` (row r of ``logits`` is ``seqs[r]``'s), on the device."""
     # Lazy views: the sampler reads a row's ids only for penalties or seeds, and slicing every prompt and
     # output on every step costs ~1 ms of host time at batch 256.
     sb = SamplingBatch.build([s.sampling for s in seqs], _RowIds(seqs, "prompt_ids"), _RowIds(seqs, "output_ids"),
                              runner.vocab_size, logits.device)
-    out = sampler(logits, sb)
-    tokens = out.token_ids.tolist()
-    logprobs = top = None
-    if out.logprobs is not None:
-        logprobs = out.logprobs.tolist()
-    if out.top_ids is not None:
-        ids, lps = out.top_ids.tolist(), out.top_logprobs.tolist()
-        top = [[(i, lp) for i, lp in zip(ids[r][: s.sampling.top_logprobs], lps[r][: s.sampling.top_logprobs])]
+    return sampler(logits, sb)
+
+
+def _host_values(host: list, seqs: list):
+    """(token ids, logprobs or None, top candidates or None) as lists, from the sampler's output tensors
+    (token ids, logprobs, top ids, top logprobs) on the host."""
+    token_ids, lp, top_ids, top_lps = host
+    tokens = token_ids.tolist()
+    logprobs = lp.tolist() if lp is not None else None
+    top = None
+    if top_ids is not None:
+        ids, lps = top_ids.tolist(), top_lps.tolist()
+        top = [[(i, v) for i, v in zip(ids[r][: s.sampling.top_logprobs], lps[r][: s.sampling.top_logprobs])]
                for r, s in enumerate(seqs)]
     return tokens, logprobs, top
