@@ -509,6 +509,13 @@ def test_tokenize_and_detokenize(server: ServerThread, engine, auth: dict[str, s
     assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
     wrong = httpx.post(f"{url}/tokenize", json={"model": "gpt-17", "prompt": "x"}, headers=auth)
     assert wrong.status_code == 404
+    # lm-eval's remote tokenizer: special tokens and the chat template from GET /tokenizer_info
+    assert httpx.get(f"{url}/tokenizer_info").status_code == 401
+    info = httpx.get(f"{url}/tokenizer_info", headers=auth).json()
+    tok = engine.tokenizer
+    assert (info["eos_token"], info["bos_token"]) == (str(tok.eos_token), str(tok.bos_token))
+    assert info["model_max_length"] == engine.max_model_len and info["vocab_size"] == len(tok)
+    assert info["chat_template"] == tok.chat_template
 
 
 def test_models_report_max_model_len(client: openai.OpenAI, engine) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from conftest import _hf_model, hf_tokenize
 from flotilla.server import ServerThread, build_app
+from flotilla.server.tool_stream import ToolCallStream, merge_pieces
 from flotilla.server.tools import HERMES, LLAMA3_JSON, parse_tool_calls, tool_constraint
 
 MODEL = "tiny-llama"
@@ -59,8 +60,15 @@ def test_echo_logprobs_equal_transformers(client, llama_path):
         assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + max_tokens
         want = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
         assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
-        assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
+        assert lp.top_logprobs[0] is None
+        for tok, tok_lp, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+            # OpenAI's rule: the k most likely, and the token itself when it is not among them
+            assert 1 <= len(top) <= 2 and top[tok] == pytest.approx(tok_lp, abs=1e-6)
         assert r.usage.completion_tokens == max_tokens and r.usage.prompt_tokens == len(ids)
+        # offsets into the text: the BOS adds no characters (the text does not hold it), never decreasing
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        if max_tokens:
+            assert lp.text_offset[-1] == len(prompt)
 
 
 def test_json_schema_parse(client):
@@ -107,14 +115,19 @@ def test_named_and_required_tool_calls(client):
     # streamed: the call arrives as tool-call deltas that add up to the same kind of call
     stream = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=96, stream=True,
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    name, args, finish = "", "", None
+    name, args, finish, parts, first = "", "", None, 0, None
     for chunk in stream:
         for c in chunk.choices:
             for tc in c.delta.tool_calls or []:
+                first = first or tc
                 name += tc.function.name or ""
                 args += tc.function.arguments or ""
+                parts += bool(tc.function.arguments)
             finish = c.finish_reason or finish
     assert name == "get_weather" and finish == "tool_calls"
+    # OpenAI's shape: a header (index, id, type, name), then the arguments in pieces as they are written
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "get_weather" and parts > 1
     jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
     # tool_choice none: tools are not used, plain content comes back
     r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], tool_choice="none", max_tokens=4)
@@ -136,6 +149,50 @@ def test_n_and_best_of(client, llama_path):
                                        n=2, stream=True, stream_options={"include_usage": True})
     seen = {c.index for chunk in r for c in chunk.choices}
     assert seen == {0, 1}
+
+
+def _streamed(text: str, fmt: str, step: int) -> tuple[str, list[tuple[str, str]], int]:
+    """Feed ``text`` ``step`` characters at a time: (content, [(name, arguments)], deltas holding arguments)."""
+    stream = ToolCallStream(fmt)
+    pieces = []
+    for i in range(0, len(text), step):
+        pieces.append(merge_pieces(stream.feed(text[i:i + step])))
+    pieces.append(merge_pieces(stream.finish()))
+    content, calls, arg_parts = "", {}, 0
+    for p in pieces:
+        content += p.get("content", "")
+        for tc in p.get("tool_calls", []):
+            if "id" in tc:
+                assert tc["type"] == "function" and tc["id"].startswith("call_")
+                calls[tc["index"]] = [tc["function"]["name"], tc["function"]["arguments"]]
+            else:
+                calls[tc["index"]][1] += tc["function"]["arguments"]
+                arg_parts += 1
+    return content, [tuple(calls[i]) for i in sorted(calls)], arg_parts
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_streamed_tool_calls_add_up_to_the_parsed_reply(step):
+    hermes = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa}ris \\" {", '
+              '"days": [1, {"n": 2}]}}\n</tool_call>\n<tool_call>\n{"arguments": {"zone": "UTC"}, "name": "get_time"}'
+              '\n</tool_call>')
+    content, calls, parts = _streamed(hermes, HERMES, step)
+    want_content, want = parse_tool_calls(hermes, HERMES)
+    assert content.strip() == want_content
+    assert [(n, json.loads(a)) for n, a in calls] == [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                                       for c in want]
+    if step < 1000:
+        assert parts > 1  # the first call's arguments came in pieces (the second, keys reversed, whole)
+    llama = ' {"name": "get_time", "parameters": {"zone": "U{TC}"}}'
+    content, calls, _ = _streamed(llama, LLAMA3_JSON, step)
+    assert content == "" and [(n, json.loads(a)) for n, a in calls] == [("get_time", {"zone": "U{TC}"})]
+    for plain in ("just text, a < b and {braces}", "<tool_ca is not a tag", "{not a call"):
+        for fmt in (HERMES, LLAMA3_JSON):
+            content, calls, _ = _streamed(plain, fmt, step)
+            assert (content, calls) == (plain, [])
+    # cut short by the length limit inside the arguments: the call keeps what it had
+    content, calls, _ = _streamed('<tool_call>\n{"name": "f", "arguments": {"a": "xy', HERMES, step)
+    assert calls == [("f", '{"a": "xy')]
 
 
 def test_tool_call_parsers():

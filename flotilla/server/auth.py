@@ -9,7 +9,7 @@ from flotilla.server.errors import APIError, ASGIApp, Receive, Scope, Send
 
 # every route that reaches the engine or changes it; /health and /metrics stay open for probes and scrapers
 PROTECTED_PREFIXES = ("/v1/", "/admin/")
-PROTECTED_PATHS = ("/tokenize", "/detokenize")
+PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def is_protected(path: str) -> bool:

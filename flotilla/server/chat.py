@@ -18,6 +18,7 @@ from flotilla.server.sampling import check_common, choice_jobs, default_max_toke
 from flotilla.server.state import ServerState
 from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
 from flotilla.server.tokens import TokenStrings, encode, off_loop, render_chat
+from flotilla.server.tool_stream import ToolCallStream, merge_pieces
 from flotilla.server.tools import check_tools, parse_tool_calls, tool_constraint, tool_format
 from flotilla.server.usage import usage
 
@@ -145,11 +146,11 @@ def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | Non
 
 def _stream(run: Run, body: ChatCompletionRequest, base: dict[str, Any], strings: TokenStrings,
             fmt: str | None) -> AsyncIterator[bytes]:
-    """Content deltas as they come. With tools offered (``fmt``), a choice's text is held until it ends, then
-    sent as tool-call deltas (OpenAI's shape: index, id, type, name and the whole arguments) or as content:
-    whether a reply is a call is known only once it is complete."""
+    """Content deltas as they come. With tools offered (``fmt``), each choice's text goes through a
+    ``ToolCallStream``: content as it comes, a call as OpenAI streams one (its header once the name is known,
+    then its arguments as they are written)."""
     base = {**base, "object": "chat.completion.chunk"}
-    held = [""] * len(run.jobs)
+    calls = [ToolCallStream(fmt) for _ in run.jobs] if fmt is not None else None
 
     def frame(i: int, delta: Delta, seen: int) -> dict[str, Any] | None:
         ids = delta.get("token_ids") or []
@@ -157,14 +158,14 @@ def _stream(run: Run, body: ChatCompletionRequest, base: dict[str, Any], strings
             return None
         finish = delta["finish_reason"]
         out: dict[str, Any] = {"content": delta["text"]} if delta["text"] or ids else {}
-        if fmt is not None:
-            held[i] += delta["text"]
-            if not delta["finished"]:
+        if calls is not None:
+            parser = calls[i]
+            pieces = parser.feed(delta["text"]) + (parser.finish() if delta["finished"] else [])
+            out = merge_pieces(pieces)
+            if parser.called and finish == "stop":
+                finish = "tool_calls"
+            if not out and not delta["finished"] and not (body.logprobs and ids):
                 return None
-            message, finish = assistant_message(held[i], finish, fmt)
-            out = {"content": message["content"]} if message["content"] else {}
-            if "tool_calls" in message:
-                out["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
         logprobs = None
         if body.logprobs:
             logprobs = logprobs_block(strings, ids, delta.get("logprobs"), delta_tops(delta, run.jobs[i], seen))

@@ -17,7 +17,7 @@ from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
 from flotilla.server.sampling import MAX_N, check_common, choice_jobs, delta_tops, sampling_params
 from flotilla.server.state import ServerState
 from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
-from flotilla.server.tokens import TokenStrings, decode, encode, off_loop
+from flotilla.server.tokens import TokenStrings, encode, off_loop
 from flotilla.server.usage import usage
 
 # the engine's field names -> the API's, so a 400 names what the client sent
@@ -127,15 +127,24 @@ def logprobs_block(strings: TokenStrings, ids: list[int], lps: list[float] | Non
                              "token_logprobs": [lps[j] if j < len(lps) else None for j in range(len(tokens))],
                              "text_offset": offsets, "top_logprobs": None}
     if tops is not None:  # a prompt's first token has no candidates (None)
-        block["top_logprobs"] = [None if row is None else top_by_text(strings, row, k) for row in tops]
+        rows: list[dict[str, float] | None] = []
+        for j, row in enumerate(tops):
+            top = None if row is None else top_by_text(strings, row, k)
+            if top is not None and j < len(tokens) and j < len(lps) and lps[j] is not None:
+                top.setdefault(tokens[j], float(lps[j]))  # OpenAI: the chosen token too, so up to k + 1
+            rows.append(top)
+        block["top_logprobs"] = rows
     return block, offset
 
 
 def prompt_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer) -> list[str]:
-    """What echo puts first, per prompt: the prompt as sent (a string), or its decoded ids."""
+    """What echo puts first, per prompt: the prompt as sent (a string), or its decoded ids without special
+    tokens (as generated text is decoded, and as a string prompt's BOS is not in its text: text_offset
+    counts no characters for them)."""
     given = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
         else [body.prompt]
-    return [g if isinstance(g, str) else decode(tokenizer, ids) for g, ids in zip(given, prompts)]
+    return [g if isinstance(g, str) else tokenizer.decode(list(ids), skip_special_tokens=True)
+            for g, ids in zip(given, prompts)]
 
 
 def best_choices(jobs: list[Job], results: list[dict[str, Any]], n: int, best_of: int) -> list[tuple[Job, dict]]:

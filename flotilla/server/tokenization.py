@@ -1,5 +1,6 @@
-"""vLLM's ``POST /tokenize`` and ``POST /detokenize``: the server's own tokenizer, so a client can count tokens
-(or render a chat prompt) exactly as generation will, without loading the tokenizer itself."""
+"""vLLM's ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``: the server's own tokenizer, so a
+client can count tokens (or render a chat prompt) exactly as generation will, without loading the tokenizer
+itself (lm-evaluation-harness's ``tokenizer_backend=remote`` uses all three)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,24 @@ def add_tokenization_routes(app: FastAPI, state: ServerState) -> None:
         engine = state.accept("/detokenize", body)
         check_token_ids(body.tokens, len(engine.tokenizer))
         return {"prompt": await off_loop(decode, engine.tokenizer, body.tokens)}
+
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """The tokenizer's special tokens, class, context length and chat template."""
+        engine = state.ready_engine()
+        return tokenizer_card(engine.tokenizer, engine.max_model_len)
+
+
+def tokenizer_card(tokenizer: Tokenizer, max_model_len: int) -> dict[str, Any]:
+    def token(name: str) -> str | None:
+        value = getattr(tokenizer, name, None)
+        return None if value is None else str(value)
+
+    return {"tokenizer_class": type(tokenizer).__name__, "bos_token": token("bos_token"),
+            "eos_token": token("eos_token"), "pad_token": token("pad_token"), "unk_token": token("unk_token"),
+            "model_max_length": max_model_len, "vocab_size": len(tokenizer),
+            "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
 def tokenize_ids(body: TokenizeRequest, tokenizer: Tokenizer) -> list[int]:

@@ -66,8 +66,9 @@ class TokenStrings:
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         self._kind = _decoder_kind(tokenizer)
-        self._added = {int(i): str(getattr(t, "content", t))
-                       for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
+        added = (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+        self._added = {int(i): str(getattr(t, "content", t)) for i, t in added}
+        self._special = {int(i) for i, t in added if getattr(t, "special", False)}
         self._text: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
 
@@ -91,7 +92,10 @@ class TokenStrings:
 
     def num_chars(self, token_id: int) -> int:
         """Characters of the text that begin in this token (its UTF-8 lead bytes): a character split over
-        tokens is counted once, at its first piece, so these add up to text offsets."""
+        tokens is counted once, at its first piece, so these add up to text offsets. A special token adds
+        none: the text a response carries is decoded without them."""
+        if token_id in self._special:
+            return 0
         return sum(1 for b in self.bytes(token_id) if b & 0xC0 != 0x80)
 
     def bytes(self, token_id: int) -> bytes:
