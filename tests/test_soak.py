@@ -10,11 +10,12 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("launcher,seconds", [("mp", 45), ("ray", 30)])
-def test_chaos_soak(launcher, seconds, tmp_path):
+# the mp run with overlap scheduling on (faults land while a step is in flight), the Ray run without
+@pytest.mark.parametrize("launcher,seconds,overlap", [("mp", 45, True), ("ray", 30, False)])
+def test_chaos_soak(launcher, seconds, overlap, tmp_path):
     out = tmp_path / "soak.json"
     cmd = [sys.executable, "-m", "flotilla.testing.soak", "--launcher", launcher, "--seconds", str(seconds),
-           "--seed", "1", "--fault-every-s", "2", "--json", str(out)]
+           "--seed", "1", "--fault-every-s", "2", "--json", str(out)] + (["--overlap-schedule"] if overlap else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 420)
     print(r.stdout[-4000:], r.stderr[-4000:])
     report = json.loads(out.read_text())

@@ -91,7 +91,8 @@ class Soak:
 
         self.path = str(tiny_model_path("llama"))
         opts = dict(device="cpu", dtype="float32", dp_size=2, max_replica_restarts=1000,
-                    heartbeat_timeout_s=self.args.heartbeat_timeout_s, failover_timeout_s=120.0)
+                    heartbeat_timeout_s=self.args.heartbeat_timeout_s, failover_timeout_s=120.0,
+                    enable_overlap_schedule=self.args.overlap_schedule)
         if self.args.launcher == "ray":
             import ray
 
@@ -380,6 +381,7 @@ def add_soak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fault-every-s", type=float, default=4.0, help="pause between faults (after health returns)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=4.0)
     p.add_argument("--max-rss-growth-mb", type=float, default=300.0)
+    p.add_argument("--overlap-schedule", action="store_true", help="the replicas plan step N+1 while N runs")
     p.add_argument("--json", default=None, help="write the report here")
 
 
