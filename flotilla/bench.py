@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import shutil
@@ -36,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -351,23 +352,27 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results to this file")
 
 
-def resolve_model(args: argparse.Namespace) -> tuple[str, Path | None]:
+@contextlib.contextmanager
+def model_folder(args: argparse.Namespace) -> Iterator[str]:
     """The checkpoint folder to load: ``--model``, or for ``--model-shape`` a temporary folder with its config
-    and tokenizer (dummy weights; the caller removes the folder returned second)."""
+    and tokenizer (dummy weights), removed when the block ends."""
     if not args.model_shape:
-        return args.model, None
+        yield args.model
+        return
     from flotilla.model.shapes import write_shape
 
     if args.load_format not in ("auto", "dummy"):
         raise SystemExit("--model-shape has no weights: use --load-format dummy")
     args.load_format = "dummy"
     tmp = write_shape(args.model_shape)
-    return str(tmp), tmp
+    try:
+        yield str(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    model, tmp = resolve_model(args)
-    try:
+    with model_folder(args) as model:
         cfg = json.loads((Path(model) / "config.json").read_text())
         wl = make_workload(args, int(cfg["vocab_size"]))
         bandwidth = None
@@ -385,9 +390,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         return 0
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _env() -> dict[str, Any]:

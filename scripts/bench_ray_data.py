@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flotilla.bench import add_bench_args, make_workload, resolve_model, run_flotilla, summarize
+from flotilla.bench import add_bench_args, make_workload, model_folder, run_flotilla, summarize
 from flotilla.integrations.ray_data import FlotillaProcessorConfig, FlotillaStage, Processor
 
 
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent-batches", type=int, default=8, help="batches one actor runs at once")
     p.add_argument("--launcher", default="ray", choices=["ray", "mp"], help="how each actor's engine starts its ranks")
     args = p.parse_args(argv)
-    model, tmp = resolve_model(args)
-    try:
+    with model_folder(args) as model:
         cfg = json.loads((Path(model) / "config.json").read_text())
         wl = make_workload(args, int(cfg["vocab_size"]))
         records, info = run_flotilla(args, model, wl)
@@ -140,9 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         return 0
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

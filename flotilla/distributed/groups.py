@@ -97,7 +97,7 @@ class ParallelGroup:
             assert payload is not None
             return payload
         device = _collective_device(self.pg)
-        src = dist.get_global_rank(self.pg, src_rank) if self.pg is not None else src_rank
+        src = self._global(src_rank)
         length = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.int64, device=device)
         dist.broadcast(length, src=src, group=self.pg)
         if self.rank == src_rank:
@@ -111,9 +111,12 @@ class ParallelGroup:
         """Overwrite ``x`` on every rank with the group's ``src_rank``'s ``x``, in place (on the device's
         stream over NCCL: the host does not wait)."""
         if self.size > 1:
-            src = dist.get_global_rank(self.pg, src_rank) if self.pg is not None else src_rank
-            dist.broadcast(x, src=src, group=self.pg)
+            dist.broadcast(x, src=self._global(src_rank), group=self.pg)
         return x
+
+    def _global(self, group_rank: int) -> int:
+        """The world rank of this group's ``group_rank`` (what torch.distributed's ``src`` wants)."""
+        return dist.get_global_rank(self.pg, group_rank) if self.pg is not None else group_rank
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -21,8 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flotilla.config import EngineConfig
-from flotilla.launch.topology import world_size
+from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
 
 if TYPE_CHECKING:
     import pyarrow
@@ -32,9 +31,9 @@ Row = dict[str, Any]
 LAUNCHERS = ("ray", "mp")
 ERROR_COLUMN = "__inference_error__"
 OUTPUT_COLUMNS = ("generated_text", "generated_token_ids", "num_input_tokens", "num_generated_tokens")
-# OpenAI/vLLM spellings a preprocess may use, as the engine's field names
 # map_batches' own parameters; other actor options go through its (deprecated) **ray_remote_args
 _NAMED_MAP_ARGS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "runtime_env", "label_selector")
+# OpenAI/vLLM spellings a preprocess may use, as the engine's field names
 SAMPLING_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
 
 
@@ -49,8 +48,9 @@ class FlotillaProcessorConfig:
 
     ``launcher``: ``"ray"`` (default) builds a ``RayEngine``: the ranks are Ray actors, owned by the Ray Data actor
     (so they die with it), on a placement group of one bundle per rank (1 CPU, plus ``gpus_per_rank`` GPU on CUDA)
-    that a detached holder keeps while the actor lives (``group_holder.py``), so Ray accounts for every rank. ``"mp"`` builds an ``Engine``: the ranks are child processes of the actor,
-    which must then hold the devices itself (it asks ``num_gpus`` = ranks on CUDA); Ray does not count their CPUs.
+    that a detached holder keeps while the actor lives (``group_holder.py``), so Ray accounts for every rank.
+    ``"mp"`` builds an ``Engine``: the ranks are child processes of the actor, which must then hold the devices
+    itself (it asks ``num_gpus`` = ranks on CUDA); Ray does not count their CPUs.
     ``ray_remote_args``: extra options for the actors (``num_cpus``, ``num_gpus``, ``resources``, ``memory``...),
     over the defaults (1 CPU: the engine's front end, tokenizer and loop). ``gpus_per_rank``: RayEngine's GPU share.
 
@@ -70,19 +70,11 @@ class FlotillaProcessorConfig:
     should_continue_on_error: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_source, str) or not self.model_source:
-            raise ValueError(f"model_source: must be a non-empty path, got {self.model_source!r}")
-        if not isinstance(self.engine_kwargs, dict):
-            raise ValueError(f"engine_kwargs: must be a dict of EngineConfig options, got {self.engine_kwargs!r}")
-        try:  # unknown or bad options fail here, in the driver, not in every actor
-            self.engine_config = EngineConfig.from_kwargs(self.model_source, **self.engine_kwargs)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"engine_kwargs: {e}") from None
+        self.engine_config = check_engine_options(self.model_source, self.engine_kwargs)
         self.concurrency = _check_concurrency(self.concurrency)
         for name in ("batch_size", "max_concurrent_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+            if not positive_int(getattr(self, name)):
+                raise ValueError(f"{name}: must be an int >= 1, got {getattr(self, name)!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher: must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if not isinstance(self.ray_remote_args, dict):
@@ -99,8 +91,7 @@ class FlotillaProcessorConfig:
     @property
     def ranks(self) -> int:
         """Rank processes per engine."""
-        e = self.engine_config
-        return world_size(e.tp_size, e.dp_size, e.enable_dp_attention, e.pp_size)
+        return rank_count(self.engine_config)
 
     def actor_options(self, cluster_has_gpus: bool) -> dict[str, Any]:
         """The Ray options of each engine actor (its concurrency is the compute strategy's, see ``compute``)."""
@@ -117,10 +108,8 @@ class FlotillaProcessorConfig:
     def resolved(self, cluster_has_gpus: bool) -> "FlotillaProcessorConfig":
         """This config with ``device="auto"`` decided here, in the driver: inside an actor that holds no GPU
         (the engine's group holds them), CUDA is hidden, and the engine would pick the CPU."""
-        if self.engine_config.device != "auto":
-            return self
-        return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs,
-                                                        "device": "cuda" if cluster_has_gpus else "cpu"})
+        kwargs = with_device(self.engine_kwargs, self.engine_config, cluster_has_gpus)
+        return self if kwargs is None else dataclasses.replace(self, engine_kwargs=kwargs)
 
     def compute(self) -> Any:
         """The actor pool: fixed or autoscaling, and ``max_concurrent_batches`` calls of the UDF running at once
@@ -143,12 +132,10 @@ class FlotillaProcessorConfig:
 
 
 def _check_concurrency(value: Any) -> int | tuple[int, int]:
-    def ok(n: Any) -> bool:
-        return not isinstance(n, bool) and isinstance(n, int) and n >= 1
-
-    if ok(value):
+    if positive_int(value):
         return value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and ok(value[0]) and ok(value[1]) and value[0] <= value[1]:
+    if isinstance(value, (tuple, list)) and len(value) == 2 and positive_int(value[0]) and positive_int(value[1]) \
+            and value[0] <= value[1]:
         return (value[0], value[1])
     raise ValueError(f"concurrency: must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {value!r}")
 

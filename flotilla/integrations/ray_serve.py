@@ -28,8 +28,7 @@ from typing import Any
 from ray import serve
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from flotilla.config import EngineConfig
-from flotilla.launch.topology import world_size
+from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
 from flotilla.request import RequestFailed
 
 log = logging.getLogger(__name__)
@@ -76,14 +75,7 @@ class FlotillaServeConfig:
     ingress_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_source, str) or not self.model_source:
-            raise ValueError(f"model_source: must be a non-empty path, got {self.model_source!r}")
-        if not isinstance(self.engine_kwargs, dict):
-            raise ValueError(f"engine_kwargs: must be a dict of EngineConfig options, got {self.engine_kwargs!r}")
-        try:
-            self.engine_config = EngineConfig.from_kwargs(self.model_source, **self.engine_kwargs)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"engine_kwargs: {e}") from None
+        self.engine_config = check_engine_options(self.model_source, self.engine_kwargs)
         for name in ("served_model_name", "api_key"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -95,12 +87,12 @@ class FlotillaServeConfig:
             if n not in (None, "auto", 1):
                 raise ValueError(f"num_replicas: must be 'auto' or None with autoscaling_config, got {n!r}")
             self.num_replicas = "auto" if n == "auto" else None
-        elif n != "auto" and not _positive(n):
+        elif n != "auto" and not positive_int(n):
             raise ValueError(f"num_replicas: must be an int >= 1 or 'auto', got {n!r}")
         if self.max_ongoing_requests is None:
             self.max_ongoing_requests = 4 * self.engine_config.max_num_seqs * self.engine_config.dp_size
         for name in ("max_ongoing_requests", "affinity_prefix_tokens", "affinity_imbalance", "ingress_replicas"):
-            if not _positive(getattr(self, name)):
+            if not positive_int(getattr(self, name)):
                 raise ValueError(f"{name}: must be an int >= 1, got {getattr(self, name)!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher: must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
@@ -116,15 +108,13 @@ class FlotillaServeConfig:
 
     @property
     def ranks(self) -> int:
-        e = self.engine_config
-        return world_size(e.tp_size, e.dp_size, e.enable_dp_attention, e.pp_size)
+        return rank_count(self.engine_config)
 
     def resolved(self, on_gpu: bool) -> "FlotillaServeConfig":
         """This config with ``device="auto"`` decided here: a replica holds no GPU itself (its placement group's
         rank bundles do), so inside it CUDA is hidden and the engine would pick the CPU."""
-        if self.engine_config.device != "auto":
-            return self
-        return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs, "device": "cuda" if on_gpu else "cpu"})
+        kwargs = with_device(self.engine_kwargs, self.engine_config, on_gpu)
+        return self if kwargs is None else dataclasses.replace(self, engine_kwargs=kwargs)
 
     def engine_deployment_options(self, on_gpu: bool) -> dict[str, Any]:
         """``serve.deployment`` options of the engine deployment."""
@@ -147,10 +137,6 @@ class FlotillaServeConfig:
                                           "imbalance": self.affinity_imbalance}}
         opts.update(self.engine_options)
         return opts
-
-
-def _positive(n: Any) -> bool:
-    return not isinstance(n, bool) and isinstance(n, int) and n >= 1
 
 
 # ---------------------------------------------------------------------------------------------- routing

@@ -102,8 +102,8 @@ def completion_params(body: CompletionRequest, ranked: bool = False) -> dict[str
 
 def top_by_text(strings: TokenStrings, row: list[Any], k: int) -> dict[str, float]:
     """The ``k`` most likely candidates of one position, keyed by ``TokenStrings.label`` (pieces of a character
-    are ``bytes:...``, so they never collide); should two tokens still share a label (added tokens spelling a
-    vocabulary entry), the more likely wins and the extra candidates fill the ``k``."""
+    are ``bytes:...``, so they never collide); should two tokens still share a label (an added token spelling
+    a vocabulary entry), the more likely wins and the row holds one entry fewer."""
     out: dict[str, float] = {}
     for tid, lp in sorted(row, key=lambda c: -float(c[1])):
         text = strings.label(int(tid))

@@ -33,7 +33,6 @@ def add_tokenization_routes(app: FastAPI, state: ServerState) -> None:
         check_token_ids(body.tokens, len(engine.tokenizer))
         return {"prompt": await off_loop(decode, engine.tokenizer, body.tokens)}
 
-
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
         """The tokenizer's special tokens, class, context length and chat template."""

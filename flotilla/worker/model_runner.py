@@ -290,7 +290,7 @@ class ModelRunner:
                 return self.graphs.run(plans, bs=bs, fed=fed)
         inp = self.prepare(plans)
         if fed is not None:
-            feed_input_ids(inp.input_ids, plans, fed, [int(x) for x in inp.meta.q_lens_cpu])
+            feed_input_ids(inp.input_ids, plans, fed, inp.meta.q_lens_cpu)
         if dp_counts is None:
             hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         else:
