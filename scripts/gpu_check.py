@@ -421,6 +421,84 @@ def profile_runner(shape: str, bs: int, ctx: int, top: int = 12) -> dict:
     return res
 
 
+def pageable_copy_probe() -> dict:
+    """Does a ``non_blocking`` host-to-device copy from pageable (not pinned) memory wait for the work already
+    queued on the stream? A ~50 ms sleep kernel is queued, then the copies are timed on the host."""
+    res = {}
+    x = np.arange(4096, dtype=np.int64)
+    for label, make in (("pageable", lambda: torch.from_numpy(x)), ("pinned", lambda: torch.from_numpy(x).pin_memory())):
+        src = make()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # ~25-50 ms of GPU time at H100 clocks
+        t0 = time.perf_counter()
+        src.to("cuda", non_blocking=True)
+        res[f"{label}_copy_host_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        res[f"{label}_then_sync_ms"] = round((time.perf_counter() - t1) * 1e3, 3)
+    print("pageable copy probe", json.dumps(res))
+    return res
+
+
+def profile_mixed(shape: str, bs: int, ctx: int, prefill: int, top: int = 14) -> dict:
+    """One mixed step (``bs`` decodes at context ``ctx`` + one prefill chunk of ``prefill`` new tokens), run
+    eagerly as the engine runs such steps: GPU time (events), host time to launch it, top kernels."""
+    from flotilla.ipc.messages import SeqPlan
+
+    rs = np.random.RandomState(1)
+    runner = _runner(shape, max_bs=max(bs, 1))
+    plans = _decode_plans(runner, bs, ctx, rs)
+    pages = -(-prefill // runner.block_size)
+    used = {b for p in plans for b in p.block_table}
+    free = [b for b in range(runner.num_blocks) if b not in used][:pages]
+    plans.append(SeqPlan(rs.randint(0, 1000, prefill).tolist(), 0, free, True))
+    _fill_kv(runner, plans)
+    saved, runner.graphs = runner.graphs, None
+    res: dict = {"shape": shape, "bs": bs, "ctx": ctx, "prefill": prefill}
+    with torch.inference_mode():
+        for _ in range(3):
+            runner.forward(plans)
+        torch.cuda.synchronize()
+        launch, gpu = [], []
+        for _ in range(10):
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            e0.record()
+            runner.forward(plans)
+            e1.record()
+            launch.append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize()
+            gpu.append(e0.elapsed_time(e1))
+        res["host_launch_ms"] = round(statistics.median(launch), 3)
+        res["gpu_ms_incl_host_stalls"] = round(statistics.median(gpu), 3)
+        # GPU time alone: queue the step behind a sleep so the host is far ahead, then time with events
+        gpu2 = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(200_000_000)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            runner.forward(plans)
+            e1.record()
+            torch.cuda.synchronize()
+            gpu2.append(e0.elapsed_time(e1))
+        res["gpu_ms_queued"] = round(statistics.median(gpu2), 3)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                runner.forward(plans)
+            torch.cuda.synchronize()
+    runner.graphs = saved
+    res["profile_top_kernels"] = prof.key_averages().table(sort_by="self_device_time_total", row_limit=top)
+    print(json.dumps({k: v for k, v in res.items() if k != "profile_top_kernels"}, indent=1))
+    print(res["profile_top_kernels"])
+    del runner
+    torch.cuda.empty_cache()
+    return res
+
+
 def cpu_step_cost(bs: int = 256) -> dict:
     """Host time of one decode step's bookkeeping at batch ``bs`` (scheduler, plan encode, graph-runner host
     prep, sampler build, process, output encode), none of it overlapped with the GPU except the sampler build."""
@@ -474,9 +552,10 @@ def cpu_step_cost(bs: int = 256) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kernels", "sweep", "equality", "runner"])
+    ap.add_argument("what", choices=["kernels", "sweep", "equality", "runner", "mixed"])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--runner-cases", default="llama-3.1-8b:1:1024,qwen3-0.6b:256:800")
+    ap.add_argument("--mixed-cases", default="llama-3.1-8b:256:768:512", help="shape:decodes:context:prefill")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(0), torch.__version__)
     result: dict = {}
@@ -489,6 +568,12 @@ def main() -> int:
         result["sweep"] = sweep_attention()
     elif a.what == "equality":
         result["equality"] = check_equality()
+    elif a.what == "mixed":
+        result["pageable_copy"] = pageable_copy_probe()
+        result["mixed"] = []
+        for case in a.mixed_cases.split(","):
+            shape, bs, ctx, pf = case.split(":")
+            result["mixed"].append(profile_mixed(shape, int(bs), int(ctx), int(pf)))
     else:
         result["cpu_step"] = cpu_step_cost(256)
         result["runner"] = []

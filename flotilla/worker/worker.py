@@ -36,6 +36,7 @@ from flotilla.worker.model_runner import ModelRunner
 from flotilla.worker.host_copy import HostCopy
 from flotilla.worker.sampler import Sampler, SamplerOutput, SamplingBatch
 from flotilla.worker.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from flotilla.worker.step_trace import StepTrace
 from flotilla.worker.weight_sources import open_source
 
 log = logging.getLogger(__name__)
@@ -382,9 +383,14 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
     overlap = cfg.enable_overlap_schedule
     fed = None  # overlap: the ids the last forward's rows sampled, on this rank's device (the next step's inputs)
     pending = None  # the leader's step still in flight (overlap)
+    trace = StepTrace.from_env() if leader else None  # opt-in host-time profile of each step
     try:
         while True:
+            if trace:
+                trace.start()
             plan, batch = leader.next_plan(busy_elsewhere) if leader else (None, None)
+            if trace:
+                trace.mark()
             if attn_tp.size > 1:
                 payload = encoder.encode(plan) if leader else None
                 plan = batch_plan_decoder.decode(attn_tp.broadcast_bytes(payload))
@@ -407,17 +413,26 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
             # An exception in forward ends the worker (run_worker reports it): a rank cannot tell whether its
             # model, KV cache or collectives are still sane, nor whether its peers finished the same step.
             logits = runner.forward(plan.seqs, dp_counts=counts, fed=fed) if run else None
+            if trace:
+                trace.mark()
             launched = leader.launch(batch, logits) if leader else None
             if overlap:
                 fed = _share_sampled(attn_tp, plan, launched, runner.device) if run else None
+            if trace:
+                trace.mark()
             if leader:
                 pending = leader.settle(pending, launched, overlap)
+            if trace and run:
+                trace.mark()
+                trace.end(plan.seqs, runner.graphs is not None and runner.graphs.can_run(plan.seqs))
             if apply_op:
                 if pending is not None:  # an op sees every result recorded (a weight update drops all KV)
                     leader.collect(pending)
                     pending = None
                 _apply_model_op(args, runner, plan.op, leader)
     finally:
+        if trace:
+            trace.write()
         if leader:
             leader.close()
 

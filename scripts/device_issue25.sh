@@ -1,0 +1,66 @@
+#!/bin/bash
+# Issue 25's GPU runs (docs/benchmarks.md §16), in stages that each end well inside the device tool's 10 minutes.
+# From the repository root on the GPU machine, after the wheel prelude (../shared/device/prelude.sh):
+#   bash scripts/device_issue25.sh check     # overlap == sync token equality; batch-256 decode and mixed-step profiles
+#   bash scripts/device_issue25.sh sglang    # sglang-random (llama-3.1-8b shape, 1,000 prompts): sync vs overlap,
+#                                            # each with the per-step host trace (FLOTILLA_STEP_TRACE)
+#   bash scripts/device_issue25.sh knobs     # overlap on, then the scheduler knobs beside it (same call)
+# Every step has a timeout; logs and JSON go to $RES and are packed into $OUT/results.tgz after each step.
+set -uo pipefail
+FINAL="${OUT:-./out}"
+RES="${RES:-/tmp/flotilla-results}"
+OUT="$RES"
+mkdir -p "$OUT" "$FINAL"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export FLOTILLA_TINY_CACHE="${FLOTILLA_TINY_CACHE:-/tmp/flotilla-tiny}"
+stage="${1:-check}"
+
+step() {  # step NAME TIMEOUT_S CMD...: run with a limit, log to $OUT/NAME.log, never stop the stage
+  local name="$1" limit="$2"; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+  echo "=== $name rc=$rc"
+  tar -czf "$FINAL/results.tgz" -C "$OUT" .
+}
+
+bench() {  # bench NAME TIMEOUT_S ARGS...: flotilla bench writing $OUT/NAME.json, its step trace in NAME.trace.json
+  local name="$1" limit="$2"; shift 2
+  FLOTILLA_STEP_TRACE="$OUT/$name.trace.json" step "$name" "$limit" python3 -m flotilla bench "$@" --json "$OUT/$name.json"
+  [ -f "$OUT/$name.trace.json" ] && python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; \
+print(json.dumps(s))" "$OUT/$name.trace.json"
+}
+
+SG=(--model-shape llama-3.1-8b --workload sglang-random)
+case "$stage" in
+  check)
+    python3 -c "import msgspec, zmq, triton, transformers, torch; print('imports ok', triton.__version__, torch.__version__)" || exit 1
+    TAIL=12 step eq_tiny 230 python3 scripts/overlap_equality.py --models llama,qwen3 --dtypes float32,bfloat16 \
+      --scenarios mixed --json "$OUT/eq_tiny.json"
+    TAIL=8 step eq_slots 90 python3 scripts/overlap_equality.py --models llama --dtypes float32,bfloat16 \
+      --scenarios slots --json "$OUT/eq_slots.json"
+    TAIL=60 step mixed 100 python3 scripts/gpu_check.py mixed --mixed-cases llama-3.1-8b:256:768:512 --out "$OUT"
+    TAIL=45 step runner 130 python3 scripts/gpu_check.py runner --runner-cases llama-3.1-8b:256:768 --out "$OUT"
+    ;;
+  sglang)
+    bench sg_sync 200 "${SG[@]}"
+    bench sg_overlap 200 "${SG[@]}" --overlap-schedule
+    ;;
+  knobs)  # each beside the overlap run of the same call; extra arguments in KNOBS, one run per ';'-separated set
+    bench sg_overlap 180 "${SG[@]}" --overlap-schedule
+    IFS=';' read -ra sets <<<"${KNOBS:---max-num-batched-tokens 2048}"
+    i=0
+    for s in "${sets[@]}"; do
+      i=$((i + 1))
+      # shellcheck disable=SC2086
+      bench "sg_knob$i" 180 "${SG[@]}" --overlap-schedule $s
+    done
+    ;;
+  eq8b)
+    TAIL=8 step eq_8b 200 python3 scripts/overlap_equality.py --models llama-3.1-8b --dtypes bfloat16 \
+      --scenarios mixed --json "$OUT/eq_8b.json"
+    ;;
+  *)
+    echo "unknown stage $stage"; exit 2 ;;
+esac
