@@ -28,6 +28,7 @@ from typing import Any
 from ray import serve
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from flotilla.integrations.config_args import config_from_args
 from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
 from flotilla.request import RequestFailed
 
@@ -101,6 +102,12 @@ class FlotillaServeConfig:
                 raise ValueError(f"{name}: must be a dict of serve.deployment options, got {getattr(self, name)!r}")
         if not isinstance(self.prefix_affinity, bool):
             raise ValueError(f"prefix_affinity: must be a bool, got {self.prefix_affinity!r}")
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "FlotillaServeConfig":
+        """The config from Ray's application arguments (a dict; command-line strings read as each field's type;
+        unknown keys refused naming them)."""
+        return config_from_args(cls, args)
 
     @property
     def model_name(self) -> str:
@@ -336,13 +343,21 @@ class FlotillaIngress:
 
 
 # ---------------------------------------------------------------------------------------------- the application
-def build_openai_app(config: FlotillaServeConfig) -> Any:
+def build_openai_app(config: FlotillaServeConfig | Mapping[str, Any]) -> Any:
     """The Serve application (``serve.run(build_openai_app(cfg), name=..., route_prefix="/")``): the OpenAI
-    routes at ``/v1/...`` through Serve's HTTP proxy, streaming included."""
+    routes at ``/v1/...`` through Serve's HTTP proxy, streaming included.
+
+    ``config`` is a ``FlotillaServeConfig`` or a dict of its fields, which is how Ray calls an application
+    builder: ``serve run flotilla.integrations.ray_serve:build_openai_app model_source=PATH ...`` (string values,
+    read as each field's type: ``num_replicas=2``, ``engine_kwargs='{"device": "cpu"}'``) and a Serve config
+    file's ``args:``. An unknown key fails naming it. (The one parameter has no pydantic annotation, so Serve
+    hands the dict over as is.)"""
     import inspect
 
+    if isinstance(config, Mapping):
+        config = FlotillaServeConfig.from_args(config)
     if not isinstance(config, FlotillaServeConfig):
-        raise ValueError(f"config: must be a FlotillaServeConfig, got {type(config).__name__}")
+        raise ValueError(f"config: must be a FlotillaServeConfig or a dict of its fields, got {type(config).__name__}")
     if inspect.signature(serve.ingress).parameters["app"].default is not None:
         raise RuntimeError("build_openai_app needs a Ray Serve whose serve.ingress() takes no app "
                            "(__serve_build_asgi_app__); install ray[serve]>=2.60")
