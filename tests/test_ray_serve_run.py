@@ -1,7 +1,7 @@
 """Ray Serve's own ways of starting an app, on one local CPU Ray cluster: ``serve run module:builder key=value``
-(examples/ray/serve_run.sh, string arguments), a Serve config file (examples/ray/serve_config.yaml, typed
-``args:``) and ``serve.run(build_openai_app(dict))`` from Python (examples/ray/serve_dict.py). Each app answers
-the official openai client, whole and streamed, with the offline engine's greedy text (examples/ray/serve_client.py
+(examples/snippets/serve_run.sh, string arguments), a Serve config file (examples/snippets/serve_config.yaml, typed
+``args:``) and ``serve.run(build_openai_app(dict))`` from Python (examples/snippets/serve_dict.py). Each app answers
+the official openai client, whole and streamed, with the offline engine's greedy text (examples/snippets/serve_client.py
 run as the docs show it)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ yaml = pytest.importorskip("yaml")
 from conftest import tiny  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples", "ray")
+EXAMPLES = os.path.join(ROOT, "examples", "snippets")
 DOC_MODEL = "/models/qwen3-0.6b"  # the path the examples show; replaced by the tiny checkpoint here
 MODEL_NAME, KEY = "my-model", "sk-local"
 
