@@ -80,6 +80,18 @@ def test_200_rows_two_engines_keep_input_columns_and_match_offline_greedy(ray_cl
     assert _new_leftovers(before) == set()  # the engines' ranks and groups went with their actors
 
 
+def test_docs_snippet_carries_id_and_metadata(ray_cluster, monkeypatch):
+    """examples/snippets/ray_data_columns.py, as docs/ray.md shows it, run in this module's cluster."""
+    import runpy
+
+    monkeypatch.setenv("MODEL", tiny("llama"))
+    rows = runpy.run_path(os.path.join(ROOT, "examples", "snippets", "ray_data_columns.py"))["rows"]
+    assert sorted(r["id"] for r in rows) == list(range(8))
+    for r in rows:
+        assert set(r) == {"id", "meta", "answer"} and r["meta"] == {"source": "demo", "tags": [str(r["id"])]}
+        assert isinstance(r["answer"], str)
+
+
 def test_preprocess_output_is_merged_over_the_row():
     from flotilla.integrations.ray_data import KeepColumns
 

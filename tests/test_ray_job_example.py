@@ -25,12 +25,27 @@ from conftest import tiny  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = os.path.join(ROOT, "examples", "snippets", "prompts.jsonl")
 MAX_TOKENS = 8
+DOC_MODEL, DOC_OUTPUT = "/models/qwen3-0.6b", "/tmp/answers"
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _doc_command(port: int, out_dir) -> list[str]:
+    """examples/snippets/ray_job_submit.sh (the command docs/ray.md shows) against this cluster: its address
+    added, ``python`` spelled as this interpreter (the job's PATH may hold another), the tiny checkpoint for the
+    model, a temporary output folder, and few tokens."""
+    with open(os.path.join(ROOT, "examples", "snippets", "ray_job_submit.sh")) as f:
+        text = " ".join(line for line in f.read().replace("\\\n", " ").splitlines() if not line.startswith("#"))
+    cmd = shlex.split(text)
+    assert cmd[:3] == ["ray", "job", "submit"] and cmd.count(DOC_MODEL) == 1 and cmd.count(DOC_OUTPUT) == 1
+    swap = {"python": sys.executable, DOC_MODEL: tiny("llama"), DOC_OUTPUT: str(out_dir)}
+    cmd = [swap.get(t, t) for t in cmd]
+    return cmd[:3] + ["--address", f"http://127.0.0.1:{port}"] + cmd[3:] + [
+        "--max-tokens", str(MAX_TOKENS), "--engine-kwargs", json.dumps({"max_num_seqs": 16})]
 
 
 def test_ray_job_submit_writes_results_and_tokens_per_s(tmp_path):
@@ -41,11 +56,7 @@ def test_ray_job_submit_writes_results_and_tokens_per_s(tmp_path):
              log_to_driver=False)
     try:
         out_dir = tmp_path / "answers"
-        # the docs' command, with `python` spelled as this interpreter (the job's PATH may hold another)
-        cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", ".", "--",
-               sys.executable, "examples/batch_ray_data.py", "--model", tiny("llama"), "--input", PROMPTS,
-               "--output", str(out_dir), "--max-tokens", str(MAX_TOKENS), "--concurrency", "1",
-               "--engine-kwargs", json.dumps({"max_num_seqs": 16})]
+        cmd = _doc_command(port, out_dir)
         env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         log = done.stdout + done.stderr

@@ -210,6 +210,7 @@ def test_killed_replica_streams_fail_others_finish_and_serve_restarts_it(client)
     (dict(launcher="k8s"), "launcher"),
     (dict(engine_options=None), "engine_options"),
     (dict(prefix_affinity="yes"), "prefix_affinity"),
+    (dict(accelerator_type=""), "accelerator_type"),
 ])
 def test_config_is_validated_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -230,6 +231,11 @@ def test_deployment_options():
     opts = mp.engine_deployment_options(on_gpu=True)
     assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 2} and "placement_group_bundles" not in opts
     assert opts["num_replicas"] == 3 and opts["health_check_period_s"] == 5 and "request_router_config" not in opts
+    typed = FlotillaServeConfig(model_source="/m", accelerator_type="H100", engine_kwargs={"tp_size": 2})
+    assert typed.engine_deployment_options(on_gpu=True)["placement_group_bundles"][1:] == \
+        [{"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001}] * 2
+    mp_typed = FlotillaServeConfig(model_source="/m", accelerator_type="A10G", launcher="mp")
+    assert mp_typed.engine_deployment_options(on_gpu=True)["ray_actor_options"]["accelerator_type"] == "A10G"
     with pytest.raises(ValueError, match="config"):
         build_openai_app("/m")
     # "auto" is decided where the cluster is known: inside a replica, CUDA is hidden
