@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     ray.init()  # under `ray job submit`: the job's cluster
+    ray.data.DataContext.get_current().enable_progress_bars = True  # Ray Data's own bar, in the job's logs
     config = FlotillaProcessorConfig(model_source=args.model, engine_kwargs=args.engine_kwargs,
                                      concurrency=args.concurrency, batch_size=args.batch_size)
     sampling = {"max_tokens": args.max_tokens, "temperature": 0.0}
