@@ -60,6 +60,7 @@ def test_ray_job_submit_writes_results_and_tokens_per_s(tmp_path):
         env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         log = done.stdout + done.stderr
+        print(log)  # shown with -s or on failure: the job's logs, progress bar included
         assert done.returncode == 0, f"{shlex.join(cmd)}\n{log}"
     finally:
         ray.shutdown()
@@ -88,3 +89,4 @@ def test_ray_job_submit_writes_results_and_tokens_per_s(tmp_path):
     assert m, log
     assert (int(m.group(1)), int(m.group(2))) == (len(inputs), total) and float(m.group(3)) > 0
     assert "succeeded" in log.lower()
+    assert "Running Dataset" in log  # Ray Data's progress (its logging form when the output is not a terminal)

@@ -18,7 +18,6 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
-yaml = pytest.importorskip("yaml")
 
 from conftest import tiny  # noqa: E402
 
