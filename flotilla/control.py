@@ -360,6 +360,14 @@ class ControlPlane:
         name, on_ranks, since = op
         return {"name": name, "on_ranks": on_ranks, "running_s": round(time.monotonic() - since, 3)}
 
+    def probe_store(self, host: str, port: int, timeout_s: float) -> None:
+        """Wait (reported as the join under way, no rank involved) until a trainer's store accepts a
+        connection; a RuntimeError naming the address after ``timeout_s``."""
+        from flotilla.control_sync import wait_reachable
+
+        with self.reporting("init_weights_update_group", on_ranks=False):
+            wait_reachable(host, port, timeout_s)
+
     @contextmanager
     def reporting(self, name: str, on_ranks: bool) -> Iterator[None]:
         """Report ``name`` as the operation under way while the block runs (the outer one again after)."""

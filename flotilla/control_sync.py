@@ -151,8 +151,7 @@ class WeightSync:
                                            by_group[group_of[replica]], group_name, backend, float(timeout),
                                            connect_timeout_s)
 
-            with self.plane.reporting("init_weights_update_group", on_ranks=False):
-                wait_reachable(master_address, master_port, connect_timeout_s)
+            self.plane.probe_store(master_address, master_port, connect_timeout_s)  # generation goes on
             try:
                 self.plane._control(None, "init_weights_update_group", timeout + JOIN_MARGIN_S, make_for=make)
             except BaseException:

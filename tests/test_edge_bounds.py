@@ -422,3 +422,18 @@ def test_a_stopped_worker_dies_with_its_front_end() -> None:
             parent.kill()
         if not _gone(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_rank_gives_up_on_an_unreachable_store_after_its_connect_time_out() -> None:
+    from flotilla.worker import weight_sync
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"joining weight-sync group 'edge' at 127.0.0.1:{port}"):
+        weight_sync.join("edge", "127.0.0.1", port, 2, 1, "gloo", timeout_s=600.0, connect_timeout_s=1.0)
+    assert time.monotonic() - t0 < 15.0  # not the 600 s of the whole join
+    assert "edge" not in weight_sync.joined()
