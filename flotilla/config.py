@@ -4,6 +4,7 @@ message naming the field, never inside a worker."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -127,8 +128,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("heartbeat_timeout_s", "failover_timeout_s", "worker_start_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name}: must be a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e9 or \
+                    not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number of seconds in (0, 1e9], got {value!r}")
         if isinstance(self.max_replica_restarts, bool) or not isinstance(self.max_replica_restarts, int) or \
                 self.max_replica_restarts < 0:
             raise ValueError(f"max_replica_restarts: must be an int >= 0, got {self.max_replica_restarts!r}")
@@ -223,5 +225,5 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**63 - 1:
+        raise ValueError(f"{name}: must be an int in [1, 2**63 - 1], got {value!r}")

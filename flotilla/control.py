@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,20 @@ CONTROL_SEND_TIMEOUT_MS = 2000  # a control op waits this long for a replica jus
 _SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _ENGINE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a mistake (and time.monotonic() + 1e308 is inf)
+
+
+def check_timeout(name: str, value: Any, allow_zero: bool = False) -> float:
+    """A time-out in seconds: a finite number > 0 (>= 0 with ``allow_zero``), at most a week."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or value < 0 or value > MAX_TIMEOUT_S or not math.isfinite(value) or \
+            (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: must be a finite number of seconds {bound} and <= {MAX_TIMEOUT_S:.0f}, "
+                         f"got {value!r}")
+    return float(value)
 
 
 class _PendingOp:
@@ -133,6 +149,7 @@ class ControlPlane:
         # sources in order, or None when an update cannot be replayed (it was staged, not a file)
         self._replay: list[str] | None = []
         self._meta = None
+        self._op: tuple[str, bool, float] | None = None  # (name, on the ranks, since): what /health reports
         self.sync = WeightSync(self)  # weight-sync groups with a trainer (flotilla/control_sync.py)
 
     # ------------------------------------------------------------------------------------------ public
@@ -148,6 +165,10 @@ class ControlPlane:
     def pause(self, timeout: float = 60.0) -> None:
         """Stop dispatching and scheduling. Requests submitted while paused wait in the front end; running
         requests keep their KV and continue after ``resume()``. Returns once every replica has stopped."""
+        if isinstance(timeout, str):  # pause("abort"): a mode given where the time-out goes
+            raise ValueError(f"timeout: pause() takes a time-out in seconds, got {timeout!r}; to pause with a mode "
+                             f"call pause_generation(mode) with mode one of {list(PAUSE_MODES)}")
+        check_timeout("timeout", timeout)
         with self.lock:
             if self._paused:
                 return
@@ -156,13 +177,23 @@ class ControlPlane:
             try:
                 self._control(Pause, "pause", timeout)
             except BaseException:
-                self._paused = False
-                self._control(Resume, "resume", timeout, check=False)
-                self._release_held()
+                self._unpause_after_failure(timeout)
                 raise
+
+    def _unpause_after_failure(self, timeout: float) -> None:
+        """A pause that failed half-way is undone whatever else fails: the front end's flag and the
+        controller's agree (not paused), the replicas are told to resume (best effort), held requests go out."""
+        self._paused = self._paused_for_memory = False
+        try:
+            self._control(Resume, "resume", timeout, check=False)
+        except Exception:
+            log.exception("pause: telling the replicas to resume after a failed pause failed")
+        finally:
+            self._release_held()
 
     def resume(self, timeout: float = 60.0) -> None:
         """Undo ``pause()``: replicas schedule again and the requests held meanwhile are dispatched."""
+        check_timeout("timeout", timeout)
         with self.lock:
             if not self._paused:
                 return
@@ -179,8 +210,9 @@ class ControlPlane:
         their replicas with their KV; ``"retract"`` takes them back to the front end (their KV is freed, their
         tokens so far kept) to resume as continuations after ``resume()``; ``"abort"`` ends every request in
         flight or held (finish_reason "abort"). Returns how many requests were retracted or aborted."""
-        if mode not in PAUSE_MODES:
+        if not isinstance(mode, str) or mode not in PAUSE_MODES:
             raise ValueError(f"mode: must be one of {list(PAUSE_MODES)}, got {mode!r}")
+        check_timeout("timeout", timeout)
         with self.lock:
             self.pause(timeout)
             if mode == "in_place":
@@ -211,6 +243,7 @@ class ControlPlane:
         computed with the old weights is reused (running requests recompute theirs). Returns the new
         weight version (``version`` if given, else the previous one + 1).
         """
+        check_timeout("timeout", timeout)
         items = collect_named_tensors(named_tensors)
         with self.lock:
             full = self._check_weights(items)
@@ -232,19 +265,31 @@ class ControlPlane:
 
         from flotilla.model.loader import safetensors_files
 
+        check_timeout("timeout", timeout)
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ValueError(f"path: must be a file or folder path, got {path!r}")
         p = Path(path).resolve()
         if p.is_file():
             files = [p]
         elif p.is_dir():
-            files = safetensors_files(p)
+            try:
+                files = safetensors_files(p)
+            except ValueError as e:
+                raise ValueError(f"path: {e.args[0].removeprefix('model: ')}") from None
         else:
             raise ValueError(f"path: {str(path)!r} is neither a file nor a folder")
         items = []
         for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for name in st.keys():
-                    sl = st.get_slice(name)
-                    items.append((name, meta_tensor(name, sl.get_shape(), sl.get_dtype())))
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as st:
+                    for name in st.keys():
+                        sl = st.get_slice(name)
+                        items.append((name, meta_tensor(name, sl.get_shape(), sl.get_dtype())))
+            except ValueError:
+                raise
+            except Exception as e:  # safetensors' own error for a file that is not one (a .bin, a text file)
+                raise ValueError(f"path: {str(f)!r} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                                 "weights load from safetensors only") from None
         with self.lock:
             full = self._check_weights(items)
             version = self._next_version(version)
@@ -258,6 +303,7 @@ class ControlPlane:
         report, and only then are requests paused and the weights copied in place. A replica started later
         cannot replay such an update: it comes back with the checkpoint's weights (weight_version 0 in
         stats) until the next update."""
+        check_timeout("timeout", timeout)
         if self.stager is None:
             raise RuntimeError("update_weights_staged: this launcher has no weight stager")
         with self.lock:
@@ -283,6 +329,7 @@ class ControlPlane:
     def release_memory(self, weights: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Free every replica's KV cache (and, with ``weights``, move the weights to host memory) so a
         trainer can use the GPU. Pauses the engine first; running requests will recompute their KV."""
+        check_timeout("timeout", timeout)
         with self.lock:
             if self._memory_released:
                 return
@@ -295,6 +342,7 @@ class ControlPlane:
     def resume_memory(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Re-take the memory ``release_memory`` freed (the same number of KV blocks) and, if that call
         paused the engine, resume it."""
+        check_timeout("timeout", timeout)
         with self.lock:
             if not self._memory_released:
                 return
@@ -302,6 +350,33 @@ class ControlPlane:
             self._memory_released = False
             if self._paused_for_memory:
                 self.resume(timeout)
+
+    def current_op(self) -> dict[str, Any] | None:
+        """The control operation under way, if any: its name, whether the ranks are in it (then they do not
+        step: generation waits), and for how long it has run."""
+        op = self._op
+        if op is None:
+            return None
+        name, on_ranks, since = op
+        return {"name": name, "on_ranks": on_ranks, "running_s": round(time.monotonic() - since, 3)}
+
+    def probe_store(self, host: str, port: int, timeout_s: float) -> None:
+        """Wait (reported as the join under way, no rank involved) until a trainer's store accepts a
+        connection; a RuntimeError naming the address after ``timeout_s``."""
+        from flotilla.control_sync import wait_reachable
+
+        with self.reporting("init_weights_update_group", on_ranks=False):
+            wait_reachable(host, port, timeout_s)
+
+    @contextmanager
+    def reporting(self, name: str, on_ranks: bool) -> Iterator[None]:
+        """Report ``name`` as the operation under way while the block runs (the outer one again after)."""
+        outer = self._op
+        self._op = (name, on_ranks, time.monotonic() if outer is None else outer[2])
+        try:
+            yield
+        finally:
+            self._op = outer
 
     # ------------------------------------------------------------------------------------------ engine hooks
     def on_control_done(self, msg: ControlDone) -> None:
@@ -338,32 +413,38 @@ class ControlPlane:
         with self._cv:
             self._ops[op_id] = op
         try:
-            msg = make(op_id) if make is not None else None
-            for t in sorted(targets):
-                if not self.controller.send(t, msg if make_for is None else make_for(op_id, t),
-                                            timeout_ms=CONTROL_SEND_TIMEOUT_MS):  # gone: failover handles it
-                    log.warning("%s: replica %d unreachable", name, t)
-                    with self._cv:
-                        op.pending.discard(t)
-            deadline = time.monotonic() + timeout
-            with self._cv:
-                while True:
-                    ready = self.fleet.ready_replicas()
-                    waiting = {t for t in op.pending if t in ready}  # a replica that died answers no more
-                    if not waiting:
-                        break
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        if not check:
-                            return
-                        raise TimeoutError(f"{name}: replica(s) {sorted(waiting)} did not answer within {timeout}s")
-                    self._cv.wait(min(left, 0.2))
+            with self.reporting(name, on_ranks=True):
+                self._send_and_wait(op, op_id, make, make_for, targets, name, timeout, check)
         finally:
             with self._cv:
                 self._ops.pop(op_id, None)
         if op.errors and check:
             detail = "; ".join(f"replica {t}: {e}" for t, e in sorted(op.errors.items()))
             raise RuntimeError(f"{name} failed: {detail}")
+
+    def _send_and_wait(self, op: _PendingOp, op_id: int, make: Callable[[int], Any] | None,
+                       make_for: Callable[[int, int], Any] | None, targets: set[int], name: str, timeout: float,
+                       check: bool) -> None:
+        msg = make(op_id) if make is not None else None
+        for t in sorted(targets):
+            if not self.controller.send(t, msg if make_for is None else make_for(op_id, t),
+                                        timeout_ms=CONTROL_SEND_TIMEOUT_MS):  # gone: failover handles it
+                log.warning("%s: replica %d unreachable", name, t)
+                with self._cv:
+                    op.pending.discard(t)
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                ready = self.fleet.ready_replicas()
+                waiting = {t for t in op.pending if t in ready}  # a replica that died answers no more
+                if not waiting:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if not check:
+                        return
+                    raise TimeoutError(f"{name}: replica(s) {sorted(waiting)} did not answer within {timeout}s")
+                self._cv.wait(min(left, 0.2))
 
     def _release_held(self) -> None:
         woken = [s for s in self.controller.resume() if not self.fleet.redispatch(s)]
@@ -410,8 +491,8 @@ class ControlPlane:
     def _next_version(self, version: int | None) -> int:
         if version is None:
             return self._weight_version + 1
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"version: must be an int >= 0, got {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= 2**63 - 1:
+            raise ValueError(f"version: must be an int in [0, 2**63 - 1], got {version!r}")
         return version
 
     def _check_resident(self) -> None:

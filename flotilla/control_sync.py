@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
 JOIN_MARGIN_S = 30.0  # the front end waits this much longer than the ranks' own join / receive time-out
+DEFAULT_CONNECT_TIMEOUT_S = 30.0  # how long a join tries to reach the trainer's store before it fails
+MAX_RANK = 2**31 - 1  # torch.distributed ranks and world sizes are C ints
 
 
 @dataclass(frozen=True)
@@ -102,21 +106,31 @@ class WeightSync:
 
     # ------------------------------------------------------------------------------------------ groups
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                   group_name: str = "weight_update_group", backend: str = "nccl", timeout: float = 600.0) -> None:
+                   group_name: str = "weight_update_group", backend: str = "nccl", timeout: float = 600.0,
+                   connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
         """Every engine rank joins the trainer's group; returns once all joined (the trainer must join
-        concurrently: its ``init_process_group`` blocks until every member is in)."""
+        concurrently: its ``init_process_group`` blocks until every member is in).
+
+        First the front end waits (up to ``connect_timeout_s``) until the trainer's store at
+        master_address:master_port accepts a connection, while generation goes on; an unreachable one fails
+        the call then, with nothing changed. Only then do the ranks join (their steps wait meanwhile), each
+        again trying to reach the store for at most ``connect_timeout_s``, the whole join bounded by
+        ``timeout``."""
+        from flotilla.control import check_timeout
+
         check_address(master_address)
         _int("master_port", master_port, 1, 65535)
-        _int("rank_offset", rank_offset, 1)
-        _int("world_size", world_size, 2)
+        _int("rank_offset", rank_offset, 1, MAX_RANK)
+        _int("world_size", world_size, 2, MAX_RANK)
         if not isinstance(group_name, str) or not group_name:
             raise ValueError(f"group_name: must be a non-empty string, got {group_name!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: must be one of {list(BACKENDS)}, got {backend!r}")
         if backend == "nccl" and self.plane.config.device != "cuda":
             raise ValueError("backend: 'nccl' needs an engine on device='cuda'; use 'gloo' on CPU")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
+        check_timeout("timeout", timeout)
+        check_timeout("connect_timeout_s", connect_timeout_s)
+        connect_timeout_s = min(float(connect_timeout_s), float(timeout))
         with self.plane.lock:
             if group_name in self.groups:
                 raise ValueError(f"group_name: {group_name!r} already exists; destroy_weights_update_group first")
@@ -134,8 +148,10 @@ class WeightSync:
 
             def make(op_id: int, replica: int) -> InitWeightSyncGroup:
                 return InitWeightSyncGroup(op_id, master_address, master_port, world_size,
-                                           by_group[group_of[replica]], group_name, backend, float(timeout))
+                                           by_group[group_of[replica]], group_name, backend, float(timeout),
+                                           connect_timeout_s)
 
+            self.plane.probe_store(master_address, master_port, connect_timeout_s)  # generation goes on
             try:
                 self.plane._control(None, "init_weights_update_group", timeout + JOIN_MARGIN_S, make_for=make)
             except BaseException:
@@ -237,6 +253,28 @@ class WeightSync:
 
             return self.plane._apply_update("ipc", version, flush_cache, timeout, replay=None, full=full,
                                             make_for=make)
+
+
+def wait_reachable(host: str, port: int, timeout_s: float) -> None:
+    """Return once ``host:port`` accepts a TCP connection (closed again at once, nothing sent); retried until
+    ``timeout_s`` has passed, then a RuntimeError naming the address and the last failure. Runs in the caller's
+    thread, touching no rank: generation goes on while it waits."""
+    deadline = time.monotonic() + timeout_s
+    last: BaseException | None = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.05, min(left, 5.0))):
+                return
+        except OSError as e:  # refused (the trainer's store not up yet), unreachable, unknown host, timed out
+            last = e
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    raise RuntimeError(f"master_address: the trainer's store at {host}:{port} did not accept a connection within "
+                       f"connect_timeout_s={timeout_s:g}s (last error: {type(last).__name__}: {last}); check "
+                       "master_address and master_port, and that the trainer calls init_process_group with them. "
+                       "Nothing changed; generation went on meanwhile")
 
 
 def _check_lists(names: Any, dtypes: Any, shapes: Any) -> tuple[list[str], list[str], list[list[int]]]:

@@ -28,7 +28,7 @@ from flotilla.ipc.links import HubLinks
 from flotilla.ipc.messages import (ControlDone, FlushCache, Shutdown, StepOutput, WorkerFailed, WorkerReady,
                                    from_worker_decoder)
 from flotilla.launch.base import Launcher
-from flotilla.launch.topology import GroupSpec, layout
+from flotilla.launch.topology import GroupSpec, check_scale, layout
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.inputs import InputProcessor, SamplingLike, batch_inputs
 from flotilla.private_dir import make_private_dir
@@ -317,6 +317,8 @@ class Engine:
         stop getting requests, finish what they hold for up to ``drain_timeout_s``, hand the rest to the
         others as continuations, then stop.
         """
+        check_scale(dp_size, drain_timeout_s, self.config.tp_size * self.config.pp_size,
+                    getattr(self._launcher, "max_ranks", None))
         self.fleet.scale(dp_size, drain_timeout_s)
         with self._cv:
             self._cv.notify_all()
@@ -328,7 +330,8 @@ class Engine:
         return {"replicas": self.fleet.rows(), "num_requests_inflight": inflight, "max_model_len": self.max_model_len,
                 "load_balance": self.config.load_balance, "dp_size": self.fleet.dp_size(),
                 "replica_restarts": self.fleet.restarts(), "weight_version": self.control.weight_version,
-                "paused": self.control.paused, "engine_loop_alive": self._loop_alive(),
+                "paused": self.control.paused, "control_op": self.control.current_op(),
+                "engine_loop_alive": self._loop_alive(),
                 "dropped_frames": self._out_ch.dropped}
 
     def _loop_alive(self) -> bool:

@@ -11,10 +11,15 @@ from typing import Any
 
 from flotilla.detokenizer import IncrementalDetokenizer
 from flotilla.request import RequestState
-from flotilla.sampling import SamplingParams
+from flotilla.sampling import INT64_MAX, SamplingParams
 from flotilla.structured import check as check_structured
 
 SamplingLike = SamplingParams | dict[str, Any] | None
+
+# A prompt longer than this many characters per token of the context cannot fit: refused before it is
+# tokenized (tokenizing 10 MB takes seconds). Generous: no tokenizer packs more than a few characters into one
+# token on average (long runs of one character, say, still split).
+MAX_CHARS_PER_TOKEN = 64
 
 
 def batch_inputs(prompts: str | list[str] | None, input_ids: list[list[int]] | None,
@@ -26,8 +31,14 @@ def batch_inputs(prompts: str | list[str] | None, input_ids: list[list[int]] | N
         if not isinstance(input_ids, list) or (input_ids and isinstance(input_ids[0], int)):
             raise ValueError("input_ids: must be a list of token-id lists")
         items: list[tuple[str | None, list[int] | None]] = [(None, ids) for ids in input_ids]
+    elif isinstance(prompts, str):
+        items = [(prompts, None)]
+    elif isinstance(prompts, (list, tuple)):
+        items = [(p, None) for p in prompts]
     else:
-        items = [(p, None) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
+        raise ValueError(f"prompts: must be a str or a list of str, got {type(prompts).__name__} {prompts!r:.80}")
+    if not items:
+        raise ValueError("prompts: must not be empty")
     if isinstance(sampling_params, list):
         if len(sampling_params) != len(items):
             raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(items)} prompts")
@@ -52,7 +63,7 @@ class InputProcessor:
             return [first]
         states = [first]
         for i in range(1, n):
-            sp = replace(first.sampling, seed=None if first.sampling.seed is None else first.sampling.seed + i)
+            sp = replace(first.sampling, seed=None if first.sampling.seed is None else choice_seed(first.sampling.seed, i))
             states.append(RequestState(f"{first.rid}-{i}", list(first.prompt_ids), sp,
                                        IncrementalDetokenizer(self.tokenizer, first.prompt_ids)))
         for s in states:
@@ -66,6 +77,7 @@ class InputProcessor:
             check_structured(sp.structured_output)  # a grammar that cannot compile is refused here, not in a worker
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id: must be a non-empty str, got {request_id!r}")
+        self.check_token_ids(sp)
         ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids, sp.max_new_tokens)
         self.check_length(len(ids), sp.max_new_tokens)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
@@ -73,14 +85,38 @@ class InputProcessor:
         state.affinity = affinity
         return state
 
-    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+    def check_token_ids(self, sp: SamplingParams) -> None:
+        """Fields that hold token ids name ids of this model's vocabulary."""
+        for t in sp.stop_token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+
+    def check_length(self, prompt_len: int, max_new_tokens: int, field: str = "prompt") -> None:
+        """A prompt that alone fills the context is the prompt's fault; one that fits but leaves too little
+        room for ``max_new_tokens`` is max_new_tokens'."""
+        if prompt_len >= self.max_model_len:
+            raise ValueError(f"{field}: the prompt has {prompt_len} tokens, and max_model_len is "
+                             f"{self.max_model_len} (the prompt plus at least one new token must fit)")
         if prompt_len + max_new_tokens > self.max_model_len:
             raise ValueError(f"max_new_tokens: prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"must be <= the context length {self.max_model_len}")
+                             f"must be <= max_model_len {self.max_model_len}; at most "
+                             f"{self.max_model_len - prompt_len} new tokens fit after this prompt")
+
+    def check_chars(self, text: str, field: str = "prompt") -> None:
+        """The cheap check before tokenizing: a text too long to fit in any number of tokens the context holds."""
+        limit = self.max_model_len * MAX_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise ValueError(f"{field}: {len(text)} characters cannot fit in max_model_len {self.max_model_len} "
+                             f"tokens (refused before tokenizing: the limit is {MAX_CHARS_PER_TOKEN} characters "
+                             f"per token, {limit} characters)")
 
     def prompt_ids(self, prompt: Any) -> list[int]:
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt: must be a non-empty string (or pass input_ids)")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: must be a non-empty str (or pass input_ids), got {type(prompt).__name__} "
+                             f"{prompt!r:.80}")
+        if not prompt:
+            raise ValueError("prompt: must be a non-empty str (or pass input_ids)")
+        self.check_chars(prompt)
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -96,8 +132,13 @@ class InputProcessor:
         ids = list(input_ids)
         if not ids:
             raise ValueError("input_ids: must not be empty")
-        self.check_length(len(ids), max_new_tokens)  # before the per-id loop: a huge input fails fast
+        self.check_length(len(ids), max_new_tokens, "input_ids")  # before the per-id loop: a huge input fails fast
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"input_ids: token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
         return ids
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request seeded with ``seed``: seed + index, kept within int64."""
+    return (seed + index) & INT64_MAX

@@ -6,6 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+INT64_MAX = 2**63 - 1  # every count and id travels to the workers as a msgpack int64; larger ones cannot
+MAX_STOP_STRINGS = 64  # stop strings and stop token ids per request (each is checked on every token)
+MAX_STOP_TOKEN_IDS = 1024
+
 
 @dataclass
 class StructuredOutput:
@@ -81,23 +85,27 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check_int("max_new_tokens", self.max_new_tokens, lo=1)
+        self.stop = _as_list("stop", self.stop, "a str or a list of str")
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "a list of token ids (int)")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        _check_int("max_new_tokens", self.max_new_tokens, lo=1, hi=INT64_MAX)
         _check_num("temperature", self.temperature, lo=0.0, hint=">= 0")
         _check_num("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, hint="in (0, 1]")
-        _check_int("top_k", self.top_k, lo=-1, hint=">= -1 (-1 or 0 disables it)")
+        _check_int("top_k", self.top_k, lo=-1, hi=INT64_MAX, hint="in [-1, 2**63 - 1] (-1 or 0 disables it)")
         _check_num("min_p", self.min_p, lo=0.0, hi=1.0, hint="in [0, 1]")
         _check_num("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True, hint="> 0")
         _check_num("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0, hint="in [-2, 2]")
         _check_num("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0, hint="in [-2, 2]")
         if self.seed is not None:
-            _check_int("seed", self.seed, lo=0, hi=2**63 - 1, hint="in [0, 2**63 - 1]")
+            _check_int("seed", self.seed, lo=0, hi=INT64_MAX, hint="in [0, 2**63 - 1]")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop: every stop string must be a non-empty str, got {s!r}")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, lo=0, hint="non-negative token ids")
+            _check_int("stop_token_ids", t, lo=0, hi=INT64_MAX, hint="token ids in [0, vocab size)")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):
@@ -125,6 +133,15 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _as_list(name: str, value: Any, what: str) -> list[Any]:
+    """None or a list/tuple as a list; anything else (``stop=5``) is a ValueError naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"{name}: must be {what}, got {type(value).__name__} {value!r}")
 
 
 def _from_any(cls: type, value: Any, name: str) -> Any:

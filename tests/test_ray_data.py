@@ -1,5 +1,5 @@
-"""Ray Data batch inference on a local CPU Ray cluster: 200 rows through two engines give the offline engine's
-greedy tokens row for row; a failing row fails the dataset with its error, or gets the error column; the config
+"""Ray Data batch inference on a local CPU Ray cluster: 200 rows through two engines keep their input columns
+(an id, nested metadata) and give the offline engine's greedy tokens row for row; a failing row fails the dataset with its error, or gets the error column; the config
 is validated at the edge, naming the field."""
 
 from __future__ import annotations
@@ -37,34 +37,68 @@ def _prompt(i: int) -> str:
 
 
 def _pre(row):
-    return {"id": row["id"], "prompt": _prompt(row["id"]),
-            "sampling_params": {"max_tokens": N, "temperature": 0.0, "ignore_eos": True}}
+    """Returns only what the engine needs: the input's id and metadata columns are carried without it."""
+    return {"prompt": _prompt(row["id"]), "sampling_params": {"max_tokens": N, "temperature": 0.0, "ignore_eos": True}}
 
 
-def test_200_rows_two_engines_match_offline_greedy(ray_cluster):
+def _meta(i: int) -> dict:
+    return {"source": f"shard-{i % 3}", "tags": [f"t{i}", "x"], "spans": [[i, i + 1], [0]], "inner": {"k": i}}
+
+
+def _post(row):
+    """Reads columns the input carried (as in ray.data.llm: ``row["id"]``) beside the generated ones."""
+    return {"id": row["id"], "metadata": row["metadata"], "tokens": row["generated_token_ids"],
+            "text": row["generated_text"], "prompt": row["prompt"], "num_input_tokens": row["num_input_tokens"],
+            "n": row["num_generated_tokens"]}
+
+
+def test_200_rows_two_engines_keep_input_columns_and_match_offline_greedy(ray_cluster):
     from flotilla import Engine, SamplingParams
 
     path = tiny("llama")
     rows = 200
     config = FlotillaProcessorConfig(model_source=path, engine_kwargs=OPTS, concurrency=2, batch_size=16,
                                      max_concurrent_batches=2)
-    processor = build_processor(config, preprocess=_pre,
-                                postprocess=lambda row: {**row, "n": row["num_generated_tokens"]})
+    processor = build_processor(config, preprocess=_pre, postprocess=_post)
+    # "prompt" and "generated_text" clash with preprocess's and the engine's columns: theirs win
+    items = [{"id": i, "metadata": _meta(i), "prompt": "stale", "generated_text": "stale"} for i in range(rows)]
     before = _alive()
-    out = processor(ray.data.range(rows)).take_all()
+    out = processor(ray.data.from_items(items)).take_all()
     with Engine(model=path, **OPTS) as engine:
         offline = engine.generate([_prompt(i) for i in range(rows)],
                                   SamplingParams(max_new_tokens=N, temperature=0.0, ignore_eos=True), use_tqdm=False)
     by_id = {r["id"]: r for r in out}
-    assert sorted(by_id) == list(range(rows))
+    assert len(out) == rows and sorted(by_id) == list(range(rows))
     for i in range(rows):
         got = by_id[i]
-        assert list(got["generated_token_ids"]) == offline[i]["token_ids"], i
-        assert got["generated_text"] == offline[i]["text"]
+        assert got["metadata"] == _meta(i), i  # nested lists and dicts pass through unchanged
+        assert list(got["tokens"]) == offline[i]["token_ids"], i
+        assert got["text"] == offline[i]["text"]
         assert got["num_input_tokens"] == offline[i]["prompt_tokens"]
-        assert got["num_generated_tokens"] == got["n"] == N
-        assert got["prompt"] == _prompt(i)  # preprocess's columns are carried through
+        assert got["n"] == N
+        assert got["prompt"] == _prompt(i)
     assert _new_leftovers(before) == set()  # the engines' ranks and groups went with their actors
+
+
+def test_docs_snippet_carries_id_and_metadata(ray_cluster, monkeypatch):
+    """examples/snippets/ray_data_columns.py, as docs/ray.md shows it, run in this module's cluster."""
+    import runpy
+
+    monkeypatch.setenv("MODEL", tiny("llama"))
+    rows = runpy.run_path(os.path.join(ROOT, "examples", "snippets", "ray_data_columns.py"))["rows"]
+    assert sorted(r["id"] for r in rows) == list(range(8))
+    for r in rows:
+        assert set(r) == {"id", "meta", "answer"} and r["meta"] == {"source": "demo", "tags": [str(r["id"])]}
+        assert isinstance(r["answer"], str)
+
+
+def test_preprocess_output_is_merged_over_the_row():
+    from flotilla.integrations.ray_data import KeepColumns
+
+    keep = KeepColumns(lambda row: {"prompt": "p", "id": 7})
+    assert keep({"id": 1, "meta": {"a": [1]}}) == {"id": 7, "meta": {"a": [1]}, "prompt": "p"}
+    with pytest.raises(ValueError, match="preprocess"):
+        KeepColumns(lambda row: "p")({"id": 1})
 
 
 def _alive() -> set[str]:

@@ -210,6 +210,7 @@ def test_killed_replica_streams_fail_others_finish_and_serve_restarts_it(client)
     (dict(launcher="k8s"), "launcher"),
     (dict(engine_options=None), "engine_options"),
     (dict(prefix_affinity="yes"), "prefix_affinity"),
+    (dict(accelerator_type=""), "accelerator_type"),
 ])
 def test_config_is_validated_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -230,8 +231,13 @@ def test_deployment_options():
     opts = mp.engine_deployment_options(on_gpu=True)
     assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 2} and "placement_group_bundles" not in opts
     assert opts["num_replicas"] == 3 and opts["health_check_period_s"] == 5 and "request_router_config" not in opts
+    typed = FlotillaServeConfig(model_source="/m", accelerator_type="H100", engine_kwargs={"tp_size": 2})
+    assert typed.engine_deployment_options(on_gpu=True)["placement_group_bundles"][1:] == \
+        [{"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001}] * 2
+    mp_typed = FlotillaServeConfig(model_source="/m", accelerator_type="A10G", launcher="mp")
+    assert mp_typed.engine_deployment_options(on_gpu=True)["ray_actor_options"]["accelerator_type"] == "A10G"
     with pytest.raises(ValueError, match="config"):
-        build_openai_app({"model_source": "/m"})
+        build_openai_app("/m")
     # "auto" is decided where the cluster is known: inside a replica, CUDA is hidden
     assert FlotillaServeConfig(model_source="/m").resolved(True).engine_kwargs == {"device": "cuda"}
     assert FlotillaServeConfig(model_source="/m", engine_kwargs={"device": "cpu"}).resolved(True).engine_kwargs == \
@@ -346,3 +352,36 @@ def test_client_aborts_on_close_and_translates_stream_errors():
     asyncio.run(failing.refresh_stats())
     with pytest.raises(RuntimeError):
         failing.stats()
+
+
+def test_config_from_a_dict_of_fields_as_serve_hands_it_over():
+    # serve run's key=value arguments are strings; each is read as its field's type
+    cfg = FlotillaServeConfig.from_args({"model_source": "/m", "num_replicas": "2", "prefix_affinity": "true",
+                                         "engine_kwargs": '{"device": "cpu", "tp_size": 2}', "gpus_per_rank": "0.5",
+                                         "api_key": "123", "affinity_imbalance": "8"})
+    assert (cfg.num_replicas, cfg.prefix_affinity, cfg.gpus_per_rank, cfg.api_key, cfg.affinity_imbalance) == \
+        (2, True, 0.5, "123", 8)
+    assert cfg.engine_kwargs == {"device": "cpu", "tp_size": 2} and cfg.ranks == 2
+    auto = FlotillaServeConfig.from_args({"model_source": "/m", "num_replicas": "auto", "max_ongoing_requests": "none",
+                                          "autoscaling_config": '{"min_replicas": 1, "max_replicas": 3}'})
+    assert auto.num_replicas == "auto" and auto.autoscaling_config["max_replicas"] == 3
+    assert auto.max_ongoing_requests == 4 * 256  # None: the default
+    typed = {"model_source": "/m", "engine_kwargs": {"dp_size": 2}, "num_replicas": 3}  # a config file's args
+    assert FlotillaServeConfig.from_args(typed).engine_kwargs == {"dp_size": 2}
+    assert type(build_openai_app(typed)).__name__ == "Application"
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"model_source": "/m", "num_replica": 2, "engine_kwarg": {}}, r"unknown field\(s\) \['engine_kwarg', 'num_replica'\]"),
+    ({"num_replicas": 2}, "model_source"),
+    ({"model_source": "/m", "num_replicas": "two"}, "num_replicas"),
+    ({"model_source": "/m", "engine_kwargs": "{device: cpu}"}, "engine_kwargs: must be JSON"),
+    ({"model_source": "/m", "engine_kwargs": "[1]"}, "engine_kwargs: must be a JSON dict"),
+    ({"model_source": "/m", "engine_kwargs": '{"tp_sise": 2}'}, "engine_kwargs"),
+    ({"model_source": "/m", "prefix_affinity": "maybe"}, "prefix_affinity: must be true or false"),
+    ({"model_source": "/m", "ingress_replicas": "1.5"}, "ingress_replicas: must be an int"),
+    ({"model_source": "/m", "gpus_per_rank": "half"}, "gpus_per_rank: must be a number"),
+])
+def test_dict_config_errors_name_the_field(args, message):
+    with pytest.raises(ValueError, match=message):
+        build_openai_app(args)

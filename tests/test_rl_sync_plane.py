@@ -27,7 +27,11 @@ class FakePlane:
         self.lock = threading.RLock()
         self.files_shared = True
         self.sent: list = []
+        self.probed: list = []
         self.version = 0
+
+    def probe_store(self, host, port, timeout_s):
+        self.probed.append((host, port, timeout_s))
 
     def _control(self, make, name, timeout, check=True, *, make_for=None, targets=None):
         for t in sorted(targets or self.fleet.ready_replicas()):
@@ -64,6 +68,7 @@ def test_each_leader_gets_its_groups_ranks():
     assert all(isinstance(m, InitWeightSyncGroup) for m in msgs.values())
     assert msgs[0].ranks == [3, 4] and msgs[1].ranks == [5, 6]
     assert msgs[0].world_size == 7 and msgs[0].master_address == "10.0.0.1" and msgs[0].backend == "nccl"
+    assert plane.probed == [("10.0.0.1", 29500, 30.0)] and msgs[0].connect_timeout_s == 30.0
     plane = FakePlane(layout(4, 2, True))  # two leaders of one group: the same list, indexed by group rank
     WeightSync(plane).init_group("127.0.0.1", 29500, rank_offset=1, world_size=5, backend="nccl")
     assert [m.ranks for _, m in plane.sent] == [[1, 2, 3, 4], [1, 2, 3, 4]]

@@ -200,6 +200,7 @@ class GatedTokenizer:
 def test_health_answers_while_a_huge_prompt_is_tokenized(tokenizer: Any) -> None:
     gated = GatedTokenizer(tokenizer)
     engine = ScriptedEngine(gated, [_delta("ok", [10], finished=True)])
+    engine.max_model_len = 1 << 18  # so that 10 MB of text passes the cheap size check and is tokenized
     server = ServerThread(build_app(engine, MODEL)).start()
     result: dict[str, Any] = {}
 

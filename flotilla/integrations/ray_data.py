@@ -275,6 +275,22 @@ def _close_if_alive(ref: "weakref.ref[FlotillaStage]") -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the processor
+class KeepColumns:
+    """``preprocess`` as Ray Data runs it: its output merged over the input row, as ``ray.data.llm`` does, so a
+    column the dataset carried (an id, nested metadata) reaches ``postprocess`` without ``preprocess`` having to
+    copy it; on a name clash ``preprocess``'s value wins (and the engine stage's columns win over both). A class,
+    not a closure, so the wrapped function pickles as itself."""
+
+    def __init__(self, fn: Callable[[Row], Row]):
+        self.fn = fn
+
+    def __call__(self, row: Row) -> Row:
+        out = self.fn(row)
+        if not isinstance(out, dict):
+            raise ValueError(f"preprocess: must return a dict (the row), got {type(out).__name__}")
+        return {**row, **out}
+
+
 class Processor:
     """``processor(ds)`` returns the dataset with the generation columns added (lazily, like any Ray Data op).
     ``stage_cls`` is the callable class each actor runs; a subclass of ``FlotillaStage`` can wrap it (the
@@ -295,7 +311,7 @@ class Processor:
 
         cfg = self.config
         if self.preprocess is not None:
-            ds = ds.map(self.preprocess, **self.preprocess_map_kwargs)
+            ds = ds.map(KeepColumns(self.preprocess), **self.preprocess_map_kwargs)
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
         cfg = cfg.resolved(has_gpus)
         opts = cfg.actor_options(has_gpus)
@@ -313,7 +329,8 @@ def build_processor(config: FlotillaProcessorConfig, preprocess: Callable[[Row],
                     postprocess_map_kwargs: dict[str, Any] | None = None) -> Processor:
     """Like ``ray.data.llm.build_processor``. ``preprocess(row)`` returns the row the engine sees: one of
     ``prompt``, ``messages`` or ``input_ids``, and optionally ``sampling_params`` (a dict; ``max_tokens`` or
-    ``max_new_tokens``...); every column it returns is carried to the output. The engine stage adds
+    ``max_new_tokens``...), merged over the input row: every input column reaches ``postprocess`` unchanged
+    (lists and dicts included), and ``preprocess``'s columns win on a name clash. The engine stage adds
     ``generated_text``, ``generated_token_ids``, ``num_input_tokens`` and ``num_generated_tokens``; then
     ``postprocess(row)``. ``*_map_kwargs`` go to those two ``Dataset.map`` calls (``num_cpus=0.25``...)."""
     if not isinstance(config, FlotillaProcessorConfig):

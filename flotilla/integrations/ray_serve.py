@@ -28,6 +28,7 @@ from typing import Any
 from ray import serve
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from flotilla.integrations.config_args import config_from_args
 from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
 from flotilla.request import RequestFailed
 
@@ -52,6 +53,8 @@ class FlotillaServeConfig:
     the replica, one per rank), so Serve reserves a whole engine per replica and the ranks die with it; ``"mp"``
     runs them as child processes, the replica then asks for ``num_gpus`` = ranks. ``engine_options``: any other
     ``serve.deployment`` option (``health_check_period_s``, ``ray_actor_options``...), applied last.
+    ``accelerator_type`` (``"H100"``, ``"A10G"``...): the ranks' GPUs must be of that type (Ray's
+    ``accelerator_type:<type>`` node resource, asked of each rank bundle, as ``ray.serve.llm`` does).
 
     ``prefix_affinity``: route by prompt prefix (``PrefixAffinityRouter``); ``affinity_prefix_tokens`` (the prefix
     hashed, rounded down to whole KV blocks) and ``affinity_imbalance`` (ongoing requests more than the least busy
@@ -67,6 +70,7 @@ class FlotillaServeConfig:
     max_ongoing_requests: int | None = None
     launcher: str = "ray"
     gpus_per_rank: float = 1.0
+    accelerator_type: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
     prefix_affinity: bool = False
     affinity_prefix_tokens: int = 256
@@ -76,7 +80,7 @@ class FlotillaServeConfig:
 
     def __post_init__(self) -> None:
         self.engine_config = check_engine_options(self.model_source, self.engine_kwargs)
-        for name in ("served_model_name", "api_key"):
+        for name in ("served_model_name", "api_key", "accelerator_type"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name}: must be a non-empty str or None, got {value!r}")
@@ -102,6 +106,12 @@ class FlotillaServeConfig:
         if not isinstance(self.prefix_affinity, bool):
             raise ValueError(f"prefix_affinity: must be a bool, got {self.prefix_affinity!r}")
 
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "FlotillaServeConfig":
+        """The config from Ray's application arguments (a dict; command-line strings read as each field's type;
+        unknown keys refused naming them)."""
+        return config_from_args(cls, args)
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_source
@@ -123,12 +133,16 @@ class FlotillaServeConfig:
         if self.num_replicas is not None:
             opts["num_replicas"] = self.num_replicas
         if self.launcher == "ray":
-            rank = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
+            rank: dict[str, float] = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
+            if self.accelerator_type is not None:
+                rank[f"accelerator_type:{self.accelerator_type}"] = 0.001
             opts["ray_actor_options"] = {"num_cpus": 1}
             opts["placement_group_bundles"] = [{"CPU": 1}] + [dict(rank) for _ in range(self.ranks)]
             opts["placement_group_strategy"] = "PACK"
         else:
             opts["ray_actor_options"] = {"num_cpus": 1, **({"num_gpus": self.ranks} if on_gpu else {})}
+            if self.accelerator_type is not None:
+                opts["ray_actor_options"]["accelerator_type"] = self.accelerator_type
         if self.prefix_affinity:
             opts["request_router_config"] = {
                 "request_router_class": PrefixAffinityRouter,
@@ -336,13 +350,21 @@ class FlotillaIngress:
 
 
 # ---------------------------------------------------------------------------------------------- the application
-def build_openai_app(config: FlotillaServeConfig) -> Any:
+def build_openai_app(config: FlotillaServeConfig | Mapping[str, Any]) -> Any:
     """The Serve application (``serve.run(build_openai_app(cfg), name=..., route_prefix="/")``): the OpenAI
-    routes at ``/v1/...`` through Serve's HTTP proxy, streaming included."""
+    routes at ``/v1/...`` through Serve's HTTP proxy, streaming included.
+
+    ``config`` is a ``FlotillaServeConfig`` or a dict of its fields, which is how Ray calls an application
+    builder: ``serve run flotilla.integrations.ray_serve:build_openai_app model_source=PATH ...`` (string values,
+    read as each field's type: ``num_replicas=2``, ``engine_kwargs='{"device": "cpu"}'``) and a Serve config
+    file's ``args:``. An unknown key fails naming it. (The one parameter has no pydantic annotation, so Serve
+    hands the dict over as is.)"""
     import inspect
 
+    if isinstance(config, Mapping):
+        config = FlotillaServeConfig.from_args(config)
     if not isinstance(config, FlotillaServeConfig):
-        raise ValueError(f"config: must be a FlotillaServeConfig, got {type(config).__name__}")
+        raise ValueError(f"config: must be a FlotillaServeConfig or a dict of its fields, got {type(config).__name__}")
     if inspect.signature(serve.ingress).parameters["app"].default is not None:
         raise RuntimeError("build_openai_app needs a Ray Serve whose serve.ingress() takes no app "
                            "(__serve_build_asgi_app__); install ray[serve]>=2.60")

@@ -128,6 +128,10 @@ class _AllowedClients:
         return ok
 
 
+class EncodeError(ValueError):
+    """A message could not be encoded: the fault of what was sent (never a sign the peer is gone)."""
+
+
 # ------------------------------------------------------------------------------------------------- channel
 class Channel:
     """One zmq PUSH or PULL socket plus the msgspec codec for what travels on it.
@@ -172,7 +176,11 @@ class Channel:
         """
         if timeout_ms is _CHANNEL_DEFAULT:
             timeout_ms = self.send_timeout_ms
-        data = encoder.encode(msg)
+        try:
+            data = encoder.encode(msg)
+        except Exception as e:  # the message, not the peer: an int beyond int64, a type msgpack cannot carry
+            raise EncodeError(f"channel {self.name!r}: cannot encode {type(msg).__name__}: {type(e).__name__}: "
+                              f"{e}") from e
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             try:
@@ -359,6 +367,7 @@ class ChannelHub:
         self.ipc_dir: str | None = None
         self._channels: list[Channel] = []
         self._names: set[str] = set()
+        self._files: dict[int, str] = {}  # id(channel) -> its ipc socket file
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
         self._closed = False
         self._cleanup_dir: weakref.finalize | None = None
@@ -432,10 +441,27 @@ class ChannelHub:
             sock.close(linger=0)
             raise
         ch = Channel(sock, kind, name, decoder, send_timeout_ms=send_timeout_ms, on_bad_frame=on_bad_frame)
+        if address.startswith("ipc://"):
+            self._files[id(ch)] = address[len("ipc://"):]
         self._channels.append(ch)
         self._names.add(name)
         logger.debug("bound %s channel %r at %s", kind, name, address)
         return ch, address
+
+    def release(self, ch: Channel) -> None:
+        """Close one bound channel for good (its replica is gone) and remove its ipc socket file, so that a
+        long-lived front end whose replicas restart now and then keeps one file per live replica. Its name
+        stays taken. Idempotent."""
+        ch.close()
+        self._channels = [c for c in self._channels if c is not ch]
+        path = self._files.pop(id(ch), None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                logger.warning("could not remove the ipc socket file %s: %s", path, e)
 
     def close(self) -> None:
         """Close every bound socket, stop the authenticator, terminate the context and remove the ipc
@@ -503,4 +529,4 @@ def connect(kind: str, address: str, decoder: msgspec.msgpack.Decoder | None = N
                    on_bad_frame=on_bad_frame)
 
 
-__all__ = ["Channel", "ChannelHub", "CurveKeys", "SendTimeout", "connect", "DEFAULT_SEND_TIMEOUT_MS"]
+__all__ = ["Channel", "ChannelHub", "CurveKeys", "EncodeError", "SendTimeout", "connect", "DEFAULT_SEND_TIMEOUT_MS"]

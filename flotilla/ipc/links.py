@@ -37,4 +37,4 @@ class HubLinks:
     def close(self, replica: int) -> None:
         ch = self.channels.pop(replica, None)
         if ch is not None:
-            ch.close()
+            self.hub.release(ch)  # closes it and removes its ipc socket file

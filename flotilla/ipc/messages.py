@@ -87,6 +87,7 @@ class InitWeightSyncGroup(msgspec.Struct, tag=True):
     group_name: str = "weight_update_group"
     backend: str = "gloo"
     timeout_s: float = 600.0
+    connect_timeout_s: float = 30.0  # reaching the trainer's store; the rest of the join has timeout_s
 
 
 class DestroyWeightSyncGroup(msgspec.Struct, tag=True):

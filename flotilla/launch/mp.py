@@ -70,6 +70,14 @@ class MpLauncher:
             procs.append(p)
         self._groups[spec.group_id] = procs
 
+    @property
+    def max_ranks(self) -> int:
+        """The most rank processes ``scale`` may grow to here: a few per core on CPU; on GPUs whole replicas
+        may share a device, up to 8 ranks per device (each then gets an eighth of its memory budget)."""
+        if self._num_devices:
+            return 8 * self._num_devices
+        return 4 * (os.cpu_count() or 1)
+
     def pids(self, group_id: int) -> list[int]:
         return [p.pid for p in self._groups.get(group_id, []) if p.pid is not None]
 

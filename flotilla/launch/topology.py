@@ -13,7 +13,24 @@ glossary).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+MAX_DP_SIZE = 256  # replicas ``scale`` grows to at most (a launcher may hold fewer: ``max_ranks``)
+MAX_DRAIN_TIMEOUT_S = 24 * 3600.0
+
+
+def check_scale(dp_size: Any, drain_timeout_s: Any, ranks_per_replica: int = 1, max_ranks: int | None = None) -> None:
+    """``scale``'s arguments, before anything changes: dp_size within what the machine holds, a finite drain."""
+    limit = MAX_DP_SIZE if max_ranks is None else max(1, min(MAX_DP_SIZE, max_ranks // max(1, ranks_per_replica)))
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or not 1 <= dp_size <= limit:
+        why = "" if max_ranks is None else f" ({max_ranks} ranks fit this launcher, {ranks_per_replica} per replica)"
+        raise ValueError(f"dp_size: must be an int in [1, {limit}]{why}, got {dp_size!r}")
+    if isinstance(drain_timeout_s, bool) or not isinstance(drain_timeout_s, (int, float)) or \
+            not 0 <= drain_timeout_s <= MAX_DRAIN_TIMEOUT_S or not math.isfinite(drain_timeout_s):
+        raise ValueError(f"drain_timeout_s: must be a finite number of seconds in [0, {MAX_DRAIN_TIMEOUT_S:.0f}], "
+                         f"got {drain_timeout_s!r}")
 
 
 @dataclass(frozen=True)

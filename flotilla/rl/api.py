@@ -53,14 +53,15 @@ class RLControl:
     # ------------------------------------------------------------------------------------------ groups
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "nccl",
-                                  timeout: float = 600.0) -> None:
+                                  timeout: float = 600.0, connect_timeout_s: float = 30.0) -> None:
         """Every rank of every replica joins one torch.distributed group with the trainer as rank 0 and
         engine rank ``i`` (``weight_sync_ranks()`` order) as ``rank_offset + i``. The trainer joins at the same
         time, with ``torch.distributed.init_process_group(backend, init_method=f"tcp://{master_address}:
         {master_port}", world_size=world_size, rank=0)`` or ``flotilla.rl.TrainerGroup``; this call returns
-        once everyone is in."""
+        once everyone is in. A store that accepts no connection within ``connect_timeout_s`` (a wrong address)
+        fails the call then, with generation going on meanwhile; ``timeout`` bounds the whole join."""
         self.control.sync.init_group(master_address, master_port, rank_offset, world_size, group_name, backend,
-                                     timeout)
+                                     timeout, connect_timeout_s)
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
         self.control.sync.destroy_group(group_name)

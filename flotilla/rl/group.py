@@ -79,15 +79,22 @@ def _wait(work: Any, progress: Progress) -> None:
 
 
 def connect(master_address: str, master_port: int, world_size: int, rank: int, backend: str,
-            timeout_s: float, name: str = "weight_update_group") -> SyncGroup:
+            timeout_s: float, name: str = "weight_update_group", *,
+            connect_timeout_s: float | None = None) -> SyncGroup:
     """Join (rank > 0) or host (rank 0: this process runs the TCPStore) a weight-sync group. Blocks until
-    every member joined (gloo connects its full mesh here; NCCL connects at the first broadcast)."""
+    every member joined (gloo connects its full mesh here; NCCL connects at the first broadcast).
+
+    ``connect_timeout_s`` (a member only): how long to try reaching the store (an unreachable address fails
+    after this long, not after ``timeout_s``); the rest of the join waits up to ``timeout_s``."""
     if backend not in _BACKEND_DEVICE:
         raise ValueError(f"backend: must be one of {list(BACKENDS)}, got {backend!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, int(master_port), world_size, rank == 0, timeout=timeout)
+    first = timeout if connect_timeout_s is None or rank == 0 else timedelta(seconds=min(connect_timeout_s, timeout_s))
+    store = dist.TCPStore(master_address, int(master_port), world_size, rank == 0, timeout=first)
+    if first != timeout:
+        store.set_timeout(timeout)
     prefixed: Any = store
     for p in _INIT_PG_PREFIXES + (f"{_BACKEND_DEVICE[backend]}/",):
         prefixed = dist.PrefixStore(p, prefixed)

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from flotilla.ipc.channel import EncodeError
 from flotilla.ipc.messages import AbortRequest, AddRequest, StepOutput
 from flotilla.request import RequestState
 from flotilla.router.policies import NoReplicaAvailable, ReplicaView, make_policy
@@ -26,6 +27,10 @@ class ReplicaUnreachable(NoReplicaAvailable):
     def __init__(self, replica: int, why: str):
         super().__init__(f"replica {replica} is unreachable: {why}")
         self.replica = replica
+
+
+class RequestRejected(ValueError):
+    """The request itself cannot be sent (its message does not encode): its own error, never the replica's."""
 
 
 class DPController:
@@ -73,6 +78,8 @@ class DPController:
         try:
             send(msg, timeout_ms=timeout_ms)
             return True
+        except EncodeError:  # the message's fault, not the replica's: the caller's error
+            raise
         except Exception as e:  # not connected yet, or gone: liveness and the fleet deal with it
             log.debug("replica %d did not take %s: %s", replica, type(msg).__name__, e)
             return False
@@ -108,6 +115,9 @@ class DPController:
                 raise NoReplicaAvailable(f"replica {replica} is not routed to")
             try:
                 self.senders[replica](AddRequest(state.rid, state.prompt_ids, state.sampling, list(state.output_ids)))
+            except EncodeError as e:  # the request's fault: every other replica would refuse it too
+                state.replica = -1
+                raise RequestRejected(f"request: cannot be sent to a replica ({e}); a field is out of range") from None
             except Exception as e:
                 state.replica = -1
                 raise ReplicaUnreachable(replica, str(e)) from None
@@ -206,4 +216,4 @@ class DPController:
             return len(self.requests)
 
 
-__all__ = ["DPController", "NoReplicaAvailable", "ReplicaUnreachable"]
+__all__ = ["DPController", "NoReplicaAvailable", "ReplicaUnreachable", "RequestRejected"]

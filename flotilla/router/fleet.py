@@ -39,7 +39,7 @@ from flotilla.launch.base import Launcher
 from flotilla.launch.topology import GroupSpec, replica_group
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.request import RequestFailed, RequestState
-from flotilla.router.controller import DPController, ReplicaUnreachable
+from flotilla.router.controller import DPController, ReplicaUnreachable, RequestRejected
 from flotilla.router.policies import NoReplicaAvailable
 
 log = logging.getLogger(__name__)
@@ -307,10 +307,10 @@ class ReplicaFleet:
         with self.lock:
             if self.closed:
                 raise RequestFailed("the engine is shut down")
-            if not self.redispatch(state):
+            if not self.redispatch(state, raise_rejected=True):
                 raise RequestFailed(f"request {state.rid} failed: {state.error}")
 
-    def redispatch(self, state: RequestState, why: str = "") -> bool:
+    def redispatch(self, state: RequestState, why: str = "", raise_rejected: bool = False) -> bool:
         """Send a request (or resume it as a continuation: prompt + tokens so far) to a live replica, or queue
         it. False when it ended instead (budget spent, aborted, or nothing can serve it)."""
         with self.lock:
@@ -328,6 +328,11 @@ class ReplicaFleet:
                     self.controller.dispatch(state, exclude=frozenset(exclude))
                     state.dispatched_at = self.clock()
                     return True
+                except RequestRejected as e:  # its own fault: it fails alone, at once (submit: the caller's error)
+                    if raise_rejected:
+                        raise
+                    self.controller.fail(state, str(e))
+                    return False
                 except ReplicaUnreachable as e:
                     exclude.add(e.replica)
                 except NoReplicaAvailable as e:

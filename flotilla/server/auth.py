@@ -7,13 +7,17 @@ import hmac
 
 from flotilla.server.errors import APIError, ASGIApp, Receive, Scope, Send
 
-# every route that reaches the engine or changes it; /health and /metrics stay open for probes and scrapers
-PROTECTED_PREFIXES = ("/v1/", "/admin/")
-PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+from flotilla.server.rl_routes import RL_PATHS
+
+# every route that reaches the engine or changes it, the RL control routes (checked here, before their body is
+# read) and the API docs (they list every admin and RL route); /health and /metrics stay open for probes and
+# scrapers
+PROTECTED_PREFIXES = ("/v1/", "/admin/", "/docs/")
+PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info", "/docs", "/redoc", "/openapi.json") + RL_PATHS
 
 
 def is_protected(path: str) -> bool:
-    return (path + "/").startswith(PROTECTED_PREFIXES) or path.rstrip("/") in PROTECTED_PATHS
+    return (path + "/").startswith(PROTECTED_PREFIXES) or (path.rstrip("/") or "/") in PROTECTED_PATHS
 
 
 class AuthMiddleware:

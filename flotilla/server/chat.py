@@ -14,7 +14,8 @@ from flotilla.server.engine_client import Delta, Tokenizer
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import ChatCompletionRequest, ChatMessage
 from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
-from flotilla.server.sampling import check_common, choice_jobs, default_max_tokens, delta_tops, sampling_params
+from flotilla.server.sampling import (check_common, check_text_size, choice_jobs, default_max_tokens, delta_tops,
+                                     sampling_params)
 from flotilla.server.state import ServerState
 from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
 from flotilla.server.tokens import TokenStrings, encode, off_loop, render_chat
@@ -29,6 +30,7 @@ def add_chat_route(app: FastAPI, state: ServerState) -> None:
         engine = state.accept("/v1/chat/completions", body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         forced = check_chat(body)
+        check_text_size(message_chars(body.messages), engine.max_model_len, "messages")
         tools = body.tools if body.tools and body.tool_choice != "none" else None
         fmt = tool_format(getattr(engine.tokenizer, "chat_template", None)) if tools else None
         ids = await off_loop(chat_prompt_ids, body.messages, engine.tokenizer, tools=tools)
@@ -76,6 +78,17 @@ def assistant_message(text: str, finish: str | None, fmt: str | None) -> tuple[d
             return {"role": "assistant", "content": content, "tool_calls": calls}, \
                 "tool_calls" if finish == "stop" else finish
     return {"role": "assistant", "content": text}, finish
+
+
+def message_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in the messages (what the template will wrap; cheap, before rendering)."""
+    total = 0
+    for m in messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif isinstance(m.content, list):
+            total += sum(len(p.text or "") for p in m.content)
+    return total
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:

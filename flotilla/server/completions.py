@@ -14,7 +14,8 @@ from flotilla.server.engine_client import Delta, Tokenizer
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import CompletionRequest
 from flotilla.server.runs import Job, Run, collect_or_error, start_or_error
-from flotilla.server.sampling import MAX_N, check_common, choice_jobs, delta_tops, sampling_params
+from flotilla.server.sampling import (MAX_JOBS, MAX_N, MAX_PROMPTS, check_common, check_text_size, choice_jobs,
+                                     delta_tops, sampling_params)
 from flotilla.server.state import ServerState
 from flotilla.server.streaming import ChunkTemplate, FastFrame, SSEResponse, UsageMode, stream_frames
 from flotilla.server.tokens import TokenStrings, encode, off_loop
@@ -32,6 +33,7 @@ def add_completion_route(app: FastAPI, state: ServerState) -> None:
         engine = state.accept("/v1/completions", body)
         rid = f"cmpl-{uuid.uuid4().hex}"
         check_completion(body)
+        check_prompt_sizes(body, engine.max_model_len)
         prompts = await off_loop(prompt_ids, body, engine.tokenizer)
         best_of = body.best_of or body.n
         jobs = choice_jobs(rid, prompts, completion_params(body, ranked=best_of > body.n), best_of)
@@ -64,6 +66,25 @@ def check_completion(body: CompletionRequest) -> None:
                                       "its logprobs)")
     if body.echo and body.stream and body.logprobs is not None:
         raise bad_param("echo", "with logprobs is only supported without stream")
+
+
+def check_prompt_sizes(body: CompletionRequest, max_model_len: int) -> None:
+    """How many prompts, and how long each text is, checked before anything is tokenized."""
+    prompt: Any = body.prompt
+    if isinstance(prompt, str):
+        check_text_size(len(prompt), max_model_len, "prompt")
+        return
+    if not prompt or isinstance(prompt[0], int):
+        return
+    if len(prompt) > MAX_PROMPTS:
+        raise bad_param("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
+    per_prompt = body.best_of or body.n
+    if len(prompt) * per_prompt > MAX_JOBS:
+        raise bad_param("prompt", f"{len(prompt)} prompts x {per_prompt} choices each is more than the "
+                                  f"{MAX_JOBS} completions one request may ask for")
+    for p in prompt:
+        if isinstance(p, str):
+            check_text_size(len(p), max_model_len, "prompt")
 
 
 def prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:

@@ -86,13 +86,26 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        return validation_error(exc.errors()).response()
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        err = validation_error(exc.errors())
+        if not is_json_content_type(request.headers.get("content-type")):
+            # FastAPI reads a body as JSON only when it says so (or says nothing): curl -d sends form data
+            err.message += (f" (the body was sent as Content-Type {request.headers.get('content-type')!r}, "
+                            "so it was not read as JSON; send the header 'Content-Type: application/json')")
+        return err.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+
+def is_json_content_type(value: str | None) -> bool:
+    """What FastAPI parses as JSON: no Content-Type, application/json, or application/*+json."""
+    if not value:
+        return True
+    mime = value.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
 RAW_SEND = "flotilla.raw_send"

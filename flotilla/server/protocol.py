@@ -6,6 +6,9 @@ send by default, and refusing them would break those clients against an otherwis
 know but cannot honour (``logit_bias``, ``suffix``, legacy ``functions``) are declared here and refused with a
 400 naming them (``completions.py``, ``chat.py``), so nobody silently gets something else.
 
+Types are strict, as OpenAI's API takes them: ``"max_tokens": "10"``, ``"stream": "yes"`` and ``"n": true`` are
+400s naming the field, never coerced (an int is still a valid float).
+
 Text that will be tokenized is a ``Text``: a lone UTF-16 surrogate (``"\\ud800"``, legal in a JSON string but not
 encodable to UTF-8) is a 400 naming the field rather than a 500 from deep in the tokenizer.
 """
@@ -31,7 +34,7 @@ TokenIds = list[int]
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Lenient):
@@ -119,7 +122,11 @@ class DetokenizeRequest(_Lenient):
     tokens: list[int]
 
 
+from flotilla.launch.topology import MAX_DP_SIZE, MAX_DRAIN_TIMEOUT_S  # noqa: E402  (the engine's bounds)
+
+
 class ScaleRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an admin typo must not scale to a default
-    dp_size: int
-    drain_timeout_s: float = 60.0
+    # an admin typo must not scale to a default; strict: {"dp_size": true} is not 1
+    model_config = ConfigDict(extra="forbid", strict=True)
+    dp_size: int = Field(ge=1, le=MAX_DP_SIZE)
+    drain_timeout_s: float = Field(default=60.0, ge=0.0, le=MAX_DRAIN_TIMEOUT_S, allow_inf_nan=False)

@@ -56,8 +56,16 @@ class RLEngineClient(Protocol):
     def abort_request(self, rid: str = ..., abort_all: bool = ...) -> int: ...
 
 
+RL_PATHS = ("/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_tensor",
+            "/destroy_weights_update_group", "/update_weights_from_disk", "/pause_generation", "/continue_generation",
+            "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation", "/get_weight_version",
+            "/abort_request")
+"""Every route here: the server's auth middleware checks the key on these before any body is read."""
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # sglang clients send fields of newer sglang versions too
+    # sglang clients send fields of newer sglang versions too; strict: "world_size": "2" is a 400, not 2
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 def _version(value: int | str | None) -> int | None:
@@ -76,6 +84,9 @@ class InitGroupBody(_Body):
     world_size: int
     group_name: str = "weight_update_group"
     backend: str = "nccl"
+    # how long the ranks try to reach the trainer's store at master_address:master_port (an unreachable one
+    # fails the call after this long; generation goes on meanwhile)
+    connect_timeout_s: float | None = None
 
 
 class DistributedBody(_Body):
@@ -189,8 +200,9 @@ def add_rl_routes(app: FastAPI, get_engine: Callable[[], RLEngineClient | None],
     @router.post("/init_weights_update_group")
     def init_weights_update_group(body: InitGroupBody) -> Any:
         e = engine()
+        kw = {} if body.connect_timeout_s is None else {"connect_timeout_s": body.connect_timeout_s}
         return call(lambda: e.init_weights_update_group(body.master_address, body.master_port, body.rank_offset,
-                                                         body.world_size, body.group_name, body.backend),
+                                                         body.world_size, body.group_name, body.backend, **kw),
                     f"joined weight-sync group {body.group_name!r}")
 
     @router.post("/update_weights_from_distributed")

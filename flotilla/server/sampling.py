@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flotilla.inputs import MAX_CHARS_PER_TOKEN, choice_seed
 from flotilla.server.engine_client import Delta
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import SamplingFields
@@ -17,6 +18,8 @@ _PASSED_AS_IS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 
 
 MAX_N = 128
+MAX_PROMPTS = 4096  # prompts in one completions request (each becomes best_of engine requests)
+MAX_JOBS = 4096  # engine requests one HTTP request may start (prompts x best_of, or n)
 
 
 def sampling_params(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]:
@@ -42,7 +45,7 @@ def choice_jobs(rid: str, prompts: list[list[int]], params: dict[str, Any], n: i
         for c in range(n):
             own = dict(params)
             if c and params.get("seed") is not None:
-                own["seed"] = params["seed"] + c
+                own["seed"] = choice_seed(params["seed"], c)
             jobs.append(Job(p * n + c, f"{rid}-{p}-{c}" if n > 1 else f"{rid}-{p}", ids, own,
                             affinity=f"{rid}-{p}" if n > 1 else None))
     return jobs
@@ -56,6 +59,14 @@ def check_common(body: SamplingFields) -> None:
         raise bad_param("logit_bias", "is not supported")
     if body.stream_options is not None and not body.stream:
         raise bad_param("stream_options", "is only allowed when stream is true")
+
+
+def check_text_size(chars: int, max_model_len: int, param: str) -> None:
+    """Refuse text that cannot fit the context in any tokenization, before it is tokenized (cheap)."""
+    limit = max_model_len * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise bad_param(param, f"{chars} characters cannot fit in max_model_len {max_model_len} tokens (refused "
+                               f"before tokenizing: at most {limit} characters, {MAX_CHARS_PER_TOKEN} per token)")
 
 
 def default_max_tokens(prompt_len: int, max_model_len: int, param: str) -> int:

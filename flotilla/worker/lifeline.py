@@ -15,6 +15,12 @@ neither covers every case alone:
   thread started us, and off Linux. On noticing, it removes the engine's private directory (the first
   worker to notice does; errors ignored: another worker may be removing it too) and ends the process
   with ``os._exit``, which runs no clean-up that could hang on the dead front end.
+
+A stopped worker (SIGSTOP, a debugger, a job-control stop) runs no thread, so the poll alone would leave it
+behind forever when the front end dies. So by default the parent-death signal is SIGCONT: it wakes a stopped
+worker, whose poll then sees the parent gone and exits as above; a running worker ignores it, so a
+short-lived starting thread that ends is harmless (the kernel sends it again, to the same end, when the
+process finally dies). ``pdeathsig=True`` asks for SIGKILL instead.
 """
 
 from __future__ import annotations
@@ -86,8 +92,8 @@ def install(parent_pid: int | None, private_dir: str | None = None, *, pdeathsig
     if parent_pid is None:
         return None
     direct = os.getppid() == parent_pid
-    if pdeathsig and direct:
-        set_pdeathsig(signal.SIGKILL)
+    if direct:
+        set_pdeathsig(signal.SIGKILL if pdeathsig else signal.SIGCONT)
     # Re-check after prctl: a parent that died before it took effect sent no signal, and we were reparented.
     if not parent_alive(parent_pid, direct):
         _orphaned(parent_pid, private_dir)

@@ -32,7 +32,7 @@ _groups: dict[str, SyncGroup] = {}
 
 
 def join(name: str, master_address: str, master_port: int, world_size: int, rank: int, backend: str,
-         timeout_s: float, progress: Progress = None) -> SyncGroup:
+         timeout_s: float, progress: Progress = None, connect_timeout_s: float | None = None) -> SyncGroup:
     """A rank joins group ``name`` (in a side thread, so ``progress`` keeps the leader's heartbeat going)."""
     if name in _groups:
         raise ValueError(f"group_name: {name!r} is already joined; destroy it first")
@@ -40,7 +40,8 @@ def join(name: str, master_address: str, master_port: int, world_size: int, rank
 
     def run() -> None:
         try:
-            box["group"] = connect(master_address, master_port, world_size, rank, backend, timeout_s, name)
+            box["group"] = connect(master_address, master_port, world_size, rank, backend, timeout_s, name,
+                                   connect_timeout_s=connect_timeout_s)
         except BaseException as e:  # re-raised in the rank's thread
             box["error"] = e
 
@@ -166,7 +167,7 @@ def apply(op: Any, runner: Any, group_rank: int, progress: Progress = None) -> C
 
     if isinstance(op, InitWeightSyncGroup):
         join(op.group_name, op.master_address, op.master_port, op.world_size, op.ranks[group_rank], op.backend,
-             op.timeout_s, progress)
+             op.timeout_s, progress, connect_timeout_s=op.connect_timeout_s)
         return None
     if isinstance(op, DestroyWeightSyncGroup):
         leave(op.group_name)  # idempotent: the front end also sends it to clean up after a failed join
