@@ -85,7 +85,17 @@ class EngineConfig:
     heartbeat_timeout_s: float = field(default=60.0, metadata={
         "help": "a replica leader silent this many seconds is treated as dead"})
     max_replica_restarts: int = field(default=3, metadata={
-        "help": "restarts per replica slot over the engine's life"})
+        "help": "restarts per replica group within any restart_window_s (the budget refills as the window "
+                "moves on)"})
+    restart_window_s: float = field(default=600.0, metadata={
+        "help": "the window of the restart budget, in seconds"})
+    restart_backoff_s: float = field(default=1.0, metadata={
+        "help": "wait before a group's second restart within the window; doubled for each further one"})
+    restart_backoff_max_s: float = field(default=60.0, metadata={
+        "help": "the longest wait between two restarts of a group"})
+    step_timeout_s: float = field(default=600.0, metadata={
+        "help": "a replica leader whose step loop stays inside one step this long (a hung collective, a "
+                "wedged kernel) is treated as dead, although its heartbeats go on"})
     failover_timeout_s: float = field(default=300.0, metadata={
         "help": "seconds a request waits when every replica is down"})
     # filled in by resolve(): the HF config as a dict, never passed by users
@@ -126,7 +136,8 @@ class EngineConfig:
             raise ValueError(f"block_size: must be a power of two >= 1, got {self.block_size!r}")
         if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("heartbeat_timeout_s", "failover_timeout_s", "worker_start_timeout"):
+        for name in ("heartbeat_timeout_s", "failover_timeout_s", "worker_start_timeout", "restart_window_s",
+                     "step_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e9 or \
                     not math.isfinite(value):
@@ -134,6 +145,14 @@ class EngineConfig:
         if isinstance(self.max_replica_restarts, bool) or not isinstance(self.max_replica_restarts, int) or \
                 self.max_replica_restarts < 0:
             raise ValueError(f"max_replica_restarts: must be an int >= 0, got {self.max_replica_restarts!r}")
+        for name in ("restart_backoff_s", "restart_backoff_max_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e9 or \
+                    not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number of seconds in [0, 1e9], got {value!r}")
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ValueError(f"restart_backoff_max_s: must be >= restart_backoff_s ({self.restart_backoff_s}), "
+                             f"got {self.restart_backoff_max_s!r}")
         if self.kv_cache_tokens is not None:
             _positive_int("kv_cache_tokens", self.kv_cache_tokens)
         if self.max_model_len is not None:

@@ -136,6 +136,7 @@ class ControlPlane:
     def __init__(self, config: "EngineConfig", controller: "DPController", fleet: "ReplicaFleet",
                  private_dir: str, stager: "WeightStager | None", files_shared: bool):
         self.config, self.controller, self.fleet = config, controller, fleet
+        self.dispatcher = getattr(fleet, "dispatcher", None)  # holds requests while paused, retracts them
         self.private_dir, self.stager, self.files_shared = private_dir, stager, files_shared
         self.lock = threading.RLock()
         self._cv = threading.Condition()
@@ -172,7 +173,7 @@ class ControlPlane:
         with self.lock:
             if self._paused:
                 return
-            self.controller.pause()
+            self.dispatcher.pause()
             self._paused = True
             try:
                 self._control(Pause, "pause", timeout)
@@ -217,20 +218,13 @@ class ControlPlane:
             self.pause(timeout)
             if mode == "in_place":
                 return 0
-            with self.fleet.lock:
-                if mode == "abort":
-                    states = [self.controller.abort(rid) for rid in list(self.controller.requests)]
-                    wake_all([s for s in states if s is not None and s.finished])
-                    return len(states)
-                moved = 0
-                for t in sorted(self.fleet.ready_replicas()):
-                    for state in self.controller.requests_on(t):
-                        if self.fleet.redispatch(state):  # paused: held here until resume
-                            self.controller.abort_on(t, state.rid)
-                            moved += 1
-                        else:
-                            state.wake()
-                return moved
+            if mode == "abort":
+                states = self.dispatcher.abort_all()
+                wake_all([s for s in states if s.finished])
+                return len(states)
+            moved, ended = self.dispatcher.retract(self.fleet.ready_replicas())  # paused: held until resume
+            wake_all(ended)
+            return moved
 
     def update_weights(self, named_tensors: Any, *, version: int | None = None, flush_cache: bool = True,
                        timeout: float = DEFAULT_TIMEOUT_S) -> int:
@@ -447,8 +441,7 @@ class ControlPlane:
                 self._cv.wait(min(left, 0.2))
 
     def _release_held(self) -> None:
-        woken = [s for s in self.controller.resume() if not self.fleet.redispatch(s)]
-        wake_all(woken)
+        wake_all(self.dispatcher.resume())
 
     def _meta_model(self):
         """(router, expected part names) of the model built on the meta device with tp=1 (no memory)."""

@@ -1,8 +1,9 @@
-"""The front end: tokenizer, request API and the engine loop; replica lifecycle is the fleet's, control
-operations the control plane's, process start-up the launcher's.
+"""The front end: tokenizer, request API and the engine loop; a request's life is the dispatcher's, routing
+the controller's, replica lifecycle the fleet's, control operations the control plane's, process start-up
+the launcher's (docs/architecture.md).
 
-One background thread (the engine loop) receives every replica's messages, applies step outputs to the
-request table, hands ready/failure/liveness events to the fleet and wakes whoever waits. User threads and
+One background thread (the engine loop) receives every replica's messages, hands step outputs to the
+dispatcher, ready/failure/liveness events to the fleet and wakes whoever waits. User threads and
 asyncio tasks only validate, submit, abort and wait. The loop contains every error (a bad message or a bug
 in one handler is logged, never fatal), and ``healthy()`` turns false if it stops turning.
 """
@@ -25,8 +26,8 @@ from flotilla.control import ControlPlane
 from flotilla.delegation import delegates
 from flotilla.ipc.channel import ChannelHub
 from flotilla.ipc.links import HubLinks
-from flotilla.ipc.messages import (ControlDone, FlushCache, Shutdown, StepOutput, WorkerFailed, WorkerReady,
-                                   from_worker_decoder)
+from flotilla.ipc.messages import (ControlDone, FlushCache, Heartbeat, Shutdown, StepOutput, StepStarted,
+                                   WorkerFailed, WorkerReady, from_worker_decoder)
 from flotilla.launch.base import Launcher
 from flotilla.launch.topology import GroupSpec, check_scale, layout
 from flotilla.launch.worker_args import WorkerArgs
@@ -35,6 +36,7 @@ from flotilla.private_dir import make_private_dir
 from flotilla.request import RequestFailed, RequestState, StreamCursor, choices_result, follow, wake_all
 from flotilla.rl.api import RL_METHODS, RLControl
 from flotilla.router.controller import DPController
+from flotilla.router.dispatch import Dispatcher
 from flotilla.router.fleet import FleetSettings, ReplicaFleet
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class Engine:
             raise ValueError(f"tokenizer: cannot load a tokenizer from {config.tokenizer!r}: {e}") from None
         self.vocab_size = int(config.hf_config.get("vocab_size") or len(self.tokenizer))
         self.controller = DPController(config.load_balance, page_size=config.block_size)
+        self.dispatcher = Dispatcher(self.controller, config.failover_timeout_s)
         self._cv = threading.Condition()
         self._closed = False
         self._loop_tick = time.monotonic()
@@ -93,10 +96,14 @@ class Engine:
                                allow_wildcard=config.allow_wildcard_host, ipc_parent=self._private_dir)
         self._finalizer = weakref.finalize(self, _cleanup, self._launcher, self._hub, self._private_dir)
         self._out_ch, self._out_addr = self._hub.bind("pull", "out", from_worker_decoder)
-        self.fleet = ReplicaFleet(self._launcher, self.controller, HubLinks(self._hub), self._worker_args,
+        self.fleet = ReplicaFleet(self._launcher, self.dispatcher, HubLinks(self._hub), self._worker_args,
                                   FleetSettings(config.tp_size, config.pp_size, config.max_replica_restarts,
                                                 config.heartbeat_timeout_s, config.failover_timeout_s,
-                                                config.worker_start_timeout, not config.enable_dp_attention))
+                                                config.worker_start_timeout, not config.enable_dp_attention,
+                                                restart_window_s=config.restart_window_s,
+                                                restart_backoff_s=config.restart_backoff_s,
+                                                restart_backoff_max_s=config.restart_backoff_max_s,
+                                                step_timeout_s=config.step_timeout_s))
         self.control = ControlPlane(config, self.controller, self.fleet, self._private_dir, self._launcher.stager,
                                     files_shared=not tcp)
         self.rl = RLControl(self.control, self.abort)
@@ -180,8 +187,12 @@ class Engine:
         if isinstance(replica, int):
             self.fleet.on_seen(replica)
         if isinstance(msg, StepOutput):
-            return [state for state, _ in self.controller.on_step(msg)]
-        if isinstance(msg, WorkerReady):
+            return self.dispatcher.on_step(msg)
+        if isinstance(msg, StepStarted):
+            self.dispatcher.on_started(msg.replica, msg.rids)
+        elif isinstance(msg, Heartbeat):
+            self.fleet.on_heartbeat(msg.replica, msg.step_age_s)
+        elif isinstance(msg, WorkerReady):
             return self.fleet.on_ready(msg)
         if isinstance(msg, ControlDone):
             self.control.on_control_done(msg)
@@ -202,12 +213,7 @@ class Engine:
     def _submit(self, state: RequestState) -> None:
         if self._closed:
             raise RequestFailed("the engine is shut down")
-        self.controller.admit(state)  # a duplicate request id is refused here, before anything is sent
-        try:
-            self.fleet.submit(state)
-        except BaseException:
-            self.controller.fail(state, "not submitted")
-            raise
+        self.dispatcher.submit(state)  # one call down: a duplicate id or an unencodable request is refused here
 
     def _wait(self, states: list[RequestState], on_finish: Callable[[int], Any] | None = None,
               timeout: float | None = None) -> None:
@@ -300,7 +306,7 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; it finishes with finish_reason "abort". False if it is not in flight."""
-        state = self.controller.abort(request_id)
+        state = self.dispatcher.abort(request_id)
         if state is not None and state.finished:  # it never reached a replica: it ended in the front end
             state.wake()
             with self._cv:
@@ -325,8 +331,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:
-        with self.fleet.lock:
-            inflight = self.controller.inflight()
+        inflight = self.dispatcher.inflight()
         return {"replicas": self.fleet.rows(), "num_requests_inflight": inflight, "max_model_len": self.max_model_len,
                 "load_balance": self.config.load_balance, "dp_size": self.fleet.dp_size(),
                 "replica_restarts": self.fleet.restarts(), "weight_version": self.control.weight_version,
@@ -338,8 +343,12 @@ class Engine:
         return self._thread.is_alive() and time.monotonic() - self._loop_tick < LOOP_STALL_S
 
     def healthy(self) -> bool:
-        """Every replica group is ready and the engine loop turns (what /health reports)."""
+        """Every replica group is ready and the engine loop turns (/health: "ok")."""
         return not self._closed and self._loop_alive() and self.fleet.healthy()
+
+    def serving(self) -> bool:
+        """Some replica takes requests and the engine loop turns (/health: "degraded" rather than 503)."""
+        return not self._closed and self._loop_alive() and self.fleet.serving()
 
     # ------------------------------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
@@ -351,10 +360,9 @@ class Engine:
             self.controller.send(t, Shutdown(), timeout_ms=200)
         self._launcher.shutdown()
         self._thread.join(timeout=5)
-        with self.controller.lock:
-            leftovers += list(self.controller.requests.values())
+        leftovers += self.dispatcher.fail_all("the engine shut down")
         for state in leftovers:
-            self.controller.fail(state, "the engine shut down")
+            state.fail("the engine shut down")
         wake_all(leftovers)
         with self._cv:
             self._cv.notify_all()

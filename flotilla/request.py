@@ -27,14 +27,18 @@ class RequestState:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
-    # failover bookkeeping: when it was last sent to a replica, how many replicas died under it, and whether
-    # the user asked it to end (a failover then ends it instead of resuming it)
     # the prompt's own log-probabilities (SamplingParams.prompt_logprobs): index i is prompt token i's
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     affinity: str | None = None   # requests with one key go to one replica (the choices of one prompt)
+    # failover bookkeeping, written by the dispatcher only (router/dispatch.py): when it was last sent to a
+    # replica, whether that replica put it in a batch (the evidence for charging a death), how many replica
+    # deaths were charged to it, whether it runs alone (a suspect), and whether the user asked it to end (a
+    # failover then ends it instead of resuming it)
     dispatched_at: float = 0.0
+    ran_on: int | None = None
     deaths: int = 0
+    alone: bool = False
     abort_requested: bool = False
     _async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
 

@@ -55,7 +55,7 @@ def test_burst_on_one_group(dpa_engine):
     replica = dpa_engine.stats()["replicas"][1]["id"]
     states = [dpa_engine._new_state(p, None, GREEDY) for p in PROMPTS * 2]
     for s in states:
-        dpa_engine.controller.dispatch(s, replica=replica)
+        dpa_engine.dispatcher.dispatch_to(s, replica)
     dpa_engine._wait(states, timeout=120)
     assert [s.output_ids for s in states] == expected(path) * 2
 

@@ -30,6 +30,7 @@ from flotilla.ipc.messages import AddRequest, to_worker_decoder
 from flotilla.launch.topology import MAX_DP_SIZE, check_scale
 from flotilla.request import RequestState
 from flotilla.router.controller import DPController, ReplicaUnreachable, RequestRejected
+from flotilla.router.dispatch import Dispatcher
 from flotilla.sampling import SamplingParams
 from flotilla.server import build_app
 from flotilla.server.sampling import MAX_PROMPTS
@@ -222,18 +223,18 @@ def test_a_message_that_cannot_be_encoded_is_the_requests_error_not_the_replicas
             while not links.writable(0) and time.monotonic() < deadline:
                 time.sleep(0.01)
             ctrl = DPController("round_robin")
-            ctrl.add_replica(0, send)
+            disp = Dispatcher(ctrl)
+            disp.replica_up(0, send)
             bad = SamplingParams()
             bad.top_k = BIG  # set after validation: only the encoder can catch it now
             state = _state("bad", bad, tokenizer)
-            ctrl.admit(state)
             with pytest.raises(RequestRejected, match=r"^request: cannot be sent .*int") as info:
-                ctrl.dispatch(state)
+                disp.submit(state)
             assert not isinstance(info.value, ReplicaUnreachable) and isinstance(info.value, ValueError)
             assert state.replica == -1 and ctrl.views[0].eligible
             good = _state("good", SamplingParams(), tokenizer)
-            ctrl.admit(good)
-            assert ctrl.dispatch(good) == 0  # the replica still takes requests
+            disp.submit(good)
+            assert good.replica == 0  # the replica still takes requests
             msg = peer.recv(5000)
             assert isinstance(msg, AddRequest) and msg.rid == "good"
             with pytest.raises(EncodeError):

@@ -34,7 +34,7 @@ def _serves(engine: Engine) -> None:
 
 
 def _agree_not_paused(engine: Engine) -> None:
-    assert engine.stats()["paused"] is False and engine.controller.paused is False and not engine.controller.held
+    assert engine.stats()["paused"] is False and engine.dispatcher.paused is False and not engine.dispatcher.held()
 
 
 def _closed_port() -> int:
@@ -54,7 +54,7 @@ def test_pause_with_a_bogus_argument_changes_nothing(engine: Engine) -> None:
     _agree_not_paused(engine)
     _serves(engine)
     engine.pause()  # and a good one still works both ways
-    assert engine.stats()["paused"] and engine.controller.paused
+    assert engine.stats()["paused"] and engine.dispatcher.paused
     engine.resume()
     _agree_not_paused(engine)
     _serves(engine)
@@ -112,7 +112,7 @@ def test_a_request_that_cannot_be_encoded_fails_alone_at_once(engine: Engine) ->
     with pytest.raises(ValueError, match=r"^request: cannot be sent"):
         engine._submit(state)
     assert time.monotonic() - t0 < 2.0
-    assert state.rid not in engine.controller.requests and state.finished
+    assert state.rid not in engine.dispatcher.requests and state.finished
     assert engine.healthy()
     _serves(engine)
 

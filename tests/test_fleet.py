@@ -17,6 +17,7 @@ from flotilla.ipc.messages import AddRequest, ReplicaLoad, Shutdown, StepOutput,
 from flotilla.launch.topology import layout
 from flotilla.request import RequestFailed, RequestState
 from flotilla.router.controller import DPController
+from flotilla.router.dispatch import Dispatcher
 from flotilla.router.fleet import FleetSettings, GroupState, ReplicaFleet
 from flotilla.sampling import SamplingParams
 
@@ -99,9 +100,10 @@ class Harness:
     def __init__(self, dp: int = 2, restarts: int = 1, spawn_now: bool = True):
         self.launcher, self.links, self.clock = FakeLauncher(), FakeLinks(), Clock()
         self.controller = DPController("round_robin")
+        self.dispatcher = Dispatcher(self.controller, 30.0, clock=self.clock)
         self.spawned: list = []
         spawn = (lambda fn, name: fn()) if spawn_now else (lambda fn, name: self.spawned.append(fn))
-        self.fleet = ReplicaFleet(self.launcher, self.controller, self.links, lambda spec, addrs: [None] * spec.world_size,
+        self.fleet = ReplicaFleet(self.launcher, self.dispatcher, self.links, lambda spec, addrs: [None] * spec.world_size,
                                   FleetSettings(tp_size=1, pp_size=1, max_replica_restarts=restarts,
                                                 heartbeat_timeout_s=10.0, failover_timeout_s=30.0,
                                                 worker_start_timeout=60.0),
@@ -110,6 +112,10 @@ class Harness:
 
     def records(self):
         return list(self.fleet.records)
+
+    def pending(self):
+        """(request, deadline) of what waits for a replica (the dispatcher's queue)."""
+        return self.dispatcher.pending()
 
     def ready(self, rec) -> list[RequestState]:
         out = []
@@ -129,7 +135,7 @@ class Harness:
         """A step output from a replica (a sign of life too), a moment later."""
         self.clock.t += 0.01
         self.fleet.on_seen(replica)
-        self.controller.on_step(StepOutput(replica, [TokenOutput(rid, tokens, finished=finished,
+        self.dispatcher.on_step(StepOutput(replica, [TokenOutput(rid, tokens, finished=finished,
                                                                  finish_reason="length" if finished else None)],
                                            ReplicaLoad()))
 
@@ -145,8 +151,7 @@ def request(rid: str, max_new_tokens: int = 8) -> RequestState:
 
 def submit(h: Harness, rid: str, **kw) -> RequestState:
     s = request(rid, **kw)
-    h.controller.admit(s)
-    h.fleet.submit(s)
+    h.dispatcher.submit(s)
     return s
 
 
@@ -163,9 +168,9 @@ def test_start_ready_and_route():
 def test_requests_wait_while_starting_then_go():
     h = Harness(dp=1)
     s = submit(h, "a")
-    assert s.replica == -1 and [p for p, _ in h.fleet.pending] == [s]
+    assert s.replica == -1 and [p for p, _ in h.pending()] == [s]
     h.ready_all()
-    assert h.links.adds(s.replica) == ["a"] and not h.fleet.pending
+    assert h.links.adds(s.replica) == ["a"] and not h.pending()
 
 
 def test_death_while_starting_restarts_and_pending_survives():
@@ -177,7 +182,7 @@ def test_death_while_starting_restarts_and_pending_survives():
     h.fleet.check()
     assert rec.state is GroupState.RESTARTING and rec.restarts == 1 and rec.spec.group_id != first
     assert first in h.launcher.killed and h.launcher.started[-1] == rec.spec.group_id
-    assert not s.finished and [p for p, _ in h.fleet.pending] == [s]
+    assert not s.finished and [p for p, _ in h.pending()] == [s]
     h.ready(rec)
     assert rec.state is GroupState.READY and h.links.adds(s.replica) == ["a"]
 
@@ -210,12 +215,12 @@ def test_two_deaths_at_once_keep_requests_waiting_for_restarts():
     h.kill(b)
     ended = h.fleet.check()
     # nothing was sent to the other dead replica; both requests wait for a restart
-    assert ended == [] and {p.rid for p, _ in h.fleet.pending} == {"a", "b"}
+    assert ended == [] and {p.rid for p, _ in h.pending()} == {"a", "b"}
     assert [r.state for r in h.records()] == [GroupState.RESTARTING] * 2
     for fn in h.spawned:
         fn()
     h.ready(a)
-    assert {s1.replica, s2.replica} <= set(a.spec.replicas) and not h.fleet.pending
+    assert {s1.replica, s2.replica} <= set(a.spec.replicas) and not h.pending()
     assert not s1.finished and not s2.finished
 
 
@@ -236,17 +241,22 @@ def test_restart_budget_spent_then_requests_fail_clearly():
     assert not h.fleet.healthy() and h.fleet.rows()[0]["down_reason"] == "exit code -9"
 
 
-def test_poison_request_fails_after_its_second_replica_death():
+def test_poison_request_fails_when_it_kills_its_replica_again_alone():
+    """Issue 29: two charged deaths make it a suspect, not a failure; it runs alone, and fails only when that
+    replica dies too (three deaths in all)."""
     h = Harness(dp=2, restarts=5)
     h.ready_all()
     s = submit(h, "poison")
-    for _ in range(2):
-        h.step(s.replica, "poison", [])  # the replica took it (a sign of life after dispatch) ...
+    for death in range(3):
+        h.step(s.replica, "poison", [])  # the replica took it into a batch (the evidence) ...
+        assert s.alone is (death == 2)   # the third time it runs alone
         rec = next(r for r in h.records() if s.replica in r.spec.replicas)
         h.kill(rec)  # ... and died
+        h.clock.t += 3  # past the restart backoff (1 s, then 2 s)
+        h.fleet.check()
         h.fleet.check()
         h.ready_all()
-    assert s.finished and s.finish_reason == "error" and "died twice" in s.error
+    assert s.finished and s.finish_reason == "error" and "running alone" in s.error and s.deaths == 3
     other = submit(h, "good")
     assert not other.finished and other.replica in h.fleet.ready_replicas()
 
@@ -305,10 +315,10 @@ def test_unreachable_replica_is_skipped_then_queued():
     assert s.replica == b.spec.replicas[0]
     h.links.unreachable = {a.spec.replicas[0], b.spec.replicas[0]}
     s2 = submit(h, "y")
-    assert s2.replica == -1 and [p for p, _ in h.fleet.pending] == [s2]
+    assert s2.replica == -1 and [p for p, _ in h.pending()] == [s2]
     h.links.unreachable = set()
     h.fleet.check()
-    assert s2.replica in h.fleet.ready_replicas() and not h.fleet.pending
+    assert s2.replica in h.fleet.ready_replicas() and not h.pending()
 
 
 def test_pending_request_times_out():
@@ -361,8 +371,7 @@ def test_death_while_draining_moves_its_requests_and_does_not_restart():
     h.ready_all()
     a, b = h.records()
     req = request("x")
-    h.controller.admit(req)
-    h.controller.dispatch(req, replica=b.spec.replicas[0])
+    h.dispatcher.dispatch_to(req, b.spec.replicas[0])
     h.step(b.spec.replicas[0], "x", [7])
     th = threading.Thread(target=h.fleet.scale, args=(1, 60.0))
     th.start()
@@ -404,7 +413,7 @@ def test_failed_restart_leaves_it_down_and_waiting_requests_fail():
 
 def test_scale_refused_with_dp_attention():
     launcher, links = FakeLauncher(), FakeLinks()
-    fleet = ReplicaFleet(launcher, DPController("round_robin"), links, lambda spec, addrs: [None] * spec.world_size,
+    fleet = ReplicaFleet(launcher, Dispatcher(DPController("round_robin")), links, lambda spec, addrs: [None] * spec.world_size,
                          FleetSettings(2, 1, 1, 10.0, 30.0, 60.0, scalable=False))
     fleet.start(layout(2, 2, True))
     assert len(fleet.records) == 1 and len(fleet.records[0].spec.replicas) == 2

@@ -98,7 +98,7 @@ def test_retract_frees_the_replicas_and_resumes_with_the_same_tokens(engine, ref
             break
         time.sleep(0.1)
     assert all(r["running"] == 0 and r["waiting"] == 0 for r in engine.stats()["replicas"])
-    assert len(engine.controller.held) == len(PROMPTS)
+    assert len(engine.dispatcher.held()) == len(PROMPTS)
     assert all(v.inflight == 0 for v in engine.controller.views.values())  # routing no longer counts them there
     assert all(t.is_alive() for t in streams.threads)
     engine.continue_generation()

@@ -139,7 +139,7 @@ def test_disconnect_mid_stream_aborts_in_the_replica(server: ServerThread, engin
     assert asyncio.run(main()) == [2] * k
     # gone from the request table, and each replica was told (its own report says nothing runs there)
     assert wait_until(lambda: engine.stats()["num_requests_inflight"] == 0)
-    assert not engine.controller.requests
+    assert not engine.dispatcher.requests
     assert wait_until(lambda: all(r["running"] == 0 for r in engine.stats()["replicas"]))
     assert wait_until(lambda: _aborts(server.url) == before + k)
 

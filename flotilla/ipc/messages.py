@@ -181,6 +181,14 @@ class StepOutput(msgspec.Struct, tag=True):
     load: ReplicaLoad
 
 
+class StepStarted(msgspec.Struct, tag=True):
+    """A leader put these requests in a batch for the first time, sent before that step's forward: the front
+    end's evidence that a death of this replica may have been caused by one of them (poison accounting)."""
+
+    replica: int
+    rids: list[str]
+
+
 class WorkerReady(msgspec.Struct, tag=True):
     replica: int
     rank: int
@@ -223,7 +231,7 @@ class Heartbeat(msgspec.Struct, tag=True):
     step_age_s: float
 
 
-FromWorker = StepOutput | WorkerReady | WorkerFailed | ControlDone | Heartbeat
+FromWorker = StepOutput | StepStarted | WorkerReady | WorkerFailed | ControlDone | Heartbeat
 
 
 # ----------------------------------------------------------------------------------- rank 0 -> TP peers

@@ -124,7 +124,7 @@ class RLControl:
     def abort_request(self, rid: str = "", abort_all: bool = False) -> int:
         """Abort one request (``rid``) or every request in flight; returns how many were found."""
         if abort_all:
-            rids = list(self.control.controller.requests)
+            rids = list(self.control.dispatcher.requests)
         elif isinstance(rid, str) and rid:
             rids = [rid]
         else:

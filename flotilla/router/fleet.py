@@ -1,4 +1,4 @@
-"""The replica fleet: the lifecycle of every replica group, as one record per group with an explicit state.
+r"""The replica fleet: the lifecycle of every replica group, as one record per group with an explicit state.
 
 ::
 
@@ -6,21 +6,29 @@
        |                  |                      |
        +------death-------+------death-----------+--> (requests moved, group removed)
        v                  v
-     DOWN --restart within max_replica_restarts--> RESTARTING --ready--> READY
-       ^                                              |
+     DOWN --restart (budget per window, backoff)--> RESTARTING --ready--> READY
+       ^  \--budget refills / scale to the same size--^  |
        +--------------------death---------------------+
 
 A group is one torch.distributed world (restarted as a unit); it leads one replica, or several with DP
-attention. A record keeps its place (and its restart budget) across incarnations; each incarnation gets
+attention. A record keeps its place (and its restart history) across incarnations; each incarnation gets
 fresh group and replica ids, so a late message from a dead one can never be taken for its successor's.
 
-Death is a rank the launcher reports gone, or a replica silent for ``heartbeat_timeout_s`` (the leader's
-heartbeat comes from a thread of its own, so a long step is not silence). The requests of a dead group
-resume elsewhere as continuations; a request whose replica died under it twice fails (poison containment).
-While no replica can take a request but one is starting, it waits in the pending queue.
+Death is a rank the launcher reports gone, a replica silent for ``heartbeat_timeout_s`` (the leader's
+heartbeat comes from a thread of its own, so a long step is not silence), or a leader whose heartbeats say
+its step loop has been inside one step for more than ``step_timeout_s`` (a hung collective, a wedged kernel).
 
-No I/O of its own: the launcher, the per-replica links and the controller are passed in, and ``spawn``
-(how a restart runs in the background) and ``clock`` too, so tests drive it with fakes and no processes.
+Restarts: at most ``max_replica_restarts`` per group within any ``restart_window_s``; the first restart after
+a quiet spell is at once, each further one in the window waits ``restart_backoff_s`` doubled each time (at
+most ``restart_backoff_max_s``). A group whose budget is spent stays down until the window lets it restart
+again (the budget refills), or until ``scale`` to the current size restarts it.
+
+The fleet decides nothing per request: it tells the dispatcher ``replica_up`` and ``replica_down`` and the
+dispatcher moves, queues, charges or fails requests (``router/dispatch.py``, which also documents the lock
+order: fleet lock before dispatcher lock).
+
+No I/O of its own: the launcher, the per-replica links and the dispatcher are passed in, and ``spawn`` (how
+a restart runs in the background) and ``clock`` too, so tests drive it with fakes and no processes.
 """
 
 from __future__ import annotations
@@ -38,9 +46,8 @@ from flotilla.ipc.messages import Shutdown, WorkerReady
 from flotilla.launch.base import Launcher
 from flotilla.launch.topology import GroupSpec, replica_group
 from flotilla.launch.worker_args import WorkerArgs
-from flotilla.request import RequestFailed, RequestState
-from flotilla.router.controller import DPController, ReplicaUnreachable, RequestRejected
-from flotilla.router.policies import NoReplicaAvailable
+from flotilla.request import RequestState, wake_all
+from flotilla.router.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +83,20 @@ class FleetSettings:
     failover_timeout_s: float
     worker_start_timeout: float
     scalable: bool = True          # False with DP attention: its replicas live in one TP group
+    restart_window_s: float = 600.0       # max_replica_restarts per group within any window this long
+    restart_backoff_s: float = 1.0        # wait before the 2nd restart in a window; doubled for each further one
+    restart_backoff_max_s: float = 60.0   # the longest wait between two restarts
+    step_timeout_s: float = 600.0         # a leader inside one step this long (heartbeats say so) is dead
 
 
 @dataclass
 class GroupRecord:
     spec: GroupSpec                          # the current incarnation
     state: GroupState
-    restarts: int = 0                        # restarts spent by this record
+    restarts: int = 0                        # restarts of this record over the engine's life (stats)
+    restart_times: list[float] = field(default_factory=list)  # when each restart in the window began
+    retry_at: float | None = None            # RESTARTING: launch then (backoff); DOWN: restart then (refill)
+    step_age: dict[int, float] = field(default_factory=dict)  # replica -> step_age_s of its last heartbeat
     started_at: float = 0.0
     ready: set[int] = field(default_factory=set)
     connecting: set[int] = field(default_factory=set)  # reported ready, link to it not connected yet
@@ -97,16 +111,17 @@ def _thread(fn: Callable[[], None], name: str) -> None:
 
 
 class ReplicaFleet:
-    def __init__(self, launcher: Launcher, controller: DPController, links: ReplicaLinks,
+    def __init__(self, launcher: Launcher, dispatcher: Dispatcher, links: ReplicaLinks,
                  make_args: Callable[[GroupSpec, dict[int, str]], list[WorkerArgs]], settings: FleetSettings,
                  spawn: Callable[[Callable[[], None], str], None] = _thread,
                  clock: Callable[[], float] = time.monotonic):
-        self.launcher, self.controller, self.links = launcher, controller, links
+        self.launcher, self.dispatcher, self.links = launcher, dispatcher, links
+        self.controller = dispatcher.controller  # routing: views (stats rows), accepting while draining, send
         self.make_args, self.settings, self.spawn, self.clock = make_args, settings, spawn, clock
         self.lock = threading.RLock()
         self.records: list[GroupRecord] = []
-        self.pending: list[tuple[RequestState, float]] = []   # (request, deadline) while no replica can take it
         self.closed = False
+        dispatcher.coming = self.starting  # read without the fleet's lock (see dispatch.py's lock order)
         self._gids = itertools.count()
         self._rids = itertools.count()
         self._sends: dict[int, Callable[[object], None]] = {}
@@ -123,8 +138,13 @@ class ReplicaFleet:
             return {t for r in self.records if r.state in (GroupState.READY, GroupState.DRAINING) for t in r.ready}
 
     def starting(self) -> bool:
-        """Some group is on its way up (requests may wait for it)."""
-        return any(r.state in (GroupState.STARTING, GroupState.RESTARTING) for r in self.records)
+        """Some group is on its way up (requests may wait for it). Reads without the lock (the dispatcher
+        calls it under its own lock): a list copy and enum reads are whole values under the GIL."""
+        return any(r.state in (GroupState.STARTING, GroupState.RESTARTING) for r in list(self.records))
+
+    def serving(self) -> bool:
+        """Some replica takes requests (/health: degraded, not down)."""
+        return bool(self.ready_replicas())
 
     def group_of(self, replica: int) -> int | None:
         with self.lock:
@@ -175,8 +195,11 @@ class ReplicaFleet:
                 self._close_links(spec)
                 rec.state, rec.reason = GroupState.DOWN, f"start failed: {e}"
                 rec.down_replicas = list(spec.replicas)
-                stuck = [] if self.starting() else self._take_pending()
-            self._fail_all(stuck, f"no replica can take the request: {rec.reason}")
+                if rec.restarts:  # a restart that failed is tried again later, within the budget
+                    rec.retry_at = self.clock() + self._backoff(rec, self.clock())
+                stuck = [] if self.starting() else self.dispatcher.fail_waiting(
+                    f"no replica can take the request: {rec.reason}")
+            wake_all(stuck)
             return e
         return None
 
@@ -192,6 +215,7 @@ class ReplicaFleet:
         with self.lock:
             rec = self._record_of_replica(msg.replica)
             if rec is None or rec.state not in (GroupState.STARTING, GroupState.RESTARTING) or \
+                    rec.retry_at is not None or msg.replica not in self._sends or \
                     msg.replica in rec.ready or msg.replica in rec.connecting:
                 return []  # a late message from an incarnation that is gone
             rec.connecting.add(msg.replica)
@@ -203,17 +227,18 @@ class ReplicaFleet:
         front end's socket; a message sent before its handshake completes would have nowhere to go), and
         hand them waiting requests."""
         with self.lock:
-            joined = False
+            ended: list[RequestState] = []
             for rec in self.records:
-                for t in [t for t in rec.connecting if self.links.writable(t)]:
+                joined = [t for t in rec.connecting if self.links.writable(t)]
+                for t in joined:
                     rec.connecting.discard(t)
                     rec.ready.add(t)
-                    self.controller.add_replica(t, self._sends[t])
-                    joined = True
                 if rec.connecting == set() and rec.ready >= set(rec.spec.replicas) and \
                         rec.state in (GroupState.STARTING, GroupState.RESTARTING):
                     rec.state, rec.down_replicas = GroupState.READY, []
-            return self._flush_pending() if joined else []
+                for t in joined:
+                    ended.extend(self.dispatcher.replica_up(t, self._sends[t]))
+            return ended
 
     def on_seen(self, replica: int) -> None:
         """Any message from a replica is a sign of life."""
@@ -221,6 +246,14 @@ class ReplicaFleet:
             rec = self._record_of_replica(replica)
             if rec is not None and (replica in rec.ready or replica in rec.connecting):
                 rec.last_seen[replica] = self.clock()
+
+    def on_heartbeat(self, replica: int, step_age_s: float) -> None:
+        """A leader's heartbeat: alive, and how long its step loop has been inside one step."""
+        with self.lock:
+            rec = self._record_of_replica(replica)
+            if rec is not None and (replica in rec.ready or replica in rec.connecting):
+                rec.last_seen[replica] = self.clock()
+                rec.step_age[replica] = float(step_age_s)
 
     def on_failed(self, replica: int, message: str) -> None:
         """A rank reported why it is about to die: that becomes the group's reason when its death is seen."""
@@ -238,9 +271,13 @@ class ReplicaFleet:
                 return []
             dead: dict[int, str] = {}
             gone = self.launcher.dead_groups()
-            for rec in self.records:
+            for rec in list(self.records):
                 gid = rec.spec.group_id
-                if rec.state is GroupState.DOWN:
+                if rec.retry_at is not None and now >= rec.retry_at and \
+                        rec.state in (GroupState.DOWN, GroupState.RESTARTING):
+                    self._restart(rec, now)  # a backoff ended, or the window let the budget refill
+                    continue
+                if rec.state is GroupState.DOWN or rec.retry_at is not None:
                     continue
                 if gid in gone:
                     dead[gid] = rec.failure or gone[gid]
@@ -248,130 +285,88 @@ class ReplicaFleet:
                     if now - rec.started_at > self.settings.worker_start_timeout:
                         dead[gid] = f"not ready within worker_start_timeout ({self.settings.worker_start_timeout}s)"
                 else:
-                    for t, seen in rec.last_seen.items():
-                        if now - seen > self.settings.heartbeat_timeout_s:
-                            dead[gid] = f"no sign of life from replica {t} for {now - seen:.0f}s"
-                            break
+                    dead.update({gid: why} if (why := self._silent_or_stuck(rec, now)) else {})
             ended = self._on_deaths(dead) if dead else []
             ended.extend(self.connect_links())
-            ended.extend(self._flush_pending(now))
+            ended.extend(self.dispatcher.pump())
         return ended
 
+    def _silent_or_stuck(self, rec: GroupRecord, now: float) -> str | None:
+        for t, seen in rec.last_seen.items():
+            if now - seen > self.settings.heartbeat_timeout_s:
+                return f"no sign of life from replica {t} for {now - seen:.0f}s"
+        for t, age in rec.step_age.items():
+            if age > self.settings.step_timeout_s:
+                return (f"replica {t} made no progress: its step loop has been inside one step for {age:.0f}s "
+                        f"(step_timeout_s={self.settings.step_timeout_s}s)")
+        return None
+
     def _on_deaths(self, dead: dict[int, str]) -> list[RequestState]:
-        """Every dead group first stops being routed to, then their requests move: with two deaths at once, a
-        request from the first must not be sent to the second."""
-        orphans: list[tuple[RequestState, str, bool]] = []
+        """Every dead group first stops being routed to and gets its restart decided, then the dispatcher
+        moves the requests of all of them at once: with two deaths at once, a request from the first must not
+        be sent to the second."""
+        reasons: dict[int, str] = {}
+        now = self.clock()
         for gid, reason in dead.items():
             rec = self._record_of_group(gid)
             log.warning("replica group %d (%s) is down: %s", gid, rec.state.value, reason)
             self.launcher.kill_group(gid)
-            for t in rec.spec.replicas:
-                # a death counts against a request only if the replica showed life after taking it: one that
-                # was already dead when the request was sent there did not die of it
-                orphans.extend((s, reason, rec.last_seen.get(t, -1.0) > s.dispatched_at)
-                               for s in self.controller.remove_replica(t))
+            reasons.update({t: reason for t in rec.spec.replicas})
             self._close_links(rec.spec)
             rec.reason, rec.failure = reason, None
             if rec.state is GroupState.DRAINING:
                 self.records.remove(rec)  # it was leaving anyway: no restart
                 continue
             rec.down_replicas = list(rec.spec.replicas)
-            rec.ready, rec.connecting, rec.last_seen = set(), set(), {}
+            rec.ready, rec.connecting, rec.last_seen, rec.step_age = set(), set(), {}, {}
             rec.state = GroupState.DOWN
-            if rec.restarts < self.settings.max_replica_restarts and not self.closed:
-                rec.restarts += 1
-                rec.spec = self._renumber(rec.spec)
-                rec.state = GroupState.RESTARTING
-                rec.started_at = self.clock()
-                self.spawn(lambda rec=rec: self._relaunch(rec), f"flotilla-restart-{gid}")
-        ended = []
-        for state, reason, counts in orphans:
-            state.deaths += counts
-            if state.deaths >= 2:
-                self.controller.fail(state, f"its replica died twice while it ran (last: {reason}); a request "
-                                            "that may be what kills replicas is not dispatched again")
-                ended.append(state)
-            elif not self.redispatch(state, f"replica died: {reason}"):
-                ended.append(state)
-        return ended
+            if not self.closed:
+                self._restart(rec, now)
+        return self.dispatcher.replica_down(reasons)
+
+    def _in_window(self, rec: GroupRecord, now: float) -> list[float]:
+        rec.restart_times = [t for t in rec.restart_times if now - t < self.settings.restart_window_s]
+        return rec.restart_times
+
+    def _backoff(self, rec: GroupRecord, now: float) -> float:
+        """The wait before this record's next restart: none after a quiet window, then doubling, capped."""
+        n = len(self._in_window(rec, now))
+        if n == 0:
+            return 0.0
+        return min(self.settings.restart_backoff_max_s, self.settings.restart_backoff_s * 2 ** (n - 1))
+
+    def _restart(self, rec: GroupRecord, now: float, force: bool = False) -> None:
+        """Restart a down record now, after its backoff, or when its budget refills (``force``: the operator
+        asked, through ``scale``: no budget, no wait)."""
+        if self.closed:
+            return
+        recent = self._in_window(rec, now)
+        if not force and len(recent) >= self.settings.max_replica_restarts:
+            rec.state = GroupState.DOWN
+            rec.retry_at = recent[0] + self.settings.restart_window_s if recent else None
+            log.warning("replica group %d stays down: %d restarts within restart_window_s (%ss)%s",
+                        rec.spec.group_id, len(recent), self.settings.restart_window_s,
+                        "" if rec.retry_at is None else f"; it restarts in {rec.retry_at - now:.0f}s")
+            return
+        wait = 0.0 if force else self._backoff(rec, now)
+        if rec.state is GroupState.RESTARTING and rec.retry_at is not None and now >= rec.retry_at:
+            wait = 0.0  # its backoff is over
+        rec.state = GroupState.RESTARTING
+        if wait > 0:
+            rec.retry_at = now + wait  # check() launches it then
+            return
+        rec.retry_at = None
+        rec.restarts += 1
+        rec.restart_times.append(now)
+        rec.spec = self._renumber(rec.spec)
+        rec.started_at = now
+        self.spawn(lambda rec=rec: self._relaunch(rec), f"flotilla-restart-{rec.spec.group_id}")
 
     def _relaunch(self, rec: GroupRecord) -> None:
         with self.lock:
             if self.closed or rec not in self.records or rec.state is not GroupState.RESTARTING:
                 return
         self._launch(rec)  # a failure leaves it down, with the reason in stats
-
-    # ------------------------------------------------------------------------------------------ requests
-    def submit(self, state: RequestState) -> None:
-        """Route a new request; it waits (bounded) while no replica can take it but one is starting."""
-        with self.lock:
-            if self.closed:
-                raise RequestFailed("the engine is shut down")
-            if not self.redispatch(state, raise_rejected=True):
-                raise RequestFailed(f"request {state.rid} failed: {state.error}")
-
-    def redispatch(self, state: RequestState, why: str = "", raise_rejected: bool = False) -> bool:
-        """Send a request (or resume it as a continuation: prompt + tokens so far) to a live replica, or queue
-        it. False when it ended instead (budget spent, aborted, or nothing can serve it)."""
-        with self.lock:
-            if state.finished:
-                return False
-            if state.abort_requested:
-                self.controller.finish_locally(state, "abort")
-                return False
-            if len(state.output_ids) >= state.sampling.max_new_tokens:
-                self.controller.finish_locally(state, "length")
-                return False
-            exclude: set[int] = set()
-            while True:
-                try:
-                    self.controller.dispatch(state, exclude=frozenset(exclude))
-                    state.dispatched_at = self.clock()
-                    return True
-                except RequestRejected as e:  # its own fault: it fails alone, at once (submit: the caller's error)
-                    if raise_rejected:
-                        raise
-                    self.controller.fail(state, str(e))
-                    return False
-                except ReplicaUnreachable as e:
-                    exclude.add(e.replica)
-                except NoReplicaAvailable as e:
-                    if (exclude or self.starting()) and not self.closed:
-                        self.pending.append((state, self.clock() + self.settings.failover_timeout_s))
-                        return True
-                    self.controller.fail(state, why or f"no replica can take the request: {e}")
-                    return False
-
-    def _take_pending(self) -> list[RequestState]:
-        pending, self.pending = self.pending, []
-        return [s for s, _ in pending]
-
-    def _flush_pending(self, now: float | None = None) -> list[RequestState]:
-        """Retry the queue; requests past their deadline fail."""
-        if not self.pending:
-            return []
-        now = self.clock() if now is None else now
-        pending, self.pending = self.pending, []
-        ended = []
-        for state, deadline in pending:
-            if state.finished:
-                continue
-            if now > deadline:
-                self.controller.fail(state, f"no replica came back within failover_timeout_s "
-                                            f"({self.settings.failover_timeout_s}s)")
-                ended.append(state)
-                continue
-            before = len(self.pending)
-            if not self.redispatch(state):
-                ended.append(state)
-            elif len(self.pending) > before:  # queued again: keep its first deadline
-                self.pending[-1] = (state, deadline)
-        return ended
-
-    def _fail_all(self, states: list[RequestState], why: str) -> None:
-        for s in states:
-            self.controller.fail(s, why)
-            s.wake()
 
     # ------------------------------------------------------------------------------------------ scaling
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
@@ -384,7 +379,11 @@ class ReplicaFleet:
                              "scaling them means restarting the engine with a new layout")
         with self.lock:
             live = [r for r in self.records if r.state is not GroupState.DRAINING]
+        if dp_size == len(live):
+            self._restart_down(live)
+            return
         if dp_size > len(live):
+            self._restart_down(live)
             self._grow(dp_size - len(live))
             return
         order = {GroupState.DOWN: 0, GroupState.RESTARTING: 1, GroupState.STARTING: 2, GroupState.READY: 3}
@@ -392,13 +391,26 @@ class ReplicaFleet:
         for rec in leaving:
             self._remove(rec, drain_timeout_s)
 
+    def _restart_down(self, records: list[GroupRecord]) -> None:
+        """``scale`` to a size that keeps them: down groups restart now (whatever their budget), and ``scale``
+        returns once they are ready."""
+        with self.lock:
+            down = [r for r in records if r.state is GroupState.DOWN and r in self.records]
+            for rec in down:
+                rec.retry_at = None
+                self._restart(rec, self.clock(), force=True)
+        if down:
+            self._wait_ready(down)
+
     def _grow(self, count: int) -> None:
         tp, pp = self.settings.tp_size, self.settings.pp_size
         with self.lock:
             used = {r.spec.first_global_rank for r in self.records}
         slots = list(itertools.islice((s for s in itertools.count(0, tp * pp) if s not in used), count))
         self.launcher.ensure_capacity(max(slots) + tp * pp)
-        records = self.start([replica_group(0, 0, tp, slot, pp) for slot in slots])
+        self._wait_ready(self.start([replica_group(0, 0, tp, slot, pp) for slot in slots]))
+
+    def _wait_ready(self, records: list[GroupRecord]) -> None:
         deadline = self.clock() + self.settings.worker_start_timeout
         while True:
             with self.lock:
@@ -415,41 +427,38 @@ class ReplicaFleet:
 
     def _remove(self, rec: GroupRecord, drain_timeout_s: float) -> None:
         with self.lock:
-            if rec.state in (GroupState.DOWN, GroupState.RESTARTING, GroupState.STARTING):
+            gone = rec.state in (GroupState.DOWN, GroupState.RESTARTING, GroupState.STARTING)
+            if gone:
                 self.records.remove(rec)  # nothing routed to it: stop it and forget it
                 self.launcher.kill_group(rec.spec.group_id)
-                for t in rec.spec.replicas:
-                    for s in self.controller.remove_replica(t):
-                        if not self.redispatch(s):
-                            s.wake()
+                ended = self.dispatcher.replica_down({t: "scaled down" for t in rec.spec.replicas}, charge=False)
                 self._close_links(rec.spec)
-                return
+        if gone:
+            wake_all(ended)
+            return
+        with self.lock:
             rec.state = GroupState.DRAINING
             replicas = list(rec.spec.replicas)
             for t in replicas:
                 self.controller.set_accepting(t, False)
         deadline = self.clock() + drain_timeout_s
-        while any(self.controller.requests_on(t) for t in replicas) and self.clock() < deadline and rec in self.records:
+        while any(self.dispatcher.requests_on(t) for t in replicas) and self.clock() < deadline and \
+                rec in self.records:
             time.sleep(0.05)
         with self.lock:
             if rec not in self.records:  # it died while draining: its requests were moved then
                 return
+            _, ended = self.dispatcher.hand_off(replicas)
             for t in replicas:
-                for state in self.controller.requests_on(t):
-                    if self.redispatch(state):
-                        self.controller.abort_on(t, state.rid)
-                    else:
-                        state.wake()
                 self.controller.send(t, Shutdown(), timeout_ms=1000)
+        wake_all(ended)
         self.launcher.stop_group(rec.spec.group_id, timeout=30)
         with self.lock:
-            for t in replicas:
-                for state in self.controller.remove_replica(t):
-                    if not self.redispatch(state):
-                        state.wake()
+            ended = self.dispatcher.replica_down({t: "scaled down" for t in replicas}, charge=False)
             self._close_links(rec.spec)
             if rec in self.records:
                 self.records.remove(rec)
+        wake_all(ended)
 
     # ------------------------------------------------------------------------------------------ status
     def rows(self) -> list[dict]:
@@ -483,10 +492,10 @@ class ReplicaFleet:
 
     # ------------------------------------------------------------------------------------------ teardown
     def close(self) -> list[RequestState]:
-        """Stop restarting; returns the requests still waiting in the queue."""
+        """Stop restarting; returns the requests still waiting in the dispatcher's queue."""
         with self.lock:
             self.closed = True
-            return self._take_pending()
+            return self.dispatcher.close()
 
     def send_all(self, msg: object) -> None:
         for t in self.ready_replicas():

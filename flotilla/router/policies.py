@@ -62,6 +62,7 @@ class ReplicaView:
     replica_id: int
     alive: bool = True
     accepting: bool = True  # False while draining: keeps its requests, gets no new ones
+    reserved_for: str | None = None  # kept for one request that runs alone (a suspect): no other is routed here
     running: int = 0
     waiting: int = 0
     outstanding_tokens: int = 0
@@ -91,7 +92,7 @@ class ReplicaView:
     @property
     def eligible(self) -> bool:
         """Can this replica take a new request right now?"""
-        return self.alive and self.accepting
+        return self.alive and self.accepting and self.reserved_for is None
 
     @property
     def queue_len(self) -> int:

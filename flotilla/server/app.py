@@ -66,24 +66,26 @@ def set_engine(app: FastAPI, engine: EngineClient) -> None:
 def _add_open_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
-        """200 when every replica is alive; 503 while loading or when any replica is down. A control operation
-        under way (a weight-sync join, an update, a pause) is named under "control_op"; while the ranks are in
-        it (they do not step) the status says "busy"."""
+        """200 while some replica is alive: "ok" when every one is, "degraded" while some are down (the
+        others serve; the fleet restarts the rest); 503 while loading or when none can serve. A control
+        operation under way (a weight-sync join, an update, a pause) is named under "control_op"; while the
+        ranks are in it (they do not step) the status says "busy"."""
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         stats = safe_stats(state.engine)
         if stats is None:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         replicas = [{"id": r.get("id"), "alive": bool(r.get("alive"))} for r in stats.get("replicas", [])]
-        ok = bool(replicas) and all(r["alive"] for r in replicas)
+        serving = any(r["alive"] for r in replicas)
+        ok = serving and all(r["alive"] for r in replicas)
         op = stats.get("control_op")
-        status = ("busy" if op and op.get("on_ranks") else "ok") if ok else "degraded"
+        status = ("busy" if op and op.get("on_ranks") else "ok") if ok else "degraded" if serving else "down"
         body: dict[str, Any] = {"status": status, "replicas": replicas}
         if op:
             body["control_op"] = op
         if stats.get("paused"):
             body["paused"] = True
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

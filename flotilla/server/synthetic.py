@@ -3,7 +3,7 @@
 On a GPU the server's ceiling hides behind the model; on a CPU the model hides the server. This engine has no
 model: a background thread plays every replica, advancing each running request one token per "step" every
 ``step_ms`` (as fast as a large GPU batch would), and pushes the steps through exactly the front end's real
-per-token path: msgpack-encoded ``StepOutput`` frames decoded again, ``DPController.on_step`` (incremental
+per-token path: msgpack-encoded ``StepOutput`` frames decoded again, ``Dispatcher.on_step`` (incremental
 detokenization and stop strings in ``RequestState.apply``), and one batched ``wake_all`` per step. What the
 HTTP server adds on top of that is what a profile of this process attributes to the server.
 
@@ -29,6 +29,7 @@ from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOut
     from_worker_decoder
 from flotilla.request import RequestFailed, follow, wake_all
 from flotilla.router.controller import DPController
+from flotilla.router.dispatch import Dispatcher
 
 
 @dataclass
@@ -61,13 +62,13 @@ class SyntheticEngine:
         self._ids = [i for i in range(vocab) if i not in special]
         self.vocab_size = vocab
         self.inputs = InputProcessor(tokenizer, vocab, max_model_len)
-        self.controller = DPController("round_robin")
+        self.dispatcher = Dispatcher(DPController("round_robin"))
         self.step_s = step_ms / 1e3
         self.max_num_seqs = max_num_seqs
         self._inbox: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
         self._replicas = [_Replica(r) for r in range(dp_size)]
         for r in range(dp_size):
-            self.controller.add_replica(r, self._sender(r))
+            self.dispatcher.replica_up(r, self._sender(r))
         self._aborted: list[tuple[int, str, str]] = []  # (replica, rid, reason): reported in its next step
         self._closed = False
         self.tokens_emitted = 0
@@ -107,7 +108,7 @@ class SyntheticEngine:
             for rep in self._replicas:
                 if rep.running or self._aborted:
                     raw = encoder.encode(self._step(rep))
-                    woken.extend(st for st, _ in self.controller.on_step(from_worker_decoder.decode(raw)))
+                    woken.extend(self.dispatcher.on_step(from_worker_decoder.decode(raw)))
             if woken:
                 wake_all(woken)
             next_t += self.step_s
@@ -162,13 +163,12 @@ class SyntheticEngine:
         ev = state.add_async_waiter()
         if self._closed:
             raise RequestFailed("the engine is shut down")
-        self.controller.admit(state)
-        self.controller.dispatch(state)
+        self.dispatcher.submit(state)
         async for delta in follow(state, ev, self.abort):
             yield delta
 
     def abort(self, request_id: str) -> bool:
-        state = self.controller.abort(request_id)
+        state = self.dispatcher.abort(request_id)
         if state is not None and state.finished:
             state.wake()
         return state is not None
@@ -176,7 +176,7 @@ class SyntheticEngine:
     def stats(self) -> dict[str, Any]:
         rows = [{"id": r.rid, "alive": True, "running": len(r.running), "waiting": 0, "kv_used": 0.0,
                  "cached_tokens": 0, "num_steps": r.steps} for r in self._replicas]
-        return {"replicas": rows, "num_requests_inflight": self.controller.inflight(),
+        return {"replicas": rows, "num_requests_inflight": self.dispatcher.inflight(),
                 "dp_size": len(self._replicas), "max_model_len": self.max_model_len}
 
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
@@ -188,8 +188,4 @@ class SyntheticEngine:
     def shutdown(self) -> None:
         self._closed = True
         self._thread.join(timeout=5)
-        with self.controller.lock:
-            left = list(self.controller.requests.values())
-        for state in left:
-            self.controller.fail(state, "the engine shut down")
-        wake_all(left)
+        wake_all(self.dispatcher.fail_all("the engine shut down"))

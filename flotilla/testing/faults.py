@@ -12,6 +12,12 @@ Engine (or a worker process) and the spawned ranks inherit them:
 * ``FLOTILLA_FAULT_BAD_SAMPLING_RID=<rid>``: the leader breaks that request's SamplingParams just before
   sampling it (temperature becomes a string), as if a bad parameter had slipped through every validation:
   the sampler then raises for that row.
+* ``FLOTILLA_FAULT_CRASH_RID=<rid>``: a leader (of any replica and incarnation, unless
+  ``FLOTILLA_FAULT_REPLICA`` names one) crashes its rank when a batch holding that request is about to run:
+  a request that really kills replicas (poison). The crash comes just after the leader announced the batch
+  (``StepStarted``), as a device fault surfaces at the next synchronisation.
+* A step that hangs: ``FLOTILLA_FAULT_SLOW_STEP_S`` with a large value (the heartbeat thread goes on while
+  the step loop sleeps; ``step_timeout_s`` is what declares such a leader dead).
 
 Why environment variables: they reach spawned processes (and Ray actors started with the same
 environment) without any argument of the launchers changing.
@@ -29,6 +35,11 @@ SLOW_STEP_S = "FLOTILLA_FAULT_SLOW_STEP_S"
 STEP = "FLOTILLA_FAULT_STEP"
 REPLICA = "FLOTILLA_FAULT_REPLICA"
 BAD_SAMPLING_RID = "FLOTILLA_FAULT_BAD_SAMPLING_RID"
+CRASH_RID = "FLOTILLA_FAULT_CRASH_RID"
+
+
+class InjectedCrash(RuntimeError):
+    """The rank crashes on purpose (``FLOTILLA_FAULT_CRASH_RID``)."""
 
 
 class StepFaults:
@@ -39,13 +50,21 @@ class StepFaults:
         self.slow_s = float(env.get(SLOW_STEP_S, "0") or 0)
         self.step = int(env.get(STEP, "1") or 1)
         self.bad_sampling_rid = env.get(BAD_SAMPLING_RID) or None
+        self.crash_rid = env.get(CRASH_RID) or None
         only = env.get(REPLICA, "")
         if only and int(only) != replica:
-            self.slow_s, self.bad_sampling_rid = 0.0, None
+            self.slow_s, self.bad_sampling_rid, self.crash_rid = 0.0, None, None
 
     @property
     def active(self) -> bool:
-        return self.slow_s > 0 or self.bad_sampling_rid is not None
+        return self.slow_s > 0 or self.bad_sampling_rid is not None or self.crash_rid is not None
+
+    def before_forward(self, seqs) -> None:
+        """Called by the leader with a batch it announced and is about to run."""
+        if self.crash_rid is not None and any(seq.rid == self.crash_rid for seq in seqs):
+            log.warning("fault injection: the rank crashes on request %r (%s)", self.crash_rid, CRASH_RID)
+            time.sleep(0.2)  # the announcement leaves the socket first
+            raise InjectedCrash(f"fault injection: request {self.crash_rid!r} crashes its replica")
 
     def before_sample(self, seqs) -> None:
         """Called by the leader with the sequences it is about to sample."""

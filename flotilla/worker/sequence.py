@@ -19,6 +19,7 @@ class Sequence:
     num_computed: int = 0          # tokens whose KV is in the cache
     cached_tokens: int = -1        # prefix-cache hit at first admission (-1: not admitted yet)
     reported_cached: bool = False
+    announced: bool = False        # reported to the front end in a StepStarted (it ran in a batch here)
     finished: bool = False
     finish_reason: str | None = None
     # Overlap scheduling: the last ``pending`` entries of ``tokens`` are placeholders for tokens a launched step

@@ -21,7 +21,7 @@ from flotilla.config import EngineConfig
 from flotilla.distributed import destroy_groups, get_group, init_groups
 from flotilla.ipc.channel import connect
 from flotilla.ipc.messages import (AbortRequest, AddRequest, BatchPlan, ControlDone, FlushCache, Pause, ReleaseMemory,
-                                   Resume, ResumeMemory, Shutdown, StepOutput, TokenOutput, UpdateWeights,
+                                   Resume, ResumeMemory, Shutdown, StepOutput, StepStarted, TokenOutput, UpdateWeights,
                                    WorkerFailed, WorkerReady, batch_plan_decoder, encoder, from_worker_decoder,
                                    to_worker_decoder)
 from flotilla.ipc.messages import DestroyWeightSyncGroup, InitWeightSyncGroup  # weight sync (RL)
@@ -165,7 +165,20 @@ class _Leader:
         batch = None if (self.paused or self.released or hold) else self.sched.schedule(**schedule_kw)
         if batch is None:
             return BatchPlan([], kind="idle", op=op), None
+        self._announce(batch.seqs)
         return BatchPlan(batch.plans, op=op), batch
+
+    def _announce(self, seqs) -> None:
+        """Tell the front end, before the forward, which requests run in a batch here for the first time: if
+        this step kills the replica, that is the evidence that they were in it (poison accounting)."""
+        new = [s for s in seqs if not s.announced]
+        if not new:
+            return
+        for s in new:
+            s.announced = True
+        self.out_ch.send(StepStarted(self.args.replica_id, [s.rid for s in new]))
+        if self.faults.active:
+            self.faults.before_forward(seqs)
 
     def add(self, msg: AddRequest) -> None:
         """Queue a request, or fail it (finish_reason "error", reported with the next step) if it is one the
@@ -286,6 +299,7 @@ class _Leader:
     def heartbeat(self) -> None:
         """Called during a long weight load: keeps the load report fresh (liveness itself comes from the
         heartbeat thread, which beats through any step, however long)."""
+        self.beat.busy()  # progress: the step age counts from here (step_timeout_s is for a step that hangs)
         if time.monotonic() - self.last_sent > HEARTBEAT_S:
             self.report()
 
