@@ -12,6 +12,9 @@ Engine (or a worker process) and the spawned ranks inherit them:
 * ``FLOTILLA_FAULT_BAD_SAMPLING_RID=<rid>``: the leader breaks that request's SamplingParams just before
   sampling it (temperature becomes a string), as if a bad parameter had slipped through every validation:
   the sampler then raises for that row.
+* ``FLOTILLA_FAULT_WEIGHTS=<version>:<replica>:<rank>[:<n>],...``: while staging the weight update of that
+  version, that rank of that replica raises at the tensor numbered ``n`` (from 0; default 1), as if the
+  tensor were corrupt or missing (see ``weight_fault``).
 
 Why environment variables: they reach spawned processes (and Ray actors started with the same
 environment) without any argument of the launchers changing.
@@ -29,6 +32,17 @@ SLOW_STEP_S = "FLOTILLA_FAULT_SLOW_STEP_S"
 STEP = "FLOTILLA_FAULT_STEP"
 REPLICA = "FLOTILLA_FAULT_REPLICA"
 BAD_SAMPLING_RID = "FLOTILLA_FAULT_BAD_SAMPLING_RID"
+WEIGHTS = "FLOTILLA_FAULT_WEIGHTS"
+
+
+def weight_fault(version: int, replica: int, rank: int, environ: dict[str, str] | None = None) -> int | None:
+    """The index of the tensor at which staging update ``version`` fails on this rank, or None (no fault)."""
+    spec = (os.environ if environ is None else environ).get(WEIGHTS, "")
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        parts = [int(x) for x in entry.split(":")]
+        if parts[:3] == [version, replica, rank]:
+            return parts[3] if len(parts) > 3 else 1
+    return None
 
 
 class StepFaults:
