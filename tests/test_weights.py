@@ -11,12 +11,23 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 import torch
+from conftest import PROMPTS, hf_greedy, hf_tokenize, tiny
 from safetensors.torch import save_file
 
-from conftest import PROMPTS, hf_greedy, hf_tokenize, tiny
-from flotilla.ipc.messages import (BatchPlan, BroadcastSource, CommitWeights, DiscardWeights, FileSource, IpcSource,
-                                   IpcTensor, StagedSource, UpdateWeights, batch_plan_decoder, encoder,
-                                   to_worker_decoder)
+from flotilla.ipc.messages import (
+    BatchPlan,
+    BroadcastSource,
+    CommitWeights,
+    DiscardWeights,
+    FileSource,
+    IpcSource,
+    IpcTensor,
+    StagedSource,
+    UpdateWeights,
+    batch_plan_decoder,
+    encoder,
+    to_worker_decoder,
+)
 
 N = 12
 

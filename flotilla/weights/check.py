@@ -98,7 +98,7 @@ def check_items(router: Any, expected: set[str], items: Iterable[tuple[Any, Any]
 class WeightChecker:
     """The model of ``config`` on the meta device (built on first use) and the check against it."""
 
-    def __init__(self, config: "EngineConfig"):
+    def __init__(self, config: EngineConfig):
         self.config = config
         self._meta: tuple[Any, set[str]] | None = None
 

@@ -70,14 +70,14 @@ class FileTransport(WeightTransport):
         self.replay = path
 
     @classmethod
-    def from_path(cls, path: Any) -> "FileTransport":
+    def from_path(cls, path: Any) -> FileTransport:
         p, files = checkpoint_files(path)
         t = cls(str(p))
         t._files = files
         return t
 
     @classmethod
-    def from_tensors(cls, items: list[tuple[str, Any]], private_dir: str, dtype: str) -> "FileTransport":
+    def from_tensors(cls, items: list[tuple[str, Any]], private_dir: str, dtype: str) -> FileTransport:
         return cls(tensors=items, private_dir=private_dir, dtype=dtype)
 
     def describe(self, timeout: float) -> list[tuple[str, Any]]:

@@ -27,8 +27,14 @@ from typing import Any
 
 import torch
 
-from flotilla.ipc.messages import (CommitWeights, DestroyWeightSyncGroup, DiscardWeights, FileSource,
-                                   InitWeightSyncGroup, UpdateWeights)
+from flotilla.ipc.messages import (
+    CommitWeights,
+    DestroyWeightSyncGroup,
+    DiscardWeights,
+    FileSource,
+    InitWeightSyncGroup,
+    UpdateWeights,
+)
 from flotilla.weights import broadcast
 from flotilla.weights.transport import Progress, RankContext, receive
 
@@ -64,7 +70,9 @@ def stage(router: Any, items: Iterable[tuple[str, torch.Tensor]], progress: Prog
     """Load every (HF name, full tensor) into scratch copies of the parameters it lands in (this rank's
     shard); returns them by our parameter name. An error while iterating leaves every live parameter as it
     was. ``fail_at``: test-only fault injection (raise at that tensor)."""
-    from flotilla.model.loader import load_into  # the same narrowing as the checkpoint loader
+    from flotilla.model.loader import (
+        load_into,  # the same narrowing as the checkpoint loader
+    )
 
     scratch: dict[str, torch.nn.Parameter] = {}
     for i, (name, tensor) in enumerate(items):

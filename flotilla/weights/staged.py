@@ -57,11 +57,11 @@ class StagedTransport(WeightTransport):
         self._staged = False
 
     @classmethod
-    def from_payload(cls, stager: Any, payload: Any) -> "StagedTransport":
+    def from_payload(cls, stager: Any, payload: Any) -> StagedTransport:
         return cls(stager, lambda s, key, timeout: s.stage(key, payload, timeout))
 
     @classmethod
-    def from_tensors(cls, stager: Any, items: list[tuple[str, Any]]) -> "StagedTransport":
+    def from_tensors(cls, stager: Any, items: list[tuple[str, Any]]) -> StagedTransport:
         return cls(stager, lambda s, key, timeout: s.stage_tensors(key, items, timeout))
 
     def describe(self, timeout: float) -> list[tuple[str, Any]]:

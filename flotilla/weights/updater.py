@@ -17,7 +17,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from flotilla.ipc.messages import CommitWeights, DiscardWeights, IpcTensor, UpdateWeights
+from flotilla.ipc.messages import (
+    CommitWeights,
+    DiscardWeights,
+    IpcTensor,
+    UpdateWeights,
+)
 from flotilla.timeouts import check_timeout
 from flotilla.weights.broadcast import BroadcastTransport, check_lists
 from flotilla.weights.check import WeightChecker, collect_named_tensors
@@ -44,8 +49,8 @@ class WeightUpdater:
     which replicas are up; ``stager``: the launcher's (or None); ``files_shared``: whether a file in
     ``private_dir`` is readable by every rank (all ranks on this node)."""
 
-    def __init__(self, config: "EngineConfig", port: ControlPort, fleet: FleetView, private_dir: str,
-                 stager: "WeightStager | None", files_shared: bool, checker: WeightChecker | None = None):
+    def __init__(self, config: EngineConfig, port: ControlPort, fleet: FleetView, private_dir: str,
+                 stager: WeightStager | None, files_shared: bool, checker: WeightChecker | None = None):
         self.config, self.port, self.fleet = config, port, fleet
         self.private_dir, self.stager, self.files_shared = private_dir, stager, files_shared
         self.checker = checker or WeightChecker(config)
