@@ -1,17 +1,8 @@
-"""Weight updates, pause/resume and memory release: the front end's control plane.
+"""Pause/resume, memory release and the op round trip to the leaders: the front end's control plane.
 
-The flow of an update (see docs/weight_updates.md):
-
-1. Validate every (name, tensor) against a copy of the model built on the ``meta`` device (tp=1, so the
-   full Hugging Face shapes): unknown names, wrong shapes and non-float tensors are refused here, naming
-   the parameter, before any rank is told anything.
-2. Make the tensors readable by every rank: ``update_weights`` writes them into one safetensors file in
-   the engine's private 0700 folder; ``update_weights_from_disk`` passes the caller's file or folder; a
-   launcher with a ``WeightStager`` (Ray: the object store) stages tensors in each rank's process
-   (``staged:<key>``), which is also how tensors reach ranks on other nodes.
-3. Pause (stop dispatching, leaders stop scheduling), send ``UpdateWeights`` to every leader, wait for
-   every ``ControlDone``, resume. Each leader hands the op to all its ranks inside the batch plan, and all
-   ranks copy their shard into the live parameters in place in one step.
+Weight updates are ``flotilla/weights/``'s (docs/weight_updates.md): the plane builds a ``WeightUpdater``
+with itself as its ``ControlPort`` (the lock, ``run_op``, ``held``, ``memory_released``, ``probe_store``)
+and the fleet as its ``FleetView``, and its public update methods delegate to it.
 
 Only one control operation runs at a time (``ControlPlane.lock``).
 """
@@ -20,23 +11,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from typing import TYPE_CHECKING
 
-from flotilla.control_sync import WeightSync
-from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory, UpdateWeights
+from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory
 from flotilla.request import wake_all
+from flotilla.timeouts import MAX_TIMEOUT_S, check_timeout  # noqa: F401  (check_timeout: imported from here too)
+from flotilla.weights.updater import DEFAULT_TIMEOUT_S, WeightUpdater
 
 if TYPE_CHECKING:
     from flotilla.config import EngineConfig
@@ -46,83 +33,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 600.0
 PAUSE_MODES = ("abort", "retract", "in_place")
 CONTROL_SEND_TIMEOUT_MS = 2000  # a control op waits this long for a replica just started to connect
-
-# safetensors header dtype codes of float types (anything else is refused as not floating point)
-_SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-_ENGINE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a mistake (and time.monotonic() + 1e308 is inf)
-
-
-def check_timeout(name: str, value: Any, allow_zero: bool = False) -> float:
-    """A time-out in seconds: a finite number > 0 (>= 0 with ``allow_zero``), at most a week."""
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not number or value < 0 or value > MAX_TIMEOUT_S or not math.isfinite(value) or \
-            (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: must be a finite number of seconds {bound} and <= {MAX_TIMEOUT_S:.0f}, "
-                         f"got {value!r}")
-    return float(value)
-
 
 class _PendingOp:
     def __init__(self, name: str, targets: set[int]):
         self.name = name
         self.pending = set(targets)
         self.errors: dict[int, str] = {}
-
-
-def meta_tensor(name: str, shape: Any, dtype: str) -> torch.Tensor:
-    """A shape-only stand-in for a tensor described by metadata (object refs, a safetensors header)."""
-    if shape is None:
-        raise ValueError(f"weights: {name!r}: expected a tensor, got {dtype}")
-    torch_dtype = getattr(torch, _SAFETENSORS_FLOATS.get(dtype, dtype.removeprefix("torch.")), None)
-    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ValueError(f"weights: {name!r}: dtype {dtype} is not a floating-point type")
-    return torch.empty(tuple(shape), dtype=torch_dtype, device="meta")
-
-
-def build_on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """``make()`` with every parameter on the meta device. Under ``torch.device("meta")`` when that works; a
-    model that computes a buffer on the CPU while it is built (llama 3's rope scaling) is built on the CPU
-    instead, each parameter moved to meta as it is registered (its attributes, e.g. weight_loader, kept), so
-    no more than one parameter's memory is ever taken."""
-    try:
-        with torch.device("meta"):
-            return make()
-    except NotImplementedError:
-        pass
-    register = torch.nn.Module.register_parameter
-
-    def to_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            moved = torch.nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
-            moved.__dict__.update(param.__dict__)
-            param = moved
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
-    try:
-        return make()
-    finally:
-        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def collect_named_tensors(named_tensors: Any) -> list[tuple[str, Any]]:
-    """A dict, or an iterable of (name, tensor) pairs, as a list."""
-    if isinstance(named_tensors, dict):
-        return list(named_tensors.items())
-    items = []
-    for item in named_tensors:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ValueError(f"weights: expected (name, tensor) pairs, got {type(item).__name__}")
-        items.append((item[0], item[1]))
-    return items
 
 
 class ControlPlane:
@@ -145,19 +63,15 @@ class ControlPlane:
         self._paused = False
         self._paused_for_memory = False
         self._memory_released = False
-        self._weight_version = 0
-        # what a replica started later (failover, scale-up) loads on top of the checkpoint to catch up:
-        # sources in order, or None when an update cannot be replayed (it was staged, not a file)
-        self._replay: list[str] | None = []
-        self._meta = None
         self._op: tuple[str, bool, float] | None = None  # (name, on the ranks, since): what /health reports
-        self.sync = WeightSync(self)  # weight-sync groups with a trainer (flotilla/control_sync.py)
+        # weight updates, their version ledger and weight-sync groups (flotilla/weights/)
+        self.weights = WeightUpdater(config, self, fleet, private_dir, stager, files_shared)
 
     # ------------------------------------------------------------------------------------------ public
     @property
     def weight_version(self) -> int:
         """The version of the weights every replica serves (0: the checkpoint the engine started with)."""
-        return self._weight_version
+        return self.weights.version
 
     @property
     def paused(self) -> bool:
@@ -228,97 +142,38 @@ class ControlPlane:
 
     def update_weights(self, named_tensors: Any, *, version: int | None = None, flush_cache: bool = True,
                        timeout: float = DEFAULT_TIMEOUT_S) -> int:
-        """Load new weights into every replica and TP rank, in place, without a restart.
+        """Load new weights into every replica and TP rank without a restart, all or nothing.
 
         ``named_tensors``: (Hugging Face parameter name, tensor) pairs or a dict, any subset of the model's
         parameters, any float dtype (converted to the engine's), on any device. Everything is checked before
         anything is written: an unknown name or a wrong shape raises ``ValueError`` naming the parameter and
-        the old weights keep serving. Requests are paused around the update; with ``flush_cache`` no KV
-        computed with the old weights is reused (running requests recompute theirs). Returns the new
-        weight version (``version`` if given, else the previous one + 1).
+        the old weights keep serving. Every rank stages its shard first and the live weights change only once
+        every rank of every replica staged; a failure anywhere leaves the old weights everywhere. Requests are
+        paused around the update; with ``flush_cache`` no KV computed with the old weights is reused (running
+        requests recompute theirs). Returns the new weight version (``version`` if given, else the previous
+        one + 1).
         """
-        check_timeout("timeout", timeout)
-        items = collect_named_tensors(named_tensors)
-        with self.lock:
-            full = self._check_weights(items)
-            if not self.files_shared:  # ranks on other nodes cannot read the private folder
-                if self.stager is None:
-                    raise RuntimeError("update_weights: ranks on other nodes and no weight stager")
-                return self._update_staged(lambda key: self.stager.stage_tensors(key, items, timeout), version,
-                                           flush_cache, timeout)
-            version = self._next_version(version)
-            path = self._write_update_file(items, version)
-            return self._apply_update(path, version, flush_cache, timeout, replay=path, full=full)
+        return self.weights.update_weights(named_tensors, version=version, flush_cache=flush_cache,
+                                           timeout=timeout)
 
     def update_weights_from_disk(self, path: str | os.PathLike, *, version: int | None = None,
                                  flush_cache: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> int:
         """Like ``update_weights`` from a safetensors file or a checkpoint folder that every rank can read
         (on several nodes: a shared filesystem). Headers are checked first; the folder must stay in place
         while a later-started replica may need to replay it."""
-        from safetensors import safe_open
-
-        from flotilla.model.loader import safetensors_files
-
-        check_timeout("timeout", timeout)
-        if not isinstance(path, (str, os.PathLike)) or not str(path):
-            raise ValueError(f"path: must be a file or folder path, got {path!r}")
-        p = Path(path).resolve()
-        if p.is_file():
-            files = [p]
-        elif p.is_dir():
-            try:
-                files = safetensors_files(p)
-            except ValueError as e:
-                raise ValueError(f"path: {e.args[0].removeprefix('model: ')}") from None
-        else:
-            raise ValueError(f"path: {str(path)!r} is neither a file nor a folder")
-        items = []
-        for f in files:
-            try:
-                with safe_open(str(f), framework="pt", device="cpu") as st:
-                    for name in st.keys():
-                        sl = st.get_slice(name)
-                        items.append((name, meta_tensor(name, sl.get_shape(), sl.get_dtype())))
-            except ValueError:
-                raise
-            except Exception as e:  # safetensors' own error for a file that is not one (a .bin, a text file)
-                raise ValueError(f"path: {str(f)!r} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                                 "weights load from safetensors only") from None
-        with self.lock:
-            full = self._check_weights(items)
-            version = self._next_version(version)
-            return self._apply_update(str(p), version, flush_cache, timeout, replay=str(p), full=full)
+        return self.weights.update_weights_from_disk(path, version=version, flush_cache=flush_cache,
+                                                     timeout=timeout)
 
     def update_weights_staged(self, payload: Any, *, version: int | None = None, flush_cache: bool = True,
                               timeout: float = DEFAULT_TIMEOUT_S) -> int:
         """Like ``update_weights`` with the tensors staged by the launcher's ``WeightStager`` from
         ``payload`` (Ray: object refs, each holding a dict {name: tensor} or (name, tensor) pairs). Every rank
         fetches them itself while requests keep running, the front end checks the names and shapes the ranks
-        report, and only then are requests paused and the weights copied in place. A replica started later
-        cannot replay such an update: it comes back with the checkpoint's weights (weight_version 0 in
+        report, and only then are requests paused and the weights staged and committed. A replica started
+        later cannot replay such an update: it comes back with the checkpoint's weights (weight_version 0 in
         stats) until the next update."""
-        check_timeout("timeout", timeout)
-        if self.stager is None:
-            raise RuntimeError("update_weights_staged: this launcher has no weight stager")
-        with self.lock:
-            return self._update_staged(lambda key: self.stager.stage(key, payload, timeout), version,
-                                       flush_cache, timeout)
-
-    def _update_staged(self, stage: Callable[[str], list], version: int | None, flush_cache: bool,
-                       timeout: float) -> int:
-        key = f"staged-{uuid.uuid4().hex}"
-        self._check_resident()
-        staged = stage(key)
-        try:
-            if not staged:
-                raise RuntimeError("update_weights: no replica is up")
-            if any(s != staged[0] for s in staged[1:]):
-                raise RuntimeError("update_weights: the ranks staged different contents")
-            full = self._check_weights([(n, meta_tensor(n, shape, dtype)) for n, shape, dtype in staged[0]])
-            version = self._next_version(version)
-            return self._apply_update(f"staged:{key}", version, flush_cache, timeout, replay=None, full=full)
-        finally:
-            self.stager.unstage(key)
+        return self.weights.update_weights_staged(payload, version=version, flush_cache=flush_cache,
+                                                  timeout=timeout)
 
     def release_memory(self, weights: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Free every replica's KV cache (and, with ``weights``, move the weights to host memory) so a
@@ -354,10 +209,38 @@ class ControlPlane:
         name, on_ranks, since = op
         return {"name": name, "on_ranks": on_ranks, "running_s": round(time.monotonic() - since, 3)}
 
+    @property
+    def memory_released(self) -> bool:
+        return self._memory_released
+
+    def run_op(self, name: str, timeout: float, *, make: Callable[[int], Any] | None = None,
+               make_for: Callable[[int, int], Any] | None = None, check: bool = True,
+               targets: set[int] | None = None) -> None:
+        """Send one control op to every ready leader (or ``targets``) and wait for every answer (a replica
+        that dies meanwhile answers no more); with ``check``, raise naming each replica that failed.
+        ``make(op_id)`` builds the message, or ``make_for(op_id, replica)`` one for each replica."""
+        self._control(make, name, timeout, check, make_for=make_for, targets=targets)
+
+    @contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        """The engine paused for the block (unless it already was: then it stays paused), resumed after.
+        Refused while memory is released."""
+        with self.lock:
+            if self._memory_released:
+                raise RuntimeError("update_weights: memory is released; call resume_memory() first")
+            was_paused = self._paused
+            if not was_paused:
+                self.pause(timeout)
+            try:
+                yield
+            finally:
+                if not was_paused:
+                    self.resume(timeout)
+
     def probe_store(self, host: str, port: int, timeout_s: float) -> None:
         """Wait (reported as the join under way, no rank involved) until a trainer's store accepts a
         connection; a RuntimeError naming the address after ``timeout_s``."""
-        from flotilla.control_sync import wait_reachable
+        from flotilla.weights.groups import wait_reachable
 
         with self.reporting("init_weights_update_group", on_ranks=False):
             wait_reachable(host, port, timeout_s)
@@ -385,12 +268,7 @@ class ControlPlane:
 
     def replay_args(self) -> dict[str, Any]:
         """WorkerArgs fields for a replica that starts now: the updates to replay, and their version."""
-        replay, version = self._replay, self._weight_version
-        if replay is None:
-            log.warning("a replica starts with the checkpoint's weights: update v%d came from object refs and "
-                        "cannot be replayed (its stats show weight_version 0 until the next update)", version)
-            return {"weights_sources": [], "weight_version": 0}
-        return {"weights_sources": list(replay), "weight_version": version}
+        return self.weights.replay_args()
 
     # ------------------------------------------------------------------------------------------ internals
     def _control(self, make: Callable[[int], Any] | None, name: str, timeout: float, check: bool = True, *,
@@ -442,108 +320,3 @@ class ControlPlane:
 
     def _release_held(self) -> None:
         wake_all(self.dispatcher.resume())
-
-    def _meta_model(self):
-        """(router, expected part names) of the model built on the meta device with tp=1 (no memory)."""
-        if self._meta is None:
-            from transformers import AutoConfig
-
-            from flotilla.model.loader import WeightRouter, _expected_names
-            from flotilla.model.models import model_class
-
-            hf = AutoConfig.from_pretrained(self.config.model)
-            cls = model_class(self.config.hf_config)
-            model = build_on_meta(lambda: cls(hf, max_positions=self.config.max_model_len))
-            self._meta = (WeightRouter(model), _expected_names(model))
-        return self._meta
-
-    def _check_weights(self, items: Iterable[tuple[Any, Any]]) -> bool:
-        """Refuse a bad update before any rank sees it; True when it covers every weight of the model."""
-        router, expected = self._meta_model()
-        covered: set[str] = set()
-        seen: set[str] = set()
-        for name, tensor in items:
-            if not isinstance(name, str):
-                raise ValueError(f"weights: parameter names must be strings, got {name!r}")
-            if name in seen:
-                raise ValueError(f"weights: {name!r} appears more than once")
-            seen.add(name)
-            if not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"weights: {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-            if not tensor.is_floating_point():
-                raise ValueError(f"weights: {name!r}: dtype {tensor.dtype} is not a floating-point type")
-            router.check(name, tensor)
-            hit = router.resolve(name)
-            if hit is not None:
-                target, _, part = hit
-                covered.add(target if part is None else f"{target}:{part}")
-        if not seen:
-            raise ValueError("weights: the update holds no tensors")
-        return covered >= expected
-
-    def _next_version(self, version: int | None) -> int:
-        if version is None:
-            return self._weight_version + 1
-        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= 2**63 - 1:
-            raise ValueError(f"version: must be an int in [0, 2**63 - 1], got {version!r}")
-        return version
-
-    def _check_resident(self) -> None:
-        if self._memory_released:
-            raise RuntimeError("update_weights: memory is released; call resume_memory() first")
-
-    def _apply_update(self, source: str, version: int, flush_cache: bool, timeout: float, *,
-                      replay: str | None, full: bool, make: Callable[[int], Any] | None = None,
-                      make_for: Callable[[int, int], Any] | None = None) -> int:
-        """Pause, send the update (``UpdateWeights`` of ``source``, or what ``make`` / ``make_for`` build), wait
-        for every leader, commit the version and what a later replica replays, resume."""
-        with self.lock:
-            self._check_resident()
-            was_paused = self._paused
-            if not was_paused:
-                self.pause(timeout)
-            try:
-                if make is None and make_for is None:
-                    make = lambda i: UpdateWeights(i, source, version, flush_cache)  # noqa: E731
-                self._control(make, "update_weights", timeout, make_for=make_for)
-                self._weight_version = version
-                if replay is None:
-                    self._replay = None
-                elif full:
-                    self._replay = [replay]
-                elif self._replay is not None:
-                    self._replay.append(replay)
-            finally:
-                self._prune_update_files()
-                if not was_paused:
-                    self.resume(timeout)
-            return version
-
-    def _write_update_file(self, items: list[tuple[str, torch.Tensor]], version: int) -> str:
-        """One safetensors file in the private folder, in the engine's dtype, that every rank memory-maps."""
-        from safetensors.torch import save_file
-
-        dtype = _ENGINE_DTYPES.get(self.config.dtype, torch.float32)
-        out: dict[str, torch.Tensor] = {}
-        storages: set[int] = set()
-        for name, tensor in items:
-            t = tensor.detach().to(dtype=dtype).to("cpu").contiguous()
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in storages and t.numel():  # safetensors refuses tensors that share memory
-                t = t.clone()
-            storages.add(t.untyped_storage().data_ptr())
-            out[name] = t
-        path = os.path.join(self.private_dir, f"weights-v{version}-{uuid.uuid4().hex[:8]}.safetensors")
-        save_file(out, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        return path
-
-    def _prune_update_files(self) -> None:
-        """Keep only the update files a later-started replica would replay."""
-        keep = set(self._replay or [])
-        for f in Path(self.private_dir).glob("weights-v*.safetensors*"):
-            if str(f) not in keep:
-                try:
-                    f.unlink()
-                except OSError:
-                    pass

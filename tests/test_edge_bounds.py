@@ -176,9 +176,9 @@ def test_control_time_outs_are_finite_and_positive() -> None:
 
 
 def test_weight_sync_join_bounds_its_integers_and_connect_time_out() -> None:
-    from flotilla.control_sync import WeightSync
+    from flotilla.weights.groups import WeightSyncGroups
 
-    sync = WeightSync(plane=None)  # type: ignore[arg-type]  # refused before the plane is touched
+    sync = WeightSyncGroups(port=None, fleet=None, device="cpu")  # type: ignore[arg-type]  # refused before either is touched
     with pytest.raises(ValueError, match=r"^world_size: "):
         sync.init_group("127.0.0.1", 1234, 1, BIG, backend="gloo")
     with pytest.raises(ValueError, match=r"^rank_offset: "):
@@ -190,7 +190,7 @@ def test_weight_sync_join_bounds_its_integers_and_connect_time_out() -> None:
 def test_unreachable_store_fails_within_the_connect_time_out() -> None:
     import socket
 
-    from flotilla.control_sync import wait_reachable
+    from flotilla.weights.groups import wait_reachable
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -426,7 +426,7 @@ def test_a_stopped_worker_dies_with_its_front_end() -> None:
 
 
 def test_a_rank_gives_up_on_an_unreachable_store_after_its_connect_time_out() -> None:
-    from flotilla.worker import weight_sync
+    from flotilla.weights import broadcast as weight_sync
 
     import socket
 

@@ -101,7 +101,7 @@ def test_join_with_an_unreachable_master_fails_fast_while_generation_goes_on(eng
     err = box.get("error")
     assert isinstance(err, RuntimeError) and "master_address" in str(err) and f"127.0.0.1:{port}" in str(err), err
     assert elapsed < 10, elapsed
-    assert engine.control.sync.groups == {} and engine.stats()["control_op"] is None
+    assert engine.control.weights.groups.groups == {} and engine.stats()["control_op"] is None
     _serves(engine)
 
 

@@ -1,4 +1,4 @@
-"""The rank side of weight sync (flotilla/worker/weight_sync.py) in one process: staging then committing,
+"""The rank side of weight updates (flotilla/weights/rank.py, broadcast.py, ipc.py) in one process: staging then committing,
 failures that leave every live parameter untouched, and which IPC list a rank reads."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny
-from flotilla.worker import weight_sync
+from flotilla.weights import broadcast, ipc, rank
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,10 @@ def test_nothing_changes_before_commit_and_everything_after(model):
     from flotilla.model.loader import WeightRouter
 
     old = snapshot(model)
-    commit = weight_sync.stage(WeightRouter(model), new_weights().items())
+    router = WeightRouter(model)
+    staged = rank.Staged(1, 1, router, rank.stage(router, new_weights().items()))
     assert same(snapshot(model), old)  # staged only
-    assert commit() > 0
+    assert staged.commit() > 0
     now = snapshot(model)
     assert not same(now, old)
     # the same as loading the tensors directly
@@ -68,44 +69,44 @@ def test_a_failure_midway_leaves_the_old_weights(model):
         raise RuntimeError("Connection closed by peer")
 
     with pytest.raises(RuntimeError, match="Connection closed"):
-        weight_sync.stage(WeightRouter(model), dies_halfway())
+        rank.stage(WeightRouter(model), dies_halfway())
     q = next(n for n, _ in items if n.endswith("q_proj.weight"))
     bad = [(n, t[: t.shape[0] // 2] if n == q else t) for n, t in items]
     with pytest.raises(ValueError, match="q_proj"):
-        weight_sync.stage(WeightRouter(model), bad)
+        rank.stage(WeightRouter(model), bad)
     assert same(snapshot(model), old)
 
 
 def test_ipc_items_pick_the_ranks_list(monkeypatch):
-    monkeypatch.setattr(weight_sync, "open_ipc", lambda t: t.device)
+    monkeypatch.setattr(ipc, "open_ipc", lambda t: t.device)
     from flotilla.ipc.messages import IpcTensor
 
     def h(d):
         return IpcTensor("w", "float32", [1], [1], 0, d, b"", 4, 0, b"", 0, b"", False)
 
-    assert list(weight_sync.ipc_items([[h(5)]], 3)) == [("w", 5)]  # one list: every rank
-    assert list(weight_sync.ipc_items([[h(0)], [h(1)]], 1)) == [("w", 1)]
+    assert list(ipc.ipc_items([[h(5)]], 3)) == [("w", 5)]  # one list: every rank
+    assert list(ipc.ipc_items([[h(0)], [h(1)]], 1)) == [("w", 1)]
     with pytest.raises(ValueError, match="none for rank 2"):
-        list(weight_sync.ipc_items([[h(0)], [h(1)]], 2))
+        list(ipc.ipc_items([[h(0)], [h(1)]], 2))
 
 
 def test_dtype_names():
-    assert weight_sync.parse_dtype("bfloat16") is torch.bfloat16
-    assert weight_sync.parse_dtype("torch.float16") is torch.float16
-    assert weight_sync.parse_dtype(torch.float32) is torch.float32
+    assert broadcast.parse_dtype("bfloat16") is torch.bfloat16
+    assert broadcast.parse_dtype("torch.float16") is torch.float16
+    assert broadcast.parse_dtype(torch.float32) is torch.float32
     for bad in ("int64", "bogus", torch.int8):
         with pytest.raises(ValueError, match="dtypes"):
-            weight_sync.parse_dtype(bad)
+            broadcast.parse_dtype(bad)
 
 
 def test_connect_and_join_refusals():
     with pytest.raises(ValueError, match="backend"):
-        weight_sync.connect("127.0.0.1", 1, 2, 1, "mpi", 1.0)
+        broadcast.connect("127.0.0.1", 1, 2, 1, "mpi", 1.0)
     with pytest.raises(ValueError, match="rank"):
-        weight_sync.connect("127.0.0.1", 1, 2, 2, "gloo", 1.0)
+        broadcast.connect("127.0.0.1", 1, 2, 2, "gloo", 1.0)
     with pytest.raises(ValueError, match="not joined"):
-        weight_sync.get("nope")
-    assert not weight_sync.leave("nope")
+        broadcast.get("nope")
+    assert not broadcast.leave("nope")
 
 
 def test_ipc_device_found_by_uuid(monkeypatch):
@@ -121,7 +122,7 @@ def test_ipc_device_found_by_uuid(monkeypatch):
     def h(index, uuid):
         return IpcTensor("w", "float32", [1], [1], 0, index, b"", 4, 0, b"", 0, b"", False, uuid)
 
-    assert weight_sync.local_device(h(5, "GPU-bbbb")) == 1
-    assert weight_sync.local_device(h(3, "")) == 3  # no UUID: the producer's index
+    assert ipc.local_device(h(5, "GPU-bbbb")) == 1
+    assert ipc.local_device(h(3, "")) == 3  # no UUID: the producer's index
     with pytest.raises(ValueError, match="does not see"):
-        weight_sync.local_device(h(0, "GPU-cccc"))
+        ipc.local_device(h(0, "GPU-cccc"))

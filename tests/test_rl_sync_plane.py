@@ -5,47 +5,75 @@ llama 3 shape (its rope scaling computes on the CPU while it is built)."""
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
 
-from flotilla.control_sync import WeightSync
-from flotilla.ipc.messages import InitWeightSyncGroup, IpcTensor, UpdateWeightsFromIpc
+from flotilla.ipc.messages import CommitWeights, InitWeightSyncGroup, IpcSource, IpcTensor, UpdateWeights
 from flotilla.launch.topology import layout
 from flotilla.router.fleet import GroupRecord, GroupState
+from flotilla.weights.updater import WeightUpdater
+
+
+class FakeFleet:
+    """What the weights package asks of the fleet (``FleetView``), over records like the fleet's own."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def ready_replicas(self):
+        return {t for r in self.records if r.state is GroupState.READY for t in r.spec.replicas}
+
+    def rank_layout(self):
+        rows = []
+        for rec in self.records:
+            if rec.state is not GroupState.READY:
+                raise RuntimeError(f"weight sync: replica group {rec.spec.group_id} is {rec.state.value}; "
+                                   "retry once every replica in stats() is ready")
+            rows.extend((rec.spec.replica_of_rank(r), rec.spec.group_id, r) for r in range(rec.spec.world_size))
+        return sorted(rows)
 
 
 class FakePlane:
-    """What WeightSync uses of the ControlPlane: a fleet of records, the lock, the op round trip."""
+    """What the weights package uses of the ControlPlane (``ControlPort``): the lock, the op round trip,
+    holding the engine paused, the memory state, the store probe."""
 
     def __init__(self, specs, device="cuda", states=None):
         records = [GroupRecord(s, (states or {}).get(s.group_id, GroupState.READY)) for s in specs]
-        self.fleet = SimpleNamespace(records=records, lock=threading.RLock(),
-                                     ready_replicas=lambda: {t for r in records if r.state is GroupState.READY
-                                                             for t in r.spec.replicas})
-        self.config = SimpleNamespace(device=device)
+        self.fleet = FakeFleet(records)
+        self.config = SimpleNamespace(device=device, dtype="float32")
         self.lock = threading.RLock()
-        self.files_shared = True
+        self.memory_released = False
         self.sent: list = []
         self.probed: list = []
-        self.version = 0
+        self.weights = WeightUpdater(self.config, self, self.fleet, "/tmp/flotilla-test-none", None, True,
+                                     checker=SimpleNamespace(check=lambda items: True))
 
     def probe_store(self, host, port, timeout_s):
         self.probed.append((host, port, timeout_s))
 
-    def _control(self, make, name, timeout, check=True, *, make_for=None, targets=None):
+    def run_op(self, name, timeout, *, make=None, make_for=None, check=True, targets=None):
         for t in sorted(targets or self.fleet.ready_replicas()):
             self.sent.append((t, make(1) if make_for is None else make_for(1, t)))
 
-    def _check_weights(self, items):
-        return True
+    def held(self, timeout):
+        return nullcontext()
 
-    def _next_version(self, version):
-        return self.version + 1 if version is None else version
+    @property
+    def files_shared(self):
+        return self.weights.files_shared
 
-    def _apply_update(self, source, version, flush_cache, timeout, *, replay, full, make=None, make_for=None):
-        self._control(make, "update_weights", timeout, make_for=make_for)
-        return version
+    @files_shared.setter
+    def files_shared(self, value):
+        self.weights.files_shared = value
+
+
+def WeightSync(plane):  # noqa: N802 - the groups and the updates of one fake plane, as one object
+    w = plane.weights
+    return SimpleNamespace(plane=plane, layout=w.layout, init_group=w.groups.init_group,
+                           destroy_group=w.groups.destroy_group, groups=w.groups.groups,
+                           update_from_distributed=w.update_from_distributed, update_from_ipc=w.update_from_ipc)
 
 
 def ranks(specs) -> list[tuple[int, int, int]]:
@@ -92,12 +120,12 @@ def test_a_failed_join_makes_every_rank_leave():
     plane = FakePlane(layout(1, 2, False))
     calls = []
 
-    def control(make, name, timeout, check=True, *, make_for=None, targets=None):
+    def control(name, timeout, *, make=None, make_for=None, check=True, targets=None):
         calls.append((name, check, sorted(targets or [])))
         if name == "init_weights_update_group":
             raise RuntimeError("init_weights_update_group failed: replica 1: rank 0: joining ... failed")
 
-    plane._control = control
+    plane.run_op = control
     sync = WeightSync(plane)
     with pytest.raises(RuntimeError, match="replica 1"):
         sync.init_group("127.0.0.1", 29500, 1, 3, backend="nccl")
@@ -126,13 +154,14 @@ def test_ipc_lists_map_onto_group_ranks():
     sync = WeightSync(plane)
     per_rank = [[handle("model.norm.weight", d)] for d in range(4)]
     assert sync.update_from_ipc(per_rank) == 1
-    msgs = {t: m for t, m in plane.sent}
-    assert all(isinstance(m, UpdateWeightsFromIpc) for m in msgs.values())
-    assert [[x.device for x in lst] for lst in msgs[0].tensors] == [[0], [1]]
-    assert [[x.device for x in lst] for lst in msgs[1].tensors] == [[2], [3]]
+    msgs = {t: m for t, m in plane.sent if isinstance(m, UpdateWeights)}
+    assert all(isinstance(m.source, IpcSource) for m in msgs.values())
+    assert [[x.device for x in lst] for lst in msgs[0].source.tensors] == [[0], [1]]
+    assert [[x.device for x in lst] for lst in msgs[1].source.tensors] == [[2], [3]]
+    assert {t for t, m in plane.sent if isinstance(m, CommitWeights)} == {0, 1}  # staged everywhere: committed
     plane.sent.clear()
     sync.update_from_ipc([handle("model.norm.weight")])  # one list: every rank reads it
-    assert all(len(m.tensors) == 1 for _, m in plane.sent)
+    assert all(len(m.source.tensors) == 1 for _, m in plane.sent if isinstance(m, UpdateWeights))
     with pytest.raises(ValueError, match="3 per-rank lists for 4 engine ranks"):
         sync.update_from_ipc(per_rank[:3])
     with pytest.raises(ValueError, match="differ"):
@@ -148,12 +177,12 @@ def test_meta_model_of_a_llama3_shape():
     """llama-3.1-8b's rope scaling computes its frequencies on the CPU while the model is built, which
     torch.device("meta") refuses; the meta model must build anyway, all on meta, loaders kept."""
     from flotilla.config import EngineConfig
-    from flotilla.control import ControlPlane
     from flotilla.model.shapes import write_shape
+    from flotilla.weights.check import WeightChecker
 
     cfg = EngineConfig.from_kwargs(str(write_shape("llama-3.1-8b")), device="cpu", load_format="dummy",
                                    max_model_len=2048).resolve()
-    router, expected = ControlPlane(cfg, None, None, "/tmp", None, True)._meta_model()
+    router, expected = WeightChecker(cfg).meta_model()
     assert {p.device.type for p in router.params.values()} == {"meta"}
     qkv = next(p for n, p in router.params.items() if n.endswith("qkv_proj.weight"))
     assert hasattr(qkv, "weight_loader") and len(expected) > 200

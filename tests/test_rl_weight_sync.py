@@ -196,7 +196,7 @@ def test_join_fails_cleanly_when_no_trainer_listens(dp_engine):
     with pytest.raises(RuntimeError, match="joining weight-sync group"):
         dp_engine.init_weights_update_group("127.0.0.1", free_port(), 1, 3, group_name="lonely", backend="gloo",
                                             timeout=3)
-    assert "lonely" not in dp_engine.control.sync.groups
+    assert "lonely" not in dp_engine.control.weights.groups.groups
     assert tokens(dp_engine)  # the replicas still serve
 
 

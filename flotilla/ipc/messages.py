@@ -36,69 +36,27 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 # Control operations (weight updates, pause, memory). Each carries the front end's ``op_id``; the leader answers
-# every one with a ``ControlDone`` for that id. The model-touching ones (UpdateWeights, ReleaseMemory,
-# ResumeMemory) travel on to every rank inside ``BatchPlan.op`` and are applied by all ranks in one step.
-class UpdateWeights(msgspec.Struct, tag=True):
-    """Copy new weights into the live parameters, in place, on every rank of the replica.
+# every one with a ``ControlDone`` for that id. The model-touching ones (ModelOp below) travel on to every rank
+# inside ``BatchPlan.op`` and are applied by all ranks in one step.
 
-    ``source``: a safetensors file or folder every rank can read, or ``staged:<key>`` for tensors a launcher
-    handed to each rank's process beforehand (see ``flotilla.worker.weight_sources``). ``flush_cache``:
-    drop all KV computed with the old weights (running requests recompute theirs)."""
+# Where the tensors of a weight update come from (flotilla/weights/): one tagged union, one struct per transport.
+class FileSource(msgspec.Struct, tag=True):
+    """A safetensors file or checkpoint folder every rank of the replica can read (memory-mapped)."""
 
-    op_id: int
-    source: str
-    version: int
-    flush_cache: bool = True
+    path: str
 
 
-class Pause(msgspec.Struct, tag=True):
-    """Stop scheduling (running requests keep their KV and continue after Resume)."""
+class StagedSource(msgspec.Struct, tag=True):
+    """(name, tensor) pairs a launcher handed to each rank's process beforehand under ``key`` (Ray: fetched
+    from the object store by the rank actor)."""
 
-    op_id: int
-
-
-class Resume(msgspec.Struct, tag=True):
-    op_id: int
+    key: str
 
 
-class ReleaseMemory(msgspec.Struct, tag=True):
-    """Free the KV cache (running requests are preempted, to recompute later) and optionally offload weights."""
+class BroadcastSource(msgspec.Struct, tag=True):
+    """Full tensors broadcast by rank 0 of the trainer's weight-sync group ``group_name``, in ``names`` order."""
 
-    op_id: int
-    weights: bool = False
-
-
-class ResumeMemory(msgspec.Struct, tag=True):
-    op_id: int
-
-
-# Weight-sync groups (RL trainers; flotilla/worker/weight_sync.py). Model ops too: every rank joins, receives
-# or leaves in the same step. The two update ops subclass UpdateWeights, so a leader's bookkeeping (KV flush,
-# new version) is the same as for any update.
-class InitWeightSyncGroup(msgspec.Struct, tag=True):
-    """Join the trainer's torch.distributed group: ``ranks[r]`` is the group rank of this replica group's
-    rank ``r`` (the trainer is rank 0); the trainer's TCPStore listens at master_address:master_port."""
-
-    op_id: int
-    master_address: str
-    master_port: int
-    world_size: int
-    ranks: list[int]
-    group_name: str = "weight_update_group"
-    backend: str = "gloo"
-    timeout_s: float = 600.0
-    connect_timeout_s: float = 30.0  # reaching the trainer's store; the rest of the join has timeout_s
-
-
-class DestroyWeightSyncGroup(msgspec.Struct, tag=True):
-    op_id: int
-    group_name: str = "weight_update_group"
-
-
-class UpdateWeightsFromDistributed(UpdateWeights, tag=True):
-    """Receive full tensors broadcast by the sync group's rank 0 (``source``: the group name), in ``names``
-    order, then copy each rank's shard in. Nothing is written until every tensor arrived."""
-
+    group_name: str
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[list[int]] = []
@@ -123,19 +81,94 @@ class IpcTensor(msgspec.Struct, array_like=True):
     device_uuid: str = ""     # the GPU's UUID: a consumer that numbers its GPUs otherwise finds it by this
 
 
-class UpdateWeightsFromIpc(UpdateWeights, tag=True):
-    """Copy from a colocated trainer's CUDA tensors: ``tensors[r]`` for group rank ``r``, or ``tensors[0]`` for
-    every rank when the list has one entry."""
+class IpcSource(msgspec.Struct, tag=True):
+    """A colocated trainer's CUDA tensors: ``tensors[r]`` for group rank ``r``, or ``tensors[0]`` for every
+    rank when the list has one entry."""
 
     tensors: list[list[IpcTensor]] = []
 
 
-ModelOp = (UpdateWeights | ReleaseMemory | ResumeMemory | InitWeightSyncGroup | DestroyWeightSyncGroup |
-           UpdateWeightsFromDistributed | UpdateWeightsFromIpc)
+WeightSource = FileSource | StagedSource | BroadcastSource | IpcSource
 
-ToWorker = (AddRequest | AbortRequest | FlushCache | Shutdown | UpdateWeights | Pause | Resume | ReleaseMemory |
-            ResumeMemory | InitWeightSyncGroup | DestroyWeightSyncGroup | UpdateWeightsFromDistributed |
-            UpdateWeightsFromIpc)
+
+class UpdateWeights(msgspec.Struct, tag=True):
+    """Phase one of a weight update: every rank of the replica stages its shard of ``source`` into scratch
+    buffers (the live weights untouched) and the group agrees whether all staged; the leader answers. Phase two
+    is ``CommitWeights`` (or ``DiscardWeights``) of this ``op_id``, sent once every replica answered."""
+
+    op_id: int
+    source: WeightSource
+    version: int
+    flush_cache: bool = True
+
+
+class CommitWeights(msgspec.Struct, tag=True):
+    """Copy what ``UpdateWeights`` ``stage_id`` staged into the live weights on every rank; then the replica
+    serves ``version`` (``flush_cache``: drop all KV computed with the old weights)."""
+
+    op_id: int
+    stage_id: int
+    version: int
+    flush_cache: bool = True
+
+
+class DiscardWeights(msgspec.Struct, tag=True):
+    """Drop what ``UpdateWeights`` ``stage_id`` staged (another replica failed it): the old weights serve on."""
+
+    op_id: int
+    stage_id: int
+
+
+class Pause(msgspec.Struct, tag=True):
+    """Stop scheduling (running requests keep their KV and continue after Resume)."""
+
+    op_id: int
+
+
+class Resume(msgspec.Struct, tag=True):
+    op_id: int
+
+
+class ReleaseMemory(msgspec.Struct, tag=True):
+    """Free the KV cache (running requests are preempted, to recompute later) and optionally offload weights."""
+
+    op_id: int
+    weights: bool = False
+
+
+class ResumeMemory(msgspec.Struct, tag=True):
+    op_id: int
+
+
+# Weight-sync groups (RL trainers; flotilla/weights/broadcast.py). Model ops too: every rank joins or leaves in
+# the same step; updates through a group are UpdateWeights with a BroadcastSource.
+class InitWeightSyncGroup(msgspec.Struct, tag=True):
+    """Join the trainer's torch.distributed group: ``ranks[r]`` is the group rank of this replica group's
+    rank ``r`` (the trainer is rank 0); the trainer's TCPStore listens at master_address:master_port."""
+
+    op_id: int
+    master_address: str
+    master_port: int
+    world_size: int
+    ranks: list[int]
+    group_name: str = "weight_update_group"
+    backend: str = "gloo"
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 30.0  # reaching the trainer's store; the rest of the join has timeout_s
+
+
+class DestroyWeightSyncGroup(msgspec.Struct, tag=True):
+    op_id: int
+    group_name: str = "weight_update_group"
+
+
+ModelOp = (UpdateWeights | CommitWeights | DiscardWeights | ReleaseMemory | ResumeMemory | InitWeightSyncGroup |
+           DestroyWeightSyncGroup)
+MODEL_OPS = (UpdateWeights, CommitWeights, DiscardWeights, ReleaseMemory, ResumeMemory, InitWeightSyncGroup,
+             DestroyWeightSyncGroup)
+
+ToWorker = (AddRequest | AbortRequest | FlushCache | Shutdown | UpdateWeights | CommitWeights | DiscardWeights |
+            Pause | Resume | ReleaseMemory | ResumeMemory | InitWeightSyncGroup | DestroyWeightSyncGroup)
 
 
 # ----------------------------------------------------------------------------------- worker -> front end

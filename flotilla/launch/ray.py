@@ -150,14 +150,14 @@ class _RankActor:
 
     # Weight updates from the object store. ``run`` occupies one thread of this actor for its whole life, so
     # rank actors are threaded (max_concurrency=2): these run beside it. The fetched tensors are handed to
-    # the worker through its Ray-free staging hook; an UpdateWeights with source "staged:<key>" reads them.
+    # the worker through its Ray-free staging hook; an UpdateWeights with StagedSource(key) reads them.
     def stage_weights(self, key: str, refs: list) -> list[tuple[str, list[int] | None, str]]:
         """Fetch ``refs`` (each a dict name -> tensor or a list of (name, tensor)), stage them for this rank,
         and return (name, shape, dtype) of each, for the front end to check."""
         import numpy as np
         import torch
 
-        from flotilla.worker.weight_sources import stage
+        from flotilla.weights.staged import stage
 
         items = []
         for obj in ray.get(list(refs)):
@@ -170,7 +170,7 @@ class _RankActor:
                 for n, t in items]
 
     def unstage_weights(self, key: str) -> None:
-        from flotilla.worker.weight_sources import unstage
+        from flotilla.weights.staged import unstage
 
         unstage(key)
 

@@ -107,7 +107,7 @@ class WeightRouter:
         target, param, part = hit
         scratch = torch.empty(param.shape, dtype=param.dtype, device="meta")
         try:
-            _load_into(nn.Parameter(scratch, requires_grad=False), param, tensor.to("meta"), part)
+            load_into(nn.Parameter(scratch, requires_grad=False), param, tensor.to("meta"), part)
         except (ValueError, RuntimeError, IndexError, TypeError) as e:
             raise ValueError(f"weights: {name!r}: {e}") from None
 
@@ -120,14 +120,15 @@ class WeightRouter:
             target, param, part = hit
             with torch.no_grad():
                 try:
-                    _load_into(param, param, tensor.to(param.dtype), part)
+                    load_into(param, param, tensor.to(param.dtype), part)
                 except (ValueError, RuntimeError, IndexError, TypeError) as e:
                     raise ValueError(f"weights: {name!r}: {e}") from None
             loaded.add(target if part is None else f"{target}:{part}")
         return loaded
 
 
-def _load_into(dst: nn.Parameter, owner: nn.Parameter, tensor: torch.Tensor, part: object) -> None:
+def load_into(dst: nn.Parameter, owner: nn.Parameter, tensor: torch.Tensor, part: object) -> None:
+    """Narrow ``tensor`` into ``dst`` with ``owner``'s weight loader (``dst`` is ``owner`` or a scratch copy)."""
     loader = getattr(owner, "weight_loader", default_weight_loader)
     if part is None:
         loader(dst, tensor)
@@ -137,13 +138,13 @@ def _load_into(dst: nn.Parameter, owner: nn.Parameter, tensor: torch.Tensor, par
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     loaded = WeightRouter(model).load(iter_safetensors(path))
-    expected = _expected_names(model)
+    expected = expected_names(model)
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"model: checkpoint lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def _expected_names(model: nn.Module) -> set[str]:
+def expected_names(model: nn.Module) -> set[str]:
     """Every (parameter, part) a checkpoint must provide; tied weights count once."""
     fused: dict[str, list[object]] = {}
     for ours, part in getattr(model, "packed_modules", {}).values():

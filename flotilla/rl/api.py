@@ -60,16 +60,16 @@ class RLControl:
         {master_port}", world_size=world_size, rank=0)`` or ``flotilla.rl.TrainerGroup``; this call returns
         once everyone is in. A store that accepts no connection within ``connect_timeout_s`` (a wrong address)
         fails the call then, with generation going on meanwhile; ``timeout`` bounds the whole join."""
-        self.control.sync.init_group(master_address, master_port, rank_offset, world_size, group_name, backend,
-                                     timeout, connect_timeout_s)
+        self.control.weights.groups.init_group(master_address, master_port, rank_offset, world_size, group_name,
+                                               backend, timeout, connect_timeout_s)
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
-        self.control.sync.destroy_group(group_name)
+        self.control.weights.groups.destroy_group(group_name)
 
     def weight_sync_ranks(self, rank_offset: int = 1) -> list[dict[str, Any]]:
         """Which group rank each engine rank takes for ``rank_offset``: one entry per engine rank."""
         return [{"rank": rank_offset + s.index, "replica": s.replica, "group": s.group_id, "rank_in_group": s.rank}
-                for s in self.control.sync.layout()]
+                for s in self.control.weights.layout()]
 
     # ------------------------------------------------------------------------------------------ updates
     def update_weights_from_distributed(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
@@ -80,14 +80,14 @@ class RLControl:
         change only once every rank of a replica has all of them. Returns the new weight version. A trainer must not
         broadcast an update the engine refuses (the group's stream would be out of step): call
         ``check_weights_update`` first; after any failed update, destroy the group and init it again."""
-        return self.control.sync.update_from_distributed(names, dtypes, shapes, group_name, flush_cache,
-                                                         weight_version, timeout)
+        return self.control.weights.update_from_distributed(names, dtypes, shapes, group_name, flush_cache,
+                                                            weight_version, timeout)
 
     def check_weights_update(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
                              group_name: str = "weight_update_group") -> None:
         """Raise ``ValueError`` / ``RuntimeError`` for what ``update_weights_from_distributed`` would refuse,
         touching nothing: check before the trainer broadcasts (not in sglang)."""
-        self.control.sync.check_distributed(names, dtypes, shapes, group_name)
+        self.control.weights.check_distributed(names, dtypes, shapes, group_name)
 
     def update_weights_from_tensor(self, named_tensors: Any, load_format: str | None = None,
                                    flush_cache: bool = True, weight_version: int | None = None) -> int:
@@ -100,16 +100,15 @@ class RLControl:
             raise ValueError(f"load_format: must be None, 'direct' or 'ipc', got {load_format!r}")
         kw = {"flush_cache": flush_cache, "version": weight_version}
         if load_format == "ipc":
-            return self.control.sync.update_from_ipc(named_tensors, **kw)
+            return self.control.weights.update_from_ipc(named_tensors, **kw)
         if load_format is None and is_ipc(named_tensors):
-            return self.control.sync.update_from_ipc(named_tensors, **kw)
+            return self.control.weights.update_from_ipc(named_tensors, **kw)
         items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
         on_gpu = bool(items) and all(getattr(t, "is_cuda", False) for _, t in items)
         # by itself only where every rank sees every GPU of this node (the mp launcher: no stager); a Ray rank
         # sees its own GPUs only, so there the caller opts in with load_format="ipc"
-        if on_gpu and self.control.stager is None and self.control.files_shared and \
-                self.control.config.device == "cuda":
-            return self.control.sync.update_from_ipc(ipc_handles(items), **kw)  # no copy through the host
+        if on_gpu and self.control.weights.ipc_by_itself():
+            return self.control.weights.update_from_ipc(ipc_handles(items), **kw)  # no copy through the host
         return self.control.update_weights(items, **kw)
 
     # ------------------------------------------------------------------------------------------ generation

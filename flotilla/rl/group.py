@@ -1,6 +1,6 @@
 """A weight-sync group as one process sees it: a torch.distributed backend object shared with a trainer.
 
-Pure torch (no Ray, no HTTP, nothing of the engine), so the rank side (flotilla/worker/weight_sync.py) and
+Pure torch (no Ray, no HTTP, nothing of the engine), so the rank side (flotilla/weights/broadcast.py) and
 the trainer side (flotilla/rl/weight_sync.py) share it, and the front end can import it.
 
 Why a backend object and not a process group: an engine rank already belongs to its replica's world, and

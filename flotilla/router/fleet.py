@@ -137,6 +137,19 @@ class ReplicaFleet:
         with self.lock:
             return {t for r in self.records if r.state in (GroupState.READY, GroupState.DRAINING) for t in r.ready}
 
+    def rank_layout(self) -> list[tuple[int, int, int]]:
+        """(replica, group id, rank in group) of every rank of every group, sorted; a RuntimeError naming a
+        group that is not ready (weight-sync groups are made over all ranks, so none may be missing)."""
+        rows: list[tuple[int, int, int]] = []
+        with self.lock:
+            for rec in self.records:
+                if rec.state is not GroupState.READY:
+                    raise RuntimeError(f"weight sync: replica group {rec.spec.group_id} is {rec.state.value}; "
+                                       "retry once every replica in stats() is ready")
+                spec = rec.spec
+                rows.extend((spec.replica_of_rank(r), spec.group_id, r) for r in range(spec.world_size))
+        return sorted(rows)
+
     def starting(self) -> bool:
         """Some group is on its way up (requests may wait for it). Reads without the lock (the dispatcher
         calls it under its own lock): a list copy and enum reads are whole values under the GIL."""

@@ -18,6 +18,9 @@ Engine (or a worker process) and the spawned ranks inherit them:
   (``StepStarted``), as a device fault surfaces at the next synchronisation.
 * A step that hangs: ``FLOTILLA_FAULT_SLOW_STEP_S`` with a large value (the heartbeat thread goes on while
   the step loop sleeps; ``step_timeout_s`` is what declares such a leader dead).
+* ``FLOTILLA_FAULT_WEIGHTS=<version>:<replica>:<rank>[:<n>],...``: while staging the weight update of that
+  version, that rank of that replica raises at the tensor numbered ``n`` (from 0; default 1), as if the
+  tensor were corrupt or missing (see ``weight_fault``).
 
 Why environment variables: they reach spawned processes (and Ray actors started with the same
 environment) without any argument of the launchers changing.
@@ -40,6 +43,17 @@ CRASH_RID = "FLOTILLA_FAULT_CRASH_RID"
 
 class InjectedCrash(RuntimeError):
     """The rank crashes on purpose (``FLOTILLA_FAULT_CRASH_RID``)."""
+WEIGHTS = "FLOTILLA_FAULT_WEIGHTS"
+
+
+def weight_fault(version: int, replica: int, rank: int, environ: dict[str, str] | None = None) -> int | None:
+    """The index of the tensor at which staging update ``version`` fails on this rank, or None (no fault)."""
+    spec = (os.environ if environ is None else environ).get(WEIGHTS, "")
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        parts = [int(x) for x in entry.split(":")]
+        if parts[:3] == [version, replica, rank]:
+            return parts[3] if len(parts) > 3 else 1
+    return None
 
 
 class StepFaults:

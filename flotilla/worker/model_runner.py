@@ -178,29 +178,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ------------------------------------------------------------------------------------------ weight updates
-    def update_weights(self, weights, progress=None) -> int:
-        """Copy (HF name, full tensor) pairs into the live parameters, in place (this rank's shard, in the
-        model's dtype): parameter storage never moves, so captured CUDA graphs stay valid. ``progress`` is
-        called now and then (the leader's heartbeat during a long load). Returns the number of parts loaded."""
-        from flotilla.model.loader import WeightRouter
-
-        if getattr(self, "_offloaded", None):
-            raise RuntimeError("weights are released; resume memory before updating them")
-        router = getattr(self, "_router", None)
-        if router is None:
-            router = self._router = WeightRouter(self.model)
-
-        def ticking():
-            for i, item in enumerate(weights):
-                if progress is not None and i % 8 == 0:
-                    progress()
-                yield item
-
-        loaded = router.load(ticking())
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return len(loaded)
+    # ------------------------------------------------------------------------------------------ memory
+    @property
+    def weights_offloaded(self) -> bool:
+        """Whether ``release_memory(weights=True)`` moved the weights to host memory (updates wait for
+        ``resume_memory``). Weight updates themselves are ``flotilla.weights.rank``'s."""
+        return bool(getattr(self, "_offloaded", None))
 
     def release_memory(self, weights: bool = False) -> None:
         """Free the KV cache (and its CUDA graphs); with ``weights``, move the parameters to host memory."""

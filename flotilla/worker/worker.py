@@ -20,11 +20,11 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.distributed import destroy_groups, get_group, init_groups
 from flotilla.ipc.channel import connect
-from flotilla.ipc.messages import (AbortRequest, AddRequest, BatchPlan, ControlDone, FlushCache, Pause, ReleaseMemory,
-                                   Resume, ResumeMemory, Shutdown, StepOutput, StepStarted, TokenOutput, UpdateWeights,
-                                   WorkerFailed, WorkerReady, batch_plan_decoder, encoder, from_worker_decoder,
-                                   to_worker_decoder)
-from flotilla.ipc.messages import DestroyWeightSyncGroup, InitWeightSyncGroup  # weight sync (RL)
+from flotilla.ipc.messages import (MODEL_OPS, AbortRequest, AddRequest, BatchPlan, CommitWeights, ControlDone,
+                                   DestroyWeightSyncGroup, DiscardWeights, FlushCache, InitWeightSyncGroup, Pause,
+                                   ReleaseMemory, Resume, ResumeMemory, Shutdown, StepOutput, StepStarted, TokenOutput,
+                                   UpdateWeights, WorkerFailed, WorkerReady, batch_plan_decoder, encoder,
+                                   from_worker_decoder, to_worker_decoder)
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.sampling import SamplingParams
 from flotilla.testing.faults import StepFaults
@@ -37,7 +37,7 @@ from flotilla.worker.host_copy import HostCopy
 from flotilla.worker.sampler import Sampler, SamplerOutput, SamplingBatch
 from flotilla.worker.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from flotilla.worker.step_trace import StepTrace
-from flotilla.worker.weight_sources import open_source
+from flotilla.weights import rank as weights_rank
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ def run_worker(args: WorkerArgs, store=None) -> None:
         if get_group("attn_tp").rank == 0:
             out_ch = connect("push", args.out_addr, from_worker_decoder, args.keys)
         runner = ModelRunner(cfg, device)
-        for source in args.weights_sources:
-            runner.update_weights(open_source(source))
+        weights_rank.load_files(runner, args.weights_sources)  # updates made since the checkpoint
         world = get_group("world")  # every rank of the group (all TP ranks; with pp, all stages) agrees
         num_blocks = min(v[0] for v in world.all_gather_ints([runner.plan_kv_blocks()]))
         runner.allocate_kv(num_blocks)
@@ -156,8 +155,7 @@ class _Leader:
             elif isinstance(msg, (Pause, Resume)):
                 self.paused = isinstance(msg, Pause)
                 self.reply(msg.op_id, "pause" if self.paused else "resume")
-            elif isinstance(msg, (UpdateWeights, ReleaseMemory, ResumeMemory, InitWeightSyncGroup,
-                                  DestroyWeightSyncGroup)):  # UpdateWeights: and its weight-sync subclasses
+            elif isinstance(msg, MODEL_OPS):
                 self.model_ops.append(msg)
             elif isinstance(msg, Shutdown):
                 return BatchPlan([], kind="stop"), None
@@ -309,9 +307,18 @@ class _Leader:
     def op_done(self, op, error: str | None) -> None:
         """Every rank applied (or failed) ``op``: update the bookkeeping, report, answer the front end."""
         self.model_ops.pop(0)
-        if isinstance(op, UpdateWeights):
+        if isinstance(op, (InitWeightSyncGroup, DestroyWeightSyncGroup)):  # no weights, KV or version change
+            self.reply(op.op_id, "weight_sync_group", error)
+            return
+        if isinstance(op, UpdateWeights):  # staged only: the live weights did not change
+            self.reply(op.op_id, "update_weights", error)
+            return
+        if isinstance(op, DiscardWeights):
+            self.reply(op.op_id, "discard_weights", error)
+            return
+        if isinstance(op, CommitWeights):
             name = "update_weights"
-            if op.flush_cache:  # even after a failure: the weights may be half new
+            if op.flush_cache:  # even after a failure: a commit that failed may have written some parameters
                 self.sched.drop_all_kv()
             if error is None:
                 self.weight_version = op.version
@@ -462,15 +469,15 @@ def _share_sampled(attn_tp, plan: BatchPlan, launched: "_Launched | None", devic
 
 
 def _apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: _Leader | None) -> None:
-    """Every rank of the group runs this in the same step; the leaders learn whether all ranks succeeded."""
-    from flotilla.worker import weight_sync
+    """Every rank of the group runs this in the same step; the leaders learn whether all ranks succeeded.
 
-    error = commit = None
+    Weight ops are ``flotilla.weights.rank``'s (stage, commit, discard; joining and leaving sync groups): each
+    rank does its part, the group agrees on the outcome here, and when any rank failed every rank undoes its
+    part (a staged update is dropped, a join is left), so a replica never serves a mix of old and new shards."""
+    error = None
     try:
-        if weight_sync.is_sync_op(op):  # before UpdateWeights: two of them subclass it
-            commit = weight_sync.apply(op, runner, args.rank, progress=leader.heartbeat if leader else None)
-        elif isinstance(op, UpdateWeights):
-            runner.update_weights(open_source(op.source), progress=leader.heartbeat if leader else None)
+        if weights_rank.handles(op):
+            weights_rank.run(op, runner, args.rank, args.replica_id, progress=leader.heartbeat if leader else None)
         elif isinstance(op, ReleaseMemory):
             runner.release_memory(op.weights)
         elif isinstance(op, ResumeMemory):
@@ -479,22 +486,12 @@ def _apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: _Leader |
         error = f"rank {args.rank}: {type(e).__name__}: {e}"
         log.error("replica %d: %s failed: %s", args.replica_id, type(op).__name__, error)
     failed = [r for r, (f,) in enumerate(get_group("world").all_gather_ints([int(error is not None)])) if f]
-    if failed and isinstance(op, InitWeightSyncGroup):  # all ranks in the group, or none
-        weight_sync.leave(op.group_name)
-    if commit is not None and not failed:  # staged on every rank: now the live weights change, all at once
-        try:
-            commit()
-        except Exception as e:  # an in-place copy of a staged shard: not expected to fail
-            error = f"rank {args.rank}: commit: {type(e).__name__}: {e}"
-            log.error("replica %d: %s", args.replica_id, error)
+    if failed and weights_rank.handles(op):
+        weights_rank.undo(op)
     if leader is not None:
         if failed and error is None:
             error = f"rank(s) {failed} failed (see their logs)"
-        if isinstance(op, (InitWeightSyncGroup, DestroyWeightSyncGroup)):  # no weights, KV or version change
-            leader.model_ops.pop(0)
-            leader.reply(op.op_id, "weight_sync_group", error)
-        else:
-            leader.op_done(op, error)
+        leader.op_done(op, error)
 
 
 class _RowIds:
