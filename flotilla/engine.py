@@ -20,6 +20,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
+from flotilla.errors import InvalidParameter
 from flotilla.config import EngineConfig
 from flotilla.control import ControlPlane
 from flotilla.delegation import delegates
@@ -75,7 +76,7 @@ class Engine:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
         except Exception as e:
-            raise ValueError(f"tokenizer: cannot load a tokenizer from {config.tokenizer!r}: {e}") from None
+            raise InvalidParameter("tokenizer", f"cannot load a tokenizer from {config.tokenizer!r}: {e}") from None
         self.vocab_size = int(config.hf_config.get("vocab_size") or len(self.tokenizer))
         self.controller = DPController(config.load_balance, page_size=config.block_size)
         self._cv = threading.Condition()
@@ -195,8 +196,8 @@ class Engine:
                    request_id: str | None = None, affinity: str | None = None) -> RequestState:
         state = self.inputs.make_state(prompt, input_ids, sampling, request_id, affinity)
         if state.sampling.n > 1:
-            raise ValueError("n: a stream carries one completion; use generate() for n > 1 (or one stream per "
-                             "choice with the same affinity key)")
+            raise InvalidParameter("n", "a stream carries one completion; use generate() for n > 1 (or one stream per "
+                                        "choice with the same affinity key)")
         return state
 
     def _submit(self, state: RequestState) -> None:

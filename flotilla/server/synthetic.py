@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flotilla.errors import InvalidParameter
 from flotilla.inputs import InputProcessor
 from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOutput, TokenOutput, encoder, \
     from_worker_decoder
@@ -180,7 +181,7 @@ class SyntheticEngine:
                 "dp_size": len(self._replicas), "max_model_len": self.max_model_len}
 
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
-        raise ValueError("dp_size: the synthetic engine cannot scale")
+        raise InvalidParameter("dp_size", "the synthetic engine cannot scale")
 
     def healthy(self) -> bool:
         return self._thread.is_alive()
