@@ -54,11 +54,13 @@ class InputProcessor:
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
         self._ids = itertools.count()
 
-    def make_choices(self, prompt: str | None, input_ids: Sequence[int] | None,
-                     sampling: SamplingLike) -> list[RequestState]:
-        """One state per choice (``n``): the same prompt, choice i seeded with seed + i, all with one affinity
-        key so the controller puts them on one replica (which shares the prompt's KV among them)."""
-        first = self.make_state(prompt, input_ids, sampling)
+    def make_choices(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
+                     request_id: str | None = None, affinity: str | None = None) -> list[RequestState]:
+        """One state per choice (``n``), the rule for every caller: the same prompt, choice i seeded with seed + i
+        and named ``<request id>-i`` (choice 0 keeps the request id), all under one affinity key (``affinity``,
+        else the request id) so the controller puts them on one replica, which shares the prompt's KV among them.
+        With n == 1, the one state keeps ``affinity`` as given."""
+        first = self.make_state(prompt, input_ids, sampling, request_id, affinity)
         n = first.sampling.n
         if n == 1:
             return [first]
@@ -68,7 +70,7 @@ class InputProcessor:
             states.append(RequestState(f"{first.rid}-{i}", list(first.prompt_ids), sp,
                                        IncrementalDetokenizer(self.tokenizer, first.prompt_ids)))
         for s in states:
-            s.affinity = first.rid
+            s.affinity = affinity or first.rid
         return states
 
     def make_state(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
