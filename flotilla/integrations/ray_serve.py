@@ -237,7 +237,7 @@ class FlotillaEngineReplica:
         return {"max_model_len": self.engine.max_model_len}
 
     def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        return self.engine.stats().to_dict()
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: the engine loop stopped, or every engine replica is down
