@@ -295,12 +295,15 @@ class Engine:
         ev = asyncio.Event()
         for state in states:
             state.add_async_waiter(ev)
+        submitted: list[RequestState] = []
         try:
             for state in states:
                 self._submit(state)
+                submitted.append(state)
         except BaseException:
             for state in states:
                 state.remove_async_waiter(ev)
+            for state in submitted:  # only these: a refused one's id may be another request's (a duplicate)
                 if not state.finished:
                     self.abort(state.rid)
             raise
