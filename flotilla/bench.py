@@ -198,7 +198,7 @@ def run_flotilla(args: argparse.Namespace, model: str, wl: Workload) -> tuple[li
             asyncio.run(_flotilla_requests(engine, [p for p, _ in wl.warmup], [params(n) for _, n in wl.warmup]))
             info["warmup_s"] = time.perf_counter() - t0
         records = asyncio.run(_flotilla_requests(engine, wl.prompts, [params(n) for n in wl.output_lens]))
-        info["stats"] = engine.stats()
+        info["stats"] = engine.stats().to_dict()
     finally:
         engine.shutdown()
     return records, info

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from flotilla.errors import InvalidParameter
 from flotilla.launch.topology import check_layout
 
 # The allowed values of the choice fields, public so that the CLI's ``choices=`` are these very tuples.
@@ -124,60 +125,60 @@ class EngineConfig:
             part = self.pp_layer_partition
             if not isinstance(part, (list, tuple)) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
                                                           for n in part):
-                raise ValueError(f"pp_layer_partition: must be a list of ints >= 1 (layers per stage), got {part!r}")
+                raise InvalidParameter("pp_layer_partition", f"must be a list of ints >= 1 (layers per stage), got {part!r}")
             if len(part) != self.pp_size:
-                raise ValueError(f"pp_layer_partition: needs one entry per stage (pp_size={self.pp_size}), "
-                                 f"got {len(part)}: {list(part)}")
+                raise InvalidParameter("pp_layer_partition", f"needs one entry per stage (pp_size={self.pp_size}), "
+                                                             f"got {len(part)}: {list(part)}")
             self.pp_layer_partition = list(part)
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("cuda_graph_max_bs", self.cuda_graph_max_bs)
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size: must be a power of two >= 1, got {self.block_size!r}")
+            raise InvalidParameter("block_size", f"must be a power of two >= 1, got {self.block_size!r}")
         if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
-            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise InvalidParameter("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("heartbeat_timeout_s", "failover_timeout_s", "worker_start_timeout", "restart_window_s",
                      "step_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e9 or \
                     not math.isfinite(value):
-                raise ValueError(f"{name}: must be a finite number of seconds in (0, 1e9], got {value!r}")
+                raise InvalidParameter(name, f"must be a finite number of seconds in (0, 1e9], got {value!r}")
         if isinstance(self.max_replica_restarts, bool) or not isinstance(self.max_replica_restarts, int) or \
                 self.max_replica_restarts < 0:
-            raise ValueError(f"max_replica_restarts: must be an int >= 0, got {self.max_replica_restarts!r}")
+            raise InvalidParameter("max_replica_restarts", f"must be an int >= 0, got {self.max_replica_restarts!r}")
         for name in ("restart_backoff_s", "restart_backoff_max_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e9 or \
                     not math.isfinite(value):
-                raise ValueError(f"{name}: must be a finite number of seconds in [0, 1e9], got {value!r}")
+                raise InvalidParameter(name, f"must be a finite number of seconds in [0, 1e9], got {value!r}")
         if self.restart_backoff_max_s < self.restart_backoff_s:
-            raise ValueError(f"restart_backoff_max_s: must be >= restart_backoff_s ({self.restart_backoff_s}), "
-                             f"got {self.restart_backoff_max_s!r}")
+            raise InvalidParameter("restart_backoff_max_s", f"must be >= restart_backoff_s ({self.restart_backoff_s}), "
+                                   f"got {self.restart_backoff_max_s!r}")
         if self.kv_cache_tokens is not None:
             _positive_int("kv_cache_tokens", self.kv_cache_tokens)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
         if self.host is not None and self.host in _WILDCARDS and not self.allow_wildcard_host:
-            raise ValueError(
-                f"host: {self.host!r} listens on every interface; pass a specific address (default: this node's address) "
+            raise InvalidParameter(
+                "host", f"{self.host!r} listens on every interface; pass a specific address (default: this node's address) "
                 "or set allow_wildcard_host=True")
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
-            raise ValueError("model: must be a path to a Hugging Face checkpoint folder")
+            raise InvalidParameter("model", "must be a path to a Hugging Face checkpoint folder")
 
     def resolve(self) -> "EngineConfig":
         """Read config.json (raising ValueError on a missing or malformed checkpoint) and fill derived fields."""
         path = Path(self.model)
         cfg_file = path / "config.json"
         if not path.is_dir():
-            raise ValueError(f"model: {str(path)!r} is not a directory holding a Hugging Face checkpoint")
+            raise InvalidParameter("model", f"{str(path)!r} is not a directory holding a Hugging Face checkpoint")
         if not cfg_file.is_file():
-            raise ValueError(f"model: {str(path)!r} has no config.json")
+            raise InvalidParameter("model", f"{str(path)!r} has no config.json")
         try:
             hf = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"model: {cfg_file} is not valid JSON ({e})") from None
+            raise InvalidParameter("model", f"{cfg_file} is not valid JSON ({e})") from None
         if not isinstance(hf, dict):
-            raise ValueError(f"model: {cfg_file} must hold a JSON object")
+            raise InvalidParameter("model", f"{cfg_file} must hold a JSON object")
         from flotilla.model.models import check_architecture
 
         check_architecture(hf)
@@ -187,7 +188,7 @@ class EngineConfig:
             self.load_format = "safetensors"
         if self.load_format == "safetensors" and not (
                 list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
-            raise ValueError(f"model: {str(path)!r} has no *.safetensors weights (use load_format='dummy' for random weights)")
+            raise InvalidParameter("model", f"{str(path)!r} has no *.safetensors weights (use load_format='dummy' for random weights)")
         if self.device == "auto":
             import torch
 
@@ -209,22 +210,22 @@ class EngineConfig:
         heads = int(hf.get("num_attention_heads") or 0)
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         if heads % attn_tp:
-            raise ValueError(f"tp_size: num_attention_heads ({heads}) must be divisible by the attention TP size "
-                             f"({attn_tp})")
+            raise InvalidParameter("tp_size", f"num_attention_heads ({heads}) must be divisible by the attention TP size "
+                                              f"({attn_tp})")
         if kv_heads % attn_tp and attn_tp % kv_heads:
-            raise ValueError(f"tp_size: num_key_value_heads ({kv_heads}) and the attention TP size ({attn_tp}) must "
-                             "divide one another")
+            raise InvalidParameter("tp_size", f"num_key_value_heads ({kv_heads}) and the attention TP size ({attn_tp}) must "
+                                              "divide one another")
         layers = int(hf.get("num_hidden_layers") or 0)
         if self.pp_size > 1 and self.pp_size > layers:
-            raise ValueError(f"pp_size: the model has {layers} decoder layers (num_hidden_layers), fewer than "
-                             f"pp_size={self.pp_size} stages")
+            raise InvalidParameter("pp_size", f"the model has {layers} decoder layers (num_hidden_layers), fewer than "
+                                              f"pp_size={self.pp_size} stages")
         if self.pp_layer_partition is not None and sum(self.pp_layer_partition) != layers:
-            raise ValueError(f"pp_layer_partition: {self.pp_layer_partition} sums to {sum(self.pp_layer_partition)}, "
-                             f"but the model has {layers} decoder layers (num_hidden_layers)")
+            raise InvalidParameter("pp_layer_partition", f"{self.pp_layer_partition} sums to {sum(self.pp_layer_partition)}, "
+                                                         f"but the model has {layers} decoder layers (num_hidden_layers)")
         for key in ("intermediate_size", "moe_intermediate_size"):
             size = hf.get(key)
             if size and int(size) % self.tp_size:
-                raise ValueError(f"tp_size: {key} ({size}) must be divisible by tp_size ({self.tp_size})")
+                raise InvalidParameter("tp_size", f"{key} ({size}) must be divisible by tp_size ({self.tp_size})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,9 +241,9 @@ class EngineConfig:
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}: must be one of {list(allowed)}, got {value!r}")
+        raise InvalidParameter(name, f"must be one of {list(allowed)}, got {value!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**63 - 1:
-        raise ValueError(f"{name}: must be an int in [1, 2**63 - 1], got {value!r}")
+        raise InvalidParameter(name, f"must be an int in [1, 2**63 - 1], got {value!r}")

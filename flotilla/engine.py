@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import shutil
 import sys
 import threading
@@ -21,9 +22,10 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
+from flotilla.errors import InvalidParameter
 from flotilla.config import EngineConfig
-from flotilla.control import ControlPlane
-from flotilla.delegation import delegates
+from flotilla.choices import choices_of, follow_choices
+from flotilla.control import DEFAULT_TIMEOUT_S, ControlPlane
 from flotilla.ipc.channel import ChannelHub
 from flotilla.ipc.links import HubLinks
 from flotilla.ipc.messages import (ControlDone, FlushCache, Heartbeat, Shutdown, StepOutput, StepStarted,
@@ -33,28 +35,27 @@ from flotilla.launch.topology import GroupSpec, check_scale, layout
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.inputs import InputProcessor, SamplingLike, batch_inputs
 from flotilla.private_dir import make_private_dir
-from flotilla.request import RequestFailed, RequestState, StreamCursor, choices_result, follow, wake_all
-from flotilla.rl.api import RL_METHODS, RLControl
+from flotilla.request import RequestFailed, RequestState, StreamCursor, follow, wake_all
+from flotilla.rl.api import RLControl
 from flotilla.router.controller import DPController
 from flotilla.router.dispatch import Dispatcher
 from flotilla.router.fleet import FleetSettings, ReplicaFleet
+from flotilla.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
 LOOP_STALL_S = 5.0  # the engine loop turns every 50 ms; this long without a turn means it is stuck
-CONTROL_METHODS = ("weight_version", "paused", "pause", "resume", "update_weights", "update_weights_from_disk",
-                   "release_memory", "resume_memory")
 MAIN_GUARD_HINT = ("workers start with 'spawn' and import your script again: put the code that creates the "
                    "Engine under `if __name__ == \"__main__\":`")
 
 
-@delegates("control", ControlPlane, CONTROL_METHODS)  # pause/resume, weight updates, memory (control.py)
-@delegates("rl", RLControl, RL_METHODS)  # sglang's names for RL frameworks (rl/api.py)
 class Engine:
     """Offline and online generation over one or more replicas.
 
     ``Engine(model=path, tp_size=2, dp_size=2)`` runs dp x tp rank processes on this machine; ``RayEngine``
-    is the same engine with the Ray launcher.
+    is the same engine with the Ray launcher. Every public method is written out here: requests and status in
+    this class, control operations (pause, weight updates, memory) forwarded to ``self.control``
+    (``flotilla/control.py``), sglang's names for RL frameworks to ``self.rl`` (``flotilla/rl/api.py``).
     """
 
     def __init__(self, model: str, **kwargs: Any):
@@ -77,7 +78,7 @@ class Engine:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
         except Exception as e:
-            raise ValueError(f"tokenizer: cannot load a tokenizer from {config.tokenizer!r}: {e}") from None
+            raise InvalidParameter("tokenizer", f"cannot load a tokenizer from {config.tokenizer!r}: {e}") from None
         self.vocab_size = int(config.hf_config.get("vocab_size") or len(self.tokenizer))
         self.controller = DPController(config.load_balance, page_size=config.block_size)
         self.dispatcher = Dispatcher(self.controller, config.failover_timeout_s)
@@ -206,8 +207,8 @@ class Engine:
                    request_id: str | None = None, affinity: str | None = None) -> RequestState:
         state = self.inputs.make_state(prompt, input_ids, sampling, request_id, affinity)
         if state.sampling.n > 1:
-            raise ValueError("n: a stream carries one completion; use generate() for n > 1 (or one stream per "
-                             "choice with the same affinity key)")
+            raise InvalidParameter("n", "stream() carries one completion; use generate() or stream_async() for "
+                                        "n > 1")
         return state
 
     def _submit(self, state: RequestState) -> None:
@@ -258,7 +259,7 @@ class Engine:
         for s in states:
             if s.finish_reason == "error":
                 raise RequestFailed(f"request {s.rid} failed: {s.error}")
-        return [choices_result(g) for g in groups]
+        return [choices_of([s.result() for s in g]) for g in groups]
 
     def stream(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                input_ids: list[int] | None = None, request_id: str | None = None) -> Iterator[dict[str, Any]]:
@@ -285,24 +286,47 @@ class Engine:
                            affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Async deltas for servers; cancelling the consumer aborts the request in its replica. Tokenizing
         runs off the event loop (a long prompt must not stall the other requests' streams). Requests with
-        the same ``affinity`` key go to one replica (the choices of one prompt share its KV there)."""
+        the same ``affinity`` key go to one replica.
+
+        With ``n`` > 1 in ``sampling_params`` the prompt's n choices run together (choice i seeded with seed + i,
+        named ``<request_id>-i``, all under one affinity key: one replica, which shares the prompt's KV) and their
+        deltas come interleaved, each with ``"index"`` (the choice); the stream ends once every choice has
+        finished. With n == 1 the deltas have no ``"index"``. Everything is validated before any request is
+        queued."""
         args = (prompt, input_ids, sampling_params, request_id, affinity)
         if len(prompt or "") > 4096 or len(input_ids or ()) > 4096:
-            state = await asyncio.to_thread(self._new_state, *args)
+            states = await asyncio.to_thread(self.inputs.make_choices, *args)
         else:
-            state = self._new_state(*args)
-        ev = state.add_async_waiter()
-        self._submit(state)
-        async for delta in follow(state, ev, self.abort):
+            states = self.inputs.make_choices(*args)
+        ev = asyncio.Event()
+        for state in states:
+            state.add_async_waiter(ev)
+        submitted: list[RequestState] = []
+        try:
+            for state in states:
+                self._submit(state)
+                submitted.append(state)
+        except BaseException:
+            for state in states:
+                state.remove_async_waiter(ev)
+            for state in submitted:  # only these: a refused one's id may be another request's (a duplicate)
+                if not state.finished:
+                    self.abort(state.rid)
+            raise
+        follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
+            follow_choices(states, ev, self.abort)
+        async for delta in follower:
             yield delta
 
     async def generate_async(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                              input_ids: list[int] | None = None, request_id: str | None = None) -> dict[str, Any]:
-        final = None
+        """The final result, as ``generate`` gives it for one prompt (with n > 1: every choice under "outputs")."""
+        results: dict[int, dict[str, Any]] = {}
         async for delta in self.stream_async(prompt, sampling_params, input_ids=input_ids, request_id=request_id):
-            final = delta
-        assert final is not None
-        return final["result"]
+            if delta["finished"]:
+                results[delta.get("index", 0)] = delta["result"]
+        assert results
+        return choices_of([results[i] for i in sorted(results)])
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; it finishes with finish_reason "abort". False if it is not in flight."""
@@ -330,14 +354,16 @@ class Engine:
             self._cv.notify_all()
 
     # ------------------------------------------------------------------------------------------ status
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
+        """Every replica, the requests in flight, weights, pause and the front end's health; ``.to_dict()`` for
+        a plain dict (the struct also reads as one: ``stats()["paused"]``)."""
         inflight = self.dispatcher.inflight()
-        return {"replicas": self.fleet.rows(), "num_requests_inflight": inflight, "max_model_len": self.max_model_len,
-                "load_balance": self.config.load_balance, "dp_size": self.fleet.dp_size(),
-                "replica_restarts": self.fleet.restarts(), "weight_version": self.control.weight_version,
-                "paused": self.control.paused, "control_op": self.control.current_op(),
-                "engine_loop_alive": self._loop_alive(),
-                "dropped_frames": self._out_ch.dropped}
+        return EngineStats(replicas=self.fleet.rows(), num_requests_inflight=inflight,
+                           max_model_len=self.max_model_len, load_balance=self.config.load_balance,
+                           dp_size=self.fleet.dp_size(), replica_restarts=self.fleet.restarts(),
+                           weight_version=self.control.weight_version, paused=self.control.paused,
+                           control_op=self.control.current_op(), engine_loop_alive=self._loop_alive(),
+                           dropped_frames=self._out_ch.dropped)
 
     def _loop_alive(self) -> bool:
         return self._thread.is_alive() and time.monotonic() - self._loop_tick < LOOP_STALL_S
@@ -349,6 +375,109 @@ class Engine:
     def serving(self) -> bool:
         """Some replica takes requests and the engine loop turns (/health: "degraded" rather than 503)."""
         return not self._closed and self._loop_alive() and self.fleet.serving()
+
+    # ---------------------------------------------------------------------------- control (control.py)
+    @property
+    def weight_version(self) -> int:
+        """The version of the weights every replica serves (0: the checkpoint the engine started with)."""
+        return self.control.weight_version
+
+    @property
+    def paused(self) -> bool:
+        """Whether ``pause()`` (or a pausing control operation) holds the engine."""
+        return self.control.paused
+
+    def pause(self, timeout: float = 60.0) -> None:
+        """Stop dispatching and scheduling; running requests keep their KV (``ControlPlane.pause``)."""
+        self.control.pause(timeout)
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Undo ``pause()``: replicas schedule again, held requests are dispatched (``ControlPlane.resume``)."""
+        self.control.resume(timeout)
+
+    def update_weights(self, named_tensors: Any, *, version: int | None = None, flush_cache: bool = True,
+                       timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Load (name, tensor) pairs into every replica without a restart; the new weight version
+        (``ControlPlane.update_weights``)."""
+        return self.control.update_weights(named_tensors, version=version, flush_cache=flush_cache, timeout=timeout)
+
+    def update_weights_from_disk(self, path: str | os.PathLike, *, version: int | None = None,
+                                 flush_cache: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """``update_weights`` from a safetensors file or checkpoint folder every rank can read
+        (``ControlPlane.update_weights_from_disk``)."""
+        return self.control.update_weights_from_disk(path, version=version, flush_cache=flush_cache, timeout=timeout)
+
+    def release_memory(self, weights: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Free every replica's KV cache (and with ``weights`` move the weights to host memory); pauses first
+        (``ControlPlane.release_memory``)."""
+        self.control.release_memory(weights, timeout)
+
+    def resume_memory(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Re-take what ``release_memory`` freed, and resume if that paused (``ControlPlane.resume_memory``)."""
+        self.control.resume_memory(timeout)
+
+    # ---------------------------------------------------------------------- RL, sglang's names (rl/api.py)
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl",
+                                  timeout: float = 600.0, connect_timeout_s: float = 30.0) -> None:
+        """Join every engine rank to one torch.distributed group with the trainer as rank 0
+        (``RLControl.init_weights_update_group``)."""
+        self.rl.init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
+                                          backend, timeout, connect_timeout_s)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        """Leave and destroy a weight-sync group (``RLControl.destroy_weights_update_group``)."""
+        self.rl.destroy_weights_update_group(group_name)
+
+    def weight_sync_ranks(self, rank_offset: int = 1) -> list[dict[str, Any]]:
+        """The group rank each engine rank takes for ``rank_offset`` (``RLControl.weight_sync_ranks``)."""
+        return self.rl.weight_sync_ranks(rank_offset)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
+                                        group_name: str = "weight_update_group", flush_cache: bool = True,
+                                        weight_version: int | None = None, timeout: float = 600.0) -> int:
+        """Receive the trainer's broadcasts into every rank; the new weight version
+        (``RLControl.update_weights_from_distributed``)."""
+        return self.rl.update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
+                                                       weight_version, timeout)
+
+    def check_weights_update(self, names: list[str], dtypes: list[Any], shapes: list[list[int]],
+                             group_name: str = "weight_update_group") -> None:
+        """Raise for what ``update_weights_from_distributed`` would refuse, touching nothing
+        (``RLControl.check_weights_update``)."""
+        self.rl.check_weights_update(names, dtypes, shapes, group_name)
+
+    def update_weights_from_tensor(self, named_tensors: Any, load_format: str | None = None,
+                                   flush_cache: bool = True, weight_version: int | None = None) -> int:
+        """(name, tensor) pairs, or CUDA IPC handles of a colocated trainer
+        (``RLControl.update_weights_from_tensor``)."""
+        return self.rl.update_weights_from_tensor(named_tensors, load_format, flush_cache, weight_version)
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """Pause with what happens to the requests in flight: "abort", "retract" or "in_place"
+        (``RLControl.pause_generation``)."""
+        self.rl.pause_generation(mode)
+
+    def continue_generation(self) -> None:
+        """Resume after ``pause_generation`` (``RLControl.continue_generation``)."""
+        self.rl.continue_generation()
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> int:
+        """Abort one request or every one in flight; how many were found (``RLControl.abort_request``)."""
+        return self.rl.abort_request(rid, abort_all)
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Free the KV cache and, for ``tags`` None or with "weights", move the weights to host memory
+        (``RLControl.release_memory_occupation``)."""
+        self.rl.release_memory_occupation(tags)
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Undo ``release_memory_occupation`` (``RLControl.resume_memory_occupation``)."""
+        self.rl.resume_memory_occupation(tags)
+
+    def get_weight_version(self) -> int:
+        """The weight version every replica serves (``RLControl.get_weight_version``)."""
+        return self.rl.get_weight_version()
 
     # ------------------------------------------------------------------------------------------ teardown
     def shutdown(self) -> None:

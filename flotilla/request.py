@@ -132,8 +132,10 @@ class RequestState:
         return out
 
     # ------------------------------------------------------------------------------------------ waiting
-    def add_async_waiter(self) -> asyncio.Event:
-        ev = asyncio.Event()
+    def add_async_waiter(self, ev: asyncio.Event | None = None) -> asyncio.Event:
+        """An event set on every change, on the running loop; ``ev``: one the caller shares among several
+        requests (the choices of one prompt, followed as one stream)."""
+        ev = asyncio.Event() if ev is None else ev
         self._async_waiters.append((asyncio.get_running_loop(), ev))
         return ev
 
@@ -142,16 +144,6 @@ class RequestState:
 
     def wake(self) -> None:
         wake_all([self])
-
-
-def choices_result(states: list[RequestState]) -> dict[str, Any]:
-    """``generate``'s dict for one prompt: a request's own result, or with n > 1 the first choice's fields
-    plus "outputs" (every choice) and the completion tokens of all of them."""
-    if len(states) == 1:
-        return states[0].result()
-    outputs = [s.result() for s in states]
-    return {**outputs[0], "request_id": states[0].rid, "outputs": outputs,
-            "completion_tokens": sum(o["completion_tokens"] for o in outputs)}
 
 
 def wake_all(states: Iterable[RequestState]) -> None:

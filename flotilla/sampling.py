@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from flotilla.errors import InvalidParameter
+
 INT64_MAX = 2**63 - 1  # every count and id travels to the workers as a msgpack int64; larger ones cannot
 MAX_STOP_STRINGS = 64  # stop strings and stop token ids per request (each is checked on every token)
 MAX_STOP_TOKEN_IDS = 1024
@@ -29,21 +31,21 @@ class StructuredOutput:
         if self.json_object is True:
             set_fields.append("json_object")
         elif self.json_object is not False:
-            raise ValueError(f"structured_output.json_object: must be a bool, got {self.json_object!r}")
+            raise InvalidParameter("structured_output.json_object", f"must be a bool, got {self.json_object!r}")
         if len(set_fields) != 1:
-            raise ValueError("structured_output: set exactly one of json, json_object, regex, choice, grammar; got "
-                             f"{set_fields or 'none'}")
+            raise InvalidParameter("structured_output", "set exactly one of json, json_object, regex, choice, grammar; got "
+                                                        f"{set_fields or 'none'}")
         if self.json is not None and not isinstance(self.json, (dict, str)):
-            raise ValueError(f"structured_output.json: must be a JSON schema (dict or str), got {type(self.json).__name__}")
+            raise InvalidParameter("structured_output.json", f"must be a JSON schema (dict or str), got {type(self.json).__name__}")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"structured_output.{name}: must be a non-empty str, got {value!r}")
+                raise InvalidParameter(f"structured_output.{name}", f"must be a non-empty str, got {value!r}")
         if self.choice is not None:
             if not isinstance(self.choice, (list, tuple)) or not self.choice or \
                     not all(isinstance(c, str) and c for c in self.choice):
-                raise ValueError(f"structured_output.choice: must be a non-empty list of non-empty str, "
-                                 f"got {self.choice!r}")
+                raise InvalidParameter("structured_output.choice", "must be a non-empty list of non-empty str, "
+                                                                   f"got {self.choice!r}")
             self.choice = list(self.choice)
 
     @classmethod
@@ -88,9 +90,9 @@ class SamplingParams:
         self.stop = _as_list("stop", self.stop, "a str or a list of str")
         self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "a list of token ids (int)")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            raise InvalidParameter("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+            raise InvalidParameter("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         _check_int("max_new_tokens", self.max_new_tokens, lo=1, hi=INT64_MAX)
         _check_num("temperature", self.temperature, lo=0.0, hint=">= 0")
         _check_num("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, hint="in (0, 1]")
@@ -103,13 +105,13 @@ class SamplingParams:
             _check_int("seed", self.seed, lo=0, hi=INT64_MAX, hint="in [0, 2**63 - 1]")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop: every stop string must be a non-empty str, got {s!r}")
+                raise InvalidParameter("stop", f"every stop string must be a non-empty str, got {s!r}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0, hi=INT64_MAX, hint="token ids in [0, vocab size)")
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
+            raise InvalidParameter("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):
-            raise ValueError(f"logprobs: must be a bool, got {self.logprobs!r}")
+            raise InvalidParameter("logprobs", f"must be a bool, got {self.logprobs!r}")
         _check_int("top_logprobs", self.top_logprobs, lo=0, hi=20, hint="in [0, 20]")
         if self.top_logprobs and not self.logprobs:
             self.logprobs = True
@@ -141,7 +143,7 @@ def _as_list(name: str, value: Any, what: str) -> list[Any]:
         return []
     if isinstance(value, (list, tuple)):
         return list(value)
-    raise ValueError(f"{name}: must be {what}, got {type(value).__name__} {value!r}")
+    raise InvalidParameter(name, f"must be {what}, got {type(value).__name__} {value!r}")
 
 
 def _from_any(cls: type, value: Any, name: str) -> Any:
@@ -152,25 +154,25 @@ def _from_any(cls: type, value: Any, name: str) -> Any:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"{name}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+            raise InvalidParameter(name, f"unknown field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**value)
-    raise ValueError(f"{name}: expected {cls.__name__} or dict, got {type(value).__name__}")
+    raise InvalidParameter(name, f"expected {cls.__name__} or dict, got {type(value).__name__}")
 
 
 def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: must be an int{' ' + hint if hint else ''}, got {value!r}")
+        raise InvalidParameter(name, f"must be an int{' ' + hint if hint else ''}, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         rng = hint or (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
-        raise ValueError(f"{name}: must be {rng}, got {value}")
+        raise InvalidParameter(name, f"must be {rng}, got {value}")
 
 
 def _check_num(name: str, value: Any, lo: float | None = None, hi: float | None = None,
                lo_open: bool = False, hint: str = "") -> None:
     # NaN and +-inf are rejected too: an infinite temperature or penalty turns logits into NaNs on the worker
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number {hint}, got {value!r}")
+        raise InvalidParameter(name, f"must be a finite number {hint}, got {value!r}")
     bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
     bad_hi = hi is not None and value > hi
     if bad_lo or bad_hi:
-        raise ValueError(f"{name}: must be {hint}, got {value}")
+        raise InvalidParameter(name, f"must be {hint}, got {value}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from flotilla.errors import InvalidParameter
 from flotilla.sampling import StructuredOutput
 
 # Compact JSON (", " and ": " only, no free whitespace): a model, a random one above all, cannot spend its
@@ -42,7 +43,7 @@ def check(so: StructuredOutput) -> None:
     try:
         grammar = grammar_of(so)
     except (ValueError, TypeError) as e:  # not JSON, or not an object
-        raise ValueError(f"structured_output.{name}: {e}") from None
+        raise InvalidParameter(f"structured_output.{name}", f"{e}") from None
     error = LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
-        raise ValueError(f"structured_output.{name}: {error.strip().splitlines()[0]}")
+        raise InvalidParameter(f"structured_output.{name}", f"{error.strip().splitlines()[0]}")

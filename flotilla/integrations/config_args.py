@@ -17,6 +17,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from flotilla.errors import InvalidParameter
+
 T = TypeVar("T")
 _TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
 
@@ -24,15 +26,15 @@ _TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), 
 def config_from_args(cls: type[T], args: Mapping[str, Any]) -> T:
     """``cls(**args)`` with unknown keys refused and command-line strings read as each field's type."""
     if not isinstance(args, Mapping):
-        raise ValueError(f"{cls.__name__}: application arguments must be a dict, got {type(args).__name__}")
+        raise InvalidParameter(cls.__name__, f"application arguments must be a dict, got {type(args).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(str(k) for k in args if k not in fields)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; the fields are {sorted(fields)}")
+        raise InvalidParameter(cls.__name__, f"unknown field(s) {unknown}; the fields are {sorted(fields)}")
     missing = sorted(n for n, f in fields.items() if n not in args and f.default is dataclasses.MISSING
                      and f.default_factory is dataclasses.MISSING)
     if missing:
-        raise ValueError(f"{cls.__name__}: missing required field(s) {missing}")
+        raise InvalidParameter(cls.__name__, f"missing required field(s) {missing}")
     hints = typing.get_type_hints(cls)
     return cls(**{name: coerce(name, value, hints[name]) for name, value in args.items()})
 
@@ -60,26 +62,26 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
             return True
         if text.lower() in _FALSE:
             return False
-        raise ValueError(f"{name}: must be true or false, got {value!r}")
+        raise InvalidParameter(name, f"must be true or false, got {value!r}")
     if int in kinds:
         try:
             return int(text)
         except ValueError:
             if str not in kinds and float not in kinds:
-                raise ValueError(f"{name}: must be an int, got {value!r}") from None
+                raise InvalidParameter(name, f"must be an int, got {value!r}") from None
     if float in kinds:
         try:
             return float(text)
         except ValueError:
             if str not in kinds:
-                raise ValueError(f"{name}: must be a number, got {value!r}") from None
+                raise InvalidParameter(name, f"must be a number, got {value!r}") from None
     if dict in kinds or list in kinds or tuple in kinds:
         try:
             parsed = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{name}: must be JSON ({e.msg} at column {e.colno}), got {value!r}") from None
+            raise InvalidParameter(name, f"must be JSON ({e.msg} at column {e.colno}), got {value!r}") from None
         if type(parsed) not in kinds and not (tuple in kinds and isinstance(parsed, list)):
-            raise ValueError(f"{name}: must be a JSON {' or '.join(sorted(k.__name__ for k in kinds))}, "
-                             f"got {value!r}")
+            raise InvalidParameter(name, f"must be a JSON {' or '.join(sorted(k.__name__ for k in kinds))}, "
+                                         f"got {value!r}")
         return parsed
     return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flotilla.errors import InvalidParameter
 from flotilla.config import EngineConfig
 from flotilla.launch.topology import world_size
 
@@ -12,13 +13,13 @@ from flotilla.launch.topology import world_size
 def check_engine_options(model_source: Any, engine_kwargs: Any) -> EngineConfig:
     """The engine's config, built in the driver so a bad option fails there, not in every actor."""
     if not isinstance(model_source, str) or not model_source:
-        raise ValueError(f"model_source: must be a non-empty path, got {model_source!r}")
+        raise InvalidParameter("model_source", f"must be a non-empty path, got {model_source!r}")
     if not isinstance(engine_kwargs, dict):
-        raise ValueError(f"engine_kwargs: must be a dict of EngineConfig options, got {engine_kwargs!r}")
+        raise InvalidParameter("engine_kwargs", f"must be a dict of EngineConfig options, got {engine_kwargs!r}")
     try:
         return EngineConfig.from_kwargs(model_source, **engine_kwargs)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"engine_kwargs: {e}") from None
+        raise InvalidParameter("engine_kwargs", f"{e}") from None
 
 
 def rank_count(cfg: EngineConfig) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flotilla.errors import InvalidParameter, type_name
 from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
 
 if TYPE_CHECKING:
@@ -74,19 +75,19 @@ class FlotillaProcessorConfig:
         self.concurrency = _check_concurrency(self.concurrency)
         for name in ("batch_size", "max_concurrent_batches"):
             if not positive_int(getattr(self, name)):
-                raise ValueError(f"{name}: must be an int >= 1, got {getattr(self, name)!r}")
+                raise InvalidParameter(name, f"must be an int >= 1, got {getattr(self, name)!r}")
         if self.launcher not in LAUNCHERS:
-            raise ValueError(f"launcher: must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
+            raise InvalidParameter("launcher", f"must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if not isinstance(self.ray_remote_args, dict):
-            raise ValueError(f"ray_remote_args: must be a dict, got {self.ray_remote_args!r}")
+            raise InvalidParameter("ray_remote_args", f"must be a dict, got {self.ray_remote_args!r}")
         if "max_concurrency" in self.ray_remote_args:
-            raise ValueError("ray_remote_args: set max_concurrent_batches instead of max_concurrency")
+            raise InvalidParameter("ray_remote_args", "set max_concurrent_batches instead of max_concurrency")
         if "runtime_env" in self.ray_remote_args:
-            raise ValueError("ray_remote_args: set runtime_env as its own field")
+            raise InvalidParameter("ray_remote_args", "set runtime_env as its own field")
         if self.runtime_env is not None and not isinstance(self.runtime_env, dict):
-            raise ValueError(f"runtime_env: must be a dict, got {self.runtime_env!r}")
+            raise InvalidParameter("runtime_env", f"must be a dict, got {self.runtime_env!r}")
         if not isinstance(self.should_continue_on_error, bool):
-            raise ValueError(f"should_continue_on_error: must be a bool, got {self.should_continue_on_error!r}")
+            raise InvalidParameter("should_continue_on_error", f"must be a bool, got {self.should_continue_on_error!r}")
 
     @property
     def ranks(self) -> int:
@@ -137,7 +138,7 @@ def _check_concurrency(value: Any) -> int | tuple[int, int]:
     if isinstance(value, (tuple, list)) and len(value) == 2 and positive_int(value[0]) and positive_int(value[1]) \
             and value[0] <= value[1]:
         return (value[0], value[1])
-    raise ValueError(f"concurrency: must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {value!r}")
+    raise InvalidParameter("concurrency", f"must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- one row
@@ -148,14 +149,14 @@ def sampling_of(row: Row) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ValueError(f"sampling_params: must be a dict, got {type(raw).__name__}")
+        raise InvalidParameter("sampling_params", f"must be a dict, got {type(raw).__name__}")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if value is None:
             continue
         name = SAMPLING_ALIASES.get(key, key)
         if name in out:
-            raise ValueError(f"sampling_params: {key!r} and another spelling of {name!r} are both set")
+            raise InvalidParameter("sampling_params", f"{key!r} and another spelling of {name!r} are both set")
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -164,16 +165,16 @@ def row_input(row: Row, tokenizer: Any) -> tuple[str | None, list[int] | None]:
     """(prompt, input_ids) of a row that has exactly one of ``prompt``, ``messages`` or ``input_ids``."""
     given = [k for k in ("prompt", "messages", "input_ids") if row.get(k) is not None]
     if len(given) != 1:
-        raise ValueError(f"preprocess: a row needs exactly one of prompt, messages or input_ids, got {given or 'none'}")
+        raise InvalidParameter("preprocess", f"a row needs exactly one of prompt, messages or input_ids, got {given or 'none'}")
     if given[0] == "prompt":
         return row["prompt"], None
     if given[0] == "input_ids":
         return None, [int(t) for t in row["input_ids"]]
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages: must be a non-empty list of {role, content} dicts")
+        raise InvalidParameter("messages", "must be a non-empty list of {role, content} dicts")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("messages: the model's tokenizer has no chat template; pass prompt or input_ids")
+        raise InvalidParameter("messages", "the model's tokenizer has no chat template; pass prompt or input_ids")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return None, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -234,8 +235,8 @@ class FlotillaStage:
         for i, (row, res) in enumerate(zip(rows, results)):
             if isinstance(res, BaseException):
                 if not self.config.should_continue_on_error or not isinstance(res, Exception):
-                    raise RowFailed(f"row {i} of its batch failed: {type(res).__name__}: {res}") from res
-                out.append({**row, **{c: None for c in OUTPUT_COLUMNS}, ERROR_COLUMN: f"{type(res).__name__}: {res}"})
+                    raise RowFailed(f"row {i} of its batch failed: {type_name(res)}: {res}") from res
+                out.append({**row, **{c: None for c in OUTPUT_COLUMNS}, ERROR_COLUMN: f"{type_name(res)}: {res}"})
             else:
                 extra = {ERROR_COLUMN: None} if self.config.should_continue_on_error else {}
                 out.append({**row, **res, **extra})
@@ -287,7 +288,7 @@ class KeepColumns:
     def __call__(self, row: Row) -> Row:
         out = self.fn(row)
         if not isinstance(out, dict):
-            raise ValueError(f"preprocess: must return a dict (the row), got {type(out).__name__}")
+            raise InvalidParameter("preprocess", f"must return a dict (the row), got {type(out).__name__}")
         return {**row, **out}
 
 
@@ -334,8 +335,8 @@ def build_processor(config: FlotillaProcessorConfig, preprocess: Callable[[Row],
     ``generated_text``, ``generated_token_ids``, ``num_input_tokens`` and ``num_generated_tokens``; then
     ``postprocess(row)``. ``*_map_kwargs`` go to those two ``Dataset.map`` calls (``num_cpus=0.25``...)."""
     if not isinstance(config, FlotillaProcessorConfig):
-        raise ValueError(f"config: must be a FlotillaProcessorConfig, got {type(config).__name__}")
+        raise InvalidParameter("config", f"must be a FlotillaProcessorConfig, got {type(config).__name__}")
     for name, fn in (("preprocess", preprocess), ("postprocess", postprocess)):
         if fn is not None and not callable(fn):
-            raise ValueError(f"{name}: must be callable, got {type(fn).__name__}")
+            raise InvalidParameter(name, f"must be callable, got {type(fn).__name__}")
     return Processor(config, preprocess, postprocess, preprocess_map_kwargs, postprocess_map_kwargs)

@@ -28,6 +28,7 @@ from typing import Any
 from ray import serve
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from flotilla.errors import InvalidParameter
 from flotilla.integrations.config_args import config_from_args
 from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
 from flotilla.request import RequestFailed
@@ -83,28 +84,28 @@ class FlotillaServeConfig:
         for name in ("served_model_name", "api_key", "accelerator_type"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"{name}: must be a non-empty str or None, got {value!r}")
+                raise InvalidParameter(name, f"must be a non-empty str or None, got {value!r}")
         n = self.num_replicas
         if self.autoscaling_config is not None:
             if not isinstance(self.autoscaling_config, dict):
-                raise ValueError(f"autoscaling_config: must be a dict, got {self.autoscaling_config!r}")
+                raise InvalidParameter("autoscaling_config", f"must be a dict, got {self.autoscaling_config!r}")
             if n not in (None, "auto", 1):
-                raise ValueError(f"num_replicas: must be 'auto' or None with autoscaling_config, got {n!r}")
+                raise InvalidParameter("num_replicas", f"must be 'auto' or None with autoscaling_config, got {n!r}")
             self.num_replicas = "auto" if n == "auto" else None
         elif n != "auto" and not positive_int(n):
-            raise ValueError(f"num_replicas: must be an int >= 1 or 'auto', got {n!r}")
+            raise InvalidParameter("num_replicas", f"must be an int >= 1 or 'auto', got {n!r}")
         if self.max_ongoing_requests is None:
             self.max_ongoing_requests = 4 * self.engine_config.max_num_seqs * self.engine_config.dp_size
         for name in ("max_ongoing_requests", "affinity_prefix_tokens", "affinity_imbalance", "ingress_replicas"):
             if not positive_int(getattr(self, name)):
-                raise ValueError(f"{name}: must be an int >= 1, got {getattr(self, name)!r}")
+                raise InvalidParameter(name, f"must be an int >= 1, got {getattr(self, name)!r}")
         if self.launcher not in LAUNCHERS:
-            raise ValueError(f"launcher: must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
+            raise InvalidParameter("launcher", f"must be one of {list(LAUNCHERS)}, got {self.launcher!r}")
         for name in ("engine_options", "ingress_options"):
             if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name}: must be a dict of serve.deployment options, got {getattr(self, name)!r}")
+                raise InvalidParameter(name, f"must be a dict of serve.deployment options, got {getattr(self, name)!r}")
         if not isinstance(self.prefix_affinity, bool):
-            raise ValueError(f"prefix_affinity: must be a bool, got {self.prefix_affinity!r}")
+            raise InvalidParameter("prefix_affinity", f"must be a bool, got {self.prefix_affinity!r}")
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "FlotillaServeConfig":
@@ -236,7 +237,7 @@ class FlotillaEngineReplica:
         return {"max_model_len": self.engine.max_model_len}
 
     def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        return self.engine.stats().to_dict()
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: the engine loop stopped, or every engine replica is down
@@ -307,8 +308,8 @@ class ServeEngineClient:
         return self._stats
 
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
-        raise ValueError("dp_size: under Ray Serve the number of engines is Serve's: set num_replicas or "
-                         "autoscaling_config on the application")
+        raise InvalidParameter("dp_size", "under Ray Serve the number of engines is Serve's: set num_replicas or "
+                                          "autoscaling_config on the application")
 
 
 def translate_error(e: BaseException) -> BaseException:
@@ -317,6 +318,8 @@ def translate_error(e: BaseException) -> BaseException:
 
     if isinstance(e, RayTaskError):
         cause = getattr(e, "cause", None)
+        if isinstance(cause, InvalidParameter):
+            return InvalidParameter(cause.field, cause.message, cause.allowed)
         if isinstance(cause, ValueError):
             return ValueError(str(cause))
         if isinstance(cause, RequestFailed):
@@ -364,7 +367,7 @@ def build_openai_app(config: FlotillaServeConfig | Mapping[str, Any]) -> Any:
     if isinstance(config, Mapping):
         config = FlotillaServeConfig.from_args(config)
     if not isinstance(config, FlotillaServeConfig):
-        raise ValueError(f"config: must be a FlotillaServeConfig or a dict of its fields, got {type(config).__name__}")
+        raise InvalidParameter("config", f"must be a FlotillaServeConfig or a dict of its fields, got {type(config).__name__}")
     if inspect.signature(serve.ingress).parameters["app"].default is not None:
         raise RuntimeError("build_openai_app needs a Ray Serve whose serve.ingress() takes no app "
                            "(__serve_build_asgi_app__); install ray[serve]>=2.60")

@@ -43,6 +43,7 @@ import msgspec
 import zmq
 import zmq.auth.thread
 
+from flotilla.errors import InvalidParameter
 from flotilla.ipc.messages import encoder
 
 logger = logging.getLogger(__name__)
@@ -305,12 +306,12 @@ def _check_kind(kind: str) -> int:
     try:
         return _KINDS[kind]
     except KeyError:
-        raise ValueError(f"kind: must be 'push' or 'pull', got {kind!r}") from None
+        raise InvalidParameter("kind", f"must be 'push' or 'pull', got {kind!r}") from None
 
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"name: must match {_NAME_RE.pattern} (it becomes a file name), got {name!r}")
+        raise InvalidParameter("name", f"must match {_NAME_RE.pattern} (it becomes a file name), got {name!r}")
 
 
 def _is_wildcard(host: str) -> bool:
@@ -333,7 +334,7 @@ def _tcp_host_port(address: str) -> tuple[str, str]:
     rest = address[len("tcp://"):]
     host, sep, port = rest.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) == 0:
-        raise ValueError(f"address: expected tcp://HOST:PORT with a real port, got {address!r}")
+        raise InvalidParameter("address", f"expected tcp://HOST:PORT with a real port, got {address!r}")
     return host, port
 
 
@@ -354,7 +355,7 @@ class ChannelHub:
         self.use_tcp = bool(use_tcp or host is not None)
         if host is not None:
             if not isinstance(host, str) or not host.strip() or "/" in host or host != host.strip():
-                raise ValueError(f"host: expected an IP address, host or interface name, got {host!r}")
+                raise InvalidParameter("host", f"expected an IP address, host or interface name, got {host!r}")
             if _is_wildcard(host) and not allow_wildcard:
                 raise ValueError(
                     f"host: {host!r} listens on every network interface, exposing the engine's sockets to "
@@ -404,7 +405,7 @@ class ChannelHub:
         zkind = _check_kind(kind)
         _check_name(name)
         if name in self._names:
-            raise ValueError(f"name: {name!r} is already bound on this hub")
+            raise InvalidParameter("name", f"{name!r} is already bound on this hub")
         ipv6 = self.use_tcp and _is_ipv6_literal(self.host or "")
         sock = self.context.socket(zkind)
         try:
@@ -423,8 +424,8 @@ class ChannelHub:
                 bound_host, _ = _tcp_host_port(address)
                 if _is_wildcard(bound_host) and not self.allow_wildcard:
                     # A host name or interface that resolved to the wildcard address: same exposure.
-                    raise ValueError(f"host: {self.host!r} bound {address}, i.e. every interface; pass "
-                                     "allow_wildcard=True if you really mean it")
+                    raise InvalidParameter("host", f"{self.host!r} bound {address}, i.e. every interface; pass "
+                                                   "allow_wildcard=True if you really mean it")
                 if self.advertise_host:
                     _, port = _tcp_host_port(address)
                     adv = self.advertise_host
@@ -433,8 +434,8 @@ class ChannelHub:
                 assert self.ipc_dir is not None
                 path = os.path.join(self.ipc_dir, f"{name}.sock")
                 if len(path.encode()) > _MAX_IPC_PATH:
-                    raise ValueError(f"name: ipc socket path {path!r} exceeds {_MAX_IPC_PATH} bytes; "
-                                     "use a shorter name or a shorter TMPDIR")
+                    raise InvalidParameter("name", f"ipc socket path {path!r} exceeds {_MAX_IPC_PATH} bytes; "
+                                                   "use a shorter name or a shorter TMPDIR")
                 sock.bind(f"ipc://{path}")
                 address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
@@ -505,13 +506,13 @@ def connect(kind: str, address: str, decoder: msgspec.msgpack.Decoder | None = N
     if address.startswith("tcp://"):
         host, _ = _tcp_host_port(address)
         if keys is None:
-            raise ValueError("keys: tcp channels are CURVE-encrypted and authenticated; pass the CurveKeys "
-                             "the front end generated (keys.for_client())")
+            raise InvalidParameter("keys", "tcp channels are CURVE-encrypted and authenticated; pass the CurveKeys "
+                                           "the front end generated (keys.for_client())")
         ipv6 = host.startswith("[")
     elif address.startswith("ipc://"):
         ipv6 = False
     else:
-        raise ValueError(f"address: expected an ipc:// or tcp:// address, got {address!r}")
+        raise InvalidParameter("address", f"expected an ipc:// or tcp:// address, got {address!r}")
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zkind)
     try:

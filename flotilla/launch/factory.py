@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from flotilla.errors import InvalidParameter
 from flotilla.config import EngineConfig
 
 # Fields whose plain flag would clash with a front-end option of the same name (``serve --host`` is the HTTP
@@ -98,7 +99,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def model_of(args: argparse.Namespace) -> str:
     model = getattr(args, "model", None)
     if not model:
-        raise ValueError("model: pass --model PATH (or set `model:` in the --config file)")
+        raise InvalidParameter("model", "pass --model PATH (or set `model:` in the --config file)")
     return str(model)
 
 
@@ -112,7 +113,7 @@ def make_engine(args: argparse.Namespace) -> Any:
             kwargs["gpus_per_rank"] = args.gpus_per_rank
         return RayEngine(model=model_of(args), **kwargs)
     if hasattr(args, "gpus_per_rank"):
-        raise ValueError("gpus_per_rank: only applies with --ray")
+        raise InvalidParameter("gpus_per_rank", "only applies with --ray")
     from flotilla.engine import Engine
 
     return Engine(model=model_of(args), **kwargs)

@@ -7,6 +7,7 @@ import os
 import uuid
 from typing import TYPE_CHECKING
 
+from flotilla.errors import InvalidParameter
 from flotilla.launch.base import memory_share, with_memory_share
 from flotilla.launch.topology import GroupSpec, device_index, group_world_size, world_size
 from flotilla.launch.worker_args import WorkerArgs
@@ -46,9 +47,9 @@ class MpLauncher:
             self._num_devices = torch.cuda.device_count()
             per_group = group_world_size(config)
             if per_group > self._num_devices:
-                raise ValueError(f"tp_size: one replica's {per_group} ranks (tp_size={config.tp_size} x "
-                                 f"pp_size={config.pp_size}) need a GPU each, and {self._num_devices} are visible; "
-                                 "only whole replicas share GPUs")
+                raise InvalidParameter("tp_size", f"one replica's {per_group} ranks (tp_size={config.tp_size} x "
+                                                  f"pp_size={config.pp_size}) need a GPU each, and {self._num_devices} are visible; "
+                                                  "only whole replicas share GPUs")
         self._ranks = ranks
         self._groups: dict[int, list[mp.process.BaseProcess]] = {}
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from flotilla.errors import InvalidParameter
 from flotilla.launch.base import with_memory_share
 from flotilla.launch.mp import cpu_threads_per_rank
 from flotilla.launch.topology import GroupSpec, group_world_size, world_size
@@ -211,8 +212,8 @@ def plan_slots(bundles: list[dict], order: list[int], num_ranks: int, use_gpu: b
         slots.extend([b] * max(0, cap))
     if len(slots) < num_ranks:
         kind = "GPUs" if use_gpu else "CPUs"
-        raise ValueError(f"placement_group: bundles {order} have room for {len(slots)} ranks ({kind}), "
-                         f"{num_ranks} needed")
+        raise InvalidParameter("placement_group", f"bundles {order} have room for {len(slots)} ranks ({kind}), "
+                                                  f"{num_ranks} needed")
     return slots[:num_ranks]
 
 
@@ -220,12 +221,12 @@ def check_bundle_indices(indices: list[int] | None, num_bundles: int) -> list[in
     if indices is None:
         return list(range(num_bundles))
     if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-        raise ValueError(f"bundle_indices: must be a list of ints, got {indices!r}")
+        raise InvalidParameter("bundle_indices", f"must be a list of ints, got {indices!r}")
     if len(set(indices)) != len(indices):
-        raise ValueError(f"bundle_indices: duplicates in {list(indices)}")
+        raise InvalidParameter("bundle_indices", f"duplicates in {list(indices)}")
     bad = [i for i in indices if not 0 <= i < num_bundles]
     if bad:
-        raise ValueError(f"bundle_indices: {bad} out of range [0, {num_bundles})")
+        raise InvalidParameter("bundle_indices", f"{bad} out of range [0, {num_bundles})")
     return list(indices)
 
 
@@ -243,10 +244,10 @@ class RayPlacement:
         g = self.gpus_per_rank
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not (
                 0 < g <= 1 or (g > 1 and float(g).is_integer())):
-            raise ValueError(f"gpus_per_rank: must be in (0, 1] or a whole number, got {g!r}")
+            raise InvalidParameter("gpus_per_rank", f"must be in (0, 1] or a whole number, got {g!r}")
         t = self.placement_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-            raise ValueError(f"placement_timeout_s: must be a number > 0, got {t!r}")
+            raise InvalidParameter("placement_timeout_s", f"must be a number > 0, got {t!r}")
 
 
 class RayLauncher:
@@ -256,9 +257,9 @@ class RayLauncher:
         use_gpu = config.device == "cuda"
         share = placement.gpus_per_rank
         if use_gpu and share < 1 and group_world_size(config) > 1:
-            raise ValueError(f"gpus_per_rank: {share} puts ranks of one TP/PP group on one GPU, which NCCL "
-                             f"cannot do; a fraction is for replicas of one rank (tp_size=1, pp_size=1), got "
-                             f"tp_size={config.tp_size}, pp_size={config.pp_size}")
+            raise InvalidParameter("gpus_per_rank", f"{share} puts ranks of one TP/PP group on one GPU, which NCCL "
+                                                    f"cannot do; a fraction is for replicas of one rank (tp_size=1, pp_size=1), got "
+                                                    f"tp_size={config.tp_size}, pp_size={config.pp_size}")
         num_ranks = world_size(config.tp_size, config.dp_size, config.enable_dp_attention, config.pp_size)
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)
@@ -296,8 +297,8 @@ class RayLauncher:
         if missing <= 0:
             return
         if not self._owns_pg:
-            raise ValueError(f"placement_group: the caller's group has room for {len(self.slots)} ranks, "
-                             f"{num_ranks} needed")
+            raise InvalidParameter("placement_group", f"the caller's group has room for {len(self.slots)} ranks, "
+                                                      f"{num_ranks} needed")
         pg = self._create_pg(missing, self._timeout_s)
         self._extra_pgs.append(pg)
         self.slots.extend(self._place(pg, missing, None))
@@ -311,7 +312,7 @@ class RayLauncher:
         per_node = max((n["Resources"].get(key, 0.0) for n in nodes), default=0.0)
         need = num_ranks * (self.gpus_per_rank if self.use_gpu else 1.0)
         if per_node <= 0:
-            raise ValueError(f"device: no alive Ray node has any {key} (needed {need})")
+            raise InvalidParameter("device", f"no alive Ray node has any {key} (needed {need})")
         if need <= per_node:
             bundles = [{"CPU": float(num_ranks), "GPU": need} if self.use_gpu else {"CPU": float(num_ranks)}]
             strategy = "STRICT_PACK"
@@ -392,7 +393,7 @@ class RayLauncher:
         with them)."""
         refs = [payload] if isinstance(payload, ray.ObjectRef) else list(payload)
         if not refs or not all(isinstance(r, ray.ObjectRef) for r in refs):
-            raise ValueError("refs: expected an ObjectRef or a non-empty list of ObjectRefs")
+            raise InvalidParameter("refs", "expected an ObjectRef or a non-empty list of ObjectRefs")
         calls = [a.stage_weights.remote(key, list(refs)) for g in self._groups.values() for a in g["actors"]]
         out = []
         try:
@@ -403,7 +404,7 @@ class RayLauncher:
                     continue
         except ray.exceptions.RayTaskError as e:
             self.unstage(key)
-            raise ValueError(f"refs: the rank actors could not read the update: {str(e).splitlines()[-1]}") from None
+            raise InvalidParameter("refs", f"the rank actors could not read the update: {str(e).splitlines()[-1]}") from None
         except BaseException:
             self.unstage(key)
             raise

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from flotilla.errors import InvalidParameter
+
 MAX_DP_SIZE = 256  # replicas ``scale`` grows to at most (a launcher may hold fewer: ``max_ranks``)
 MAX_DRAIN_TIMEOUT_S = 24 * 3600.0
 
@@ -26,11 +28,11 @@ def check_scale(dp_size: Any, drain_timeout_s: Any, ranks_per_replica: int = 1, 
     limit = MAX_DP_SIZE if max_ranks is None else max(1, min(MAX_DP_SIZE, max_ranks // max(1, ranks_per_replica)))
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or not 1 <= dp_size <= limit:
         why = "" if max_ranks is None else f" ({max_ranks} ranks fit this launcher, {ranks_per_replica} per replica)"
-        raise ValueError(f"dp_size: must be an int in [1, {limit}]{why}, got {dp_size!r}")
+        raise InvalidParameter("dp_size", f"must be an int in [1, {limit}]{why}, got {dp_size!r}")
     if isinstance(drain_timeout_s, bool) or not isinstance(drain_timeout_s, (int, float)) or \
             not 0 <= drain_timeout_s <= MAX_DRAIN_TIMEOUT_S or not math.isfinite(drain_timeout_s):
-        raise ValueError(f"drain_timeout_s: must be a finite number of seconds in [0, {MAX_DRAIN_TIMEOUT_S:.0f}], "
-                         f"got {drain_timeout_s!r}")
+        raise InvalidParameter("drain_timeout_s", f"must be a finite number of seconds in [0, {MAX_DRAIN_TIMEOUT_S:.0f}], "
+                                                  f"got {drain_timeout_s!r}")
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,13 @@ def check_layout(tp_size: int, dp_size: int, enable_dp_attention: bool, pp_size:
     """The one home of the layout rules (EngineConfig.validate calls this too)."""
     for name, value in (("tp_size", tp_size), ("dp_size", dp_size), ("pp_size", pp_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+            raise InvalidParameter(name, f"must be an int >= 1, got {value!r}")
     if pp_size > 1 and enable_dp_attention:
-        raise ValueError("pp_size: pipeline parallelism is not supported with enable_dp_attention "
-                         f"(got pp_size={pp_size}); use pp_size=1 or enable_dp_attention=False")
+        raise InvalidParameter("pp_size", "pipeline parallelism is not supported with enable_dp_attention "
+                                          f"(got pp_size={pp_size}); use pp_size=1 or enable_dp_attention=False")
     if enable_dp_attention and tp_size % dp_size:
-        raise ValueError(f"dp_size: with enable_dp_attention, dp_size must divide tp_size; got dp_size={dp_size}, "
-                         f"tp_size={tp_size}")
+        raise InvalidParameter("dp_size", f"with enable_dp_attention, dp_size must divide tp_size; got dp_size={dp_size}, "
+                                          f"tp_size={tp_size}")
 
 
 def layout(tp_size: int, dp_size: int, enable_dp_attention: bool, pp_size: int = 1) -> list[GroupSpec]:

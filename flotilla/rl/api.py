@@ -1,7 +1,7 @@
 """The control calls RL frameworks make, with sglang's names and arguments, on Engine and RayEngine.
 
-An object built with the control plane and the engine's abort; ``Engine`` forwards its methods under their
-own names (``flotilla/delegation.py``). verl, OpenRLHF, slime, SkyRL, NeMo-RL and AReaL drive an inference engine through these names; with
+An object built with the control plane and the engine's abort; ``Engine`` forwards each of its methods under
+its own name, written out in ``flotilla/engine.py``. verl, OpenRLHF, slime, SkyRL, NeMo-RL and AReaL drive an inference engine through these names; with
 them, a framework's sglang adapter works against Flotilla with the import changed.
 
 Differences from sglang, on purpose: a failure raises (``ValueError`` for a bad argument, ``RuntimeError``
@@ -36,12 +36,6 @@ def is_ipc(named_tensors: Any) -> bool:
         return False
     first = named_tensors[0]
     return isinstance(first, IpcTensor) or (isinstance(first, list) and bool(first) and isinstance(first[0], IpcTensor))
-
-
-RL_METHODS = ("init_weights_update_group", "destroy_weights_update_group", "weight_sync_ranks",
-              "update_weights_from_distributed", "check_weights_update", "update_weights_from_tensor",
-              "pause_generation", "continue_generation", "abort_request", "release_memory_occupation",
-              "resume_memory_occupation", "get_weight_version")
 
 
 class RLControl:

@@ -48,6 +48,7 @@ from flotilla.launch.topology import GroupSpec, replica_group
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.request import RequestState, wake_all
 from flotilla.router.dispatch import Dispatcher
+from flotilla.stats import DownStats, PipelineStats, ReplicaStats
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +475,7 @@ class ReplicaFleet:
         wake_all(ended)
 
     # ------------------------------------------------------------------------------------------ status
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[ReplicaStats]:
         """One entry per replica for stats(): the routed ones from the controller's views, plus the replicas
         of groups that are down (until their replacement is ready)."""
         out = []
@@ -485,23 +486,21 @@ class ReplicaFleet:
                     if view is None:
                         continue
                     rep = view.last_report
-                    out.append({
-                        "id": t, "group": rec.spec.group_id, "state": rec.state.value,
-                        "pids": self.launcher.pids(rec.spec.group_id), "alive": view.alive,
-                        "accepting": view.accepting, "running": view.running, "waiting": view.waiting,
-                        "kv_used": view.kv_used, "cached_tokens": view.cached_tokens,
-                        "outstanding_tokens": view.outstanding_tokens, "num_steps": rep.num_steps,
-                        "num_preemptions": rep.num_preemptions, "num_overlapped_steps": rep.num_overlapped_steps,
-                        "weight_version": rep.weight_version,
-                        "stage_forwards": list(rep.stage_forwards), "max_in_flight": rep.max_in_flight,
-                        "restarts": rec.restarts})
+                    out.append(ReplicaStats(
+                        id=t, group=rec.spec.group_id, state=rec.state.value,
+                        pids=self.launcher.pids(rec.spec.group_id), alive=view.alive, accepting=view.accepting,
+                        running=view.running, waiting=view.waiting, kv_used=view.kv_used,
+                        cached_tokens=view.cached_tokens, outstanding_tokens=view.outstanding_tokens,
+                        num_steps=rep.num_steps, num_preemptions=rep.num_preemptions,
+                        num_overlapped_steps=rep.num_overlapped_steps, weight_version=rep.weight_version,
+                        pipeline=PipelineStats(stage_forwards=list(rep.stage_forwards),
+                                               max_in_flight=rep.max_in_flight),
+                        restarts=rec.restarts))
                 for t in rec.down_replicas:
-                    out.append({"id": t, "group": None, "state": rec.state.value, "pids": [], "alive": False,
-                                "accepting": False, "running": 0, "waiting": 0, "kv_used": 0.0, "cached_tokens": 0,
-                                "outstanding_tokens": 0, "num_steps": 0, "num_preemptions": 0,
-                                "num_overlapped_steps": 0, "weight_version": None, "down_reason": rec.reason,
-                                "restarting": rec.state is GroupState.RESTARTING, "restarts": rec.restarts})
-        return sorted(out, key=lambda r: r["id"])
+                    out.append(ReplicaStats(id=t, state=rec.state.value, restarts=rec.restarts,
+                                            down=DownStats(down_reason=rec.reason,
+                                                           restarting=rec.state is GroupState.RESTARTING)))
+        return sorted(out, key=lambda r: r.id)
 
     # ------------------------------------------------------------------------------------------ teardown
     def close(self) -> list[RequestState]:

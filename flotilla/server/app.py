@@ -1,8 +1,8 @@
 """The FastAPI app: routes by concern (each module adds its own), auth, errors, /health, /v1/models, /metrics.
 
 The server is a thin translation layer. All validation of sampling parameters lives in the engine
-(``SamplingParams`` raises ``ValueError("field: ...")``); the route modules only rename engine fields to the
-API's names (``max_new_tokens`` -> ``max_tokens``) so that a 400 names what the client actually sent.
+(``SamplingParams`` raises ``InvalidParameter``, a ``ValueError`` that names its field); the route modules only rename
+engine fields to the API's names (``max_new_tokens`` -> ``max_tokens``) so that a 400 names what the client actually sent.
 """
 
 from __future__ import annotations

@@ -35,24 +35,27 @@ class Tokenizer(Protocol):
 class EngineClient(Protocol):
     """An engine as the server sees it.
 
-    ``stream_async`` must validate when first advanced (a bad parameter raises ``ValueError("field: ...")``
-    before any token, which becomes a 400), raise ``RequestFailed`` when no replica can run the request
-    (a 503), and abort the request when the iterator is closed (the client left).
+    ``stream_async`` must validate when first advanced (a bad parameter raises ``InvalidParameter``, a
+    ``ValueError`` naming the field, before any token, which becomes a 400 with that ``param``), raise
+    ``RequestFailed`` when no replica can run the request (a 503), and abort the request when the iterator is
+    closed (the client left).
     """
 
     tokenizer: Tokenizer
     max_model_len: int
 
     def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
-                     input_ids: list[int] | None = None, request_id: str | None = None,
-                     affinity: str | None = None) -> AsyncIterator[Delta]:
-        """``affinity``: requests with one key go to one replica (the n choices of one prompt share its KV);
-        only passed when set."""
+                     input_ids: list[int] | None = None,
+                     request_id: str | None = None) -> AsyncIterator[Delta]:
+        """With ``"n"`` > 1 in ``sampling_params``: the prompt's n choices (the engine seeds choice i with seed + i
+        and keeps them on one replica), their deltas interleaved, each with ``"index"``, the choice; the stream
+        ends once every choice has finished. Without it (n == 1), one request whose deltas have no index."""
         ...
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> Mapping[str, Any]:
         """``{"replicas": [{"id", "alive", "running", "waiting", "kv_used", "cached_tokens"}, ...],
-        "num_requests_inflight", "dp_size"}``; called by /health, /metrics and /admin/scale."""
+        "num_requests_inflight", "dp_size"}`` (``Engine`` gives an ``EngineStats``, which reads as that mapping);
+        called by /health, /metrics and /admin/scale."""
         ...
 
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:

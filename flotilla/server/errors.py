@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flotilla.errors import InvalidParameter
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -55,14 +57,19 @@ def bad_param(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param, code="invalid_parameter")
 
 
+def invalid_parameter(err: InvalidParameter, aliases: dict[str, str]) -> APIError:
+    """The engine's ``InvalidParameter`` as a 400 whose ``param`` (and the message's head) is the API's name for
+    the engine's field (``aliases``: engine field -> API parameter)."""
+    param = aliases.get(err.field, err.field)
+    return APIError(400, f"{param}: {err.message}", param=param, code="invalid_parameter")
+
+
 def from_value_error(err: ValueError, aliases: dict[str, str]) -> APIError:
-    """Turn the engine's ``ValueError("field: ...")`` into a 400 naming the API's parameter for that field."""
-    text = str(err)
-    head, sep, rest = text.partition(":")
-    if sep and head and all(part.isidentifier() or part.isdigit() for part in head.split(".")):
-        param = aliases.get(head, head)
-        return APIError(400, f"{param}:{rest}", param=param, code="invalid_parameter")
-    return APIError(400, text, code="invalid_parameter")
+    """A 400 for what the engine refused: by type, an ``InvalidParameter`` names its parameter; any other
+    ``ValueError`` is a 400 with its text and no ``param``."""
+    if isinstance(err, InvalidParameter):
+        return invalid_parameter(err, aliases)
+    return APIError(400, str(err), code="invalid_parameter")
 
 
 def unavailable(message: str) -> APIError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -88,7 +88,7 @@ class _EngineCollector:
                                 value=self._metrics.hit_rate())
 
 
-def safe_stats(engine: EngineClient) -> dict[str, Any] | None:
+def safe_stats(engine: EngineClient) -> Mapping[str, Any] | None:
     try:
         return engine.stats()
     except Exception:  # an engine that is shutting down must not break /health or /metrics

@@ -23,6 +23,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
+from flotilla.errors import InvalidParameter, type_name
+
 
 class RLEngineClient(Protocol):
     """What these routes use of an engine (``Engine`` and ``RayEngine`` satisfy it; flotilla/rl/api.py)."""
@@ -74,7 +76,7 @@ def _version(value: int | str | None) -> int | None:
         return value
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    raise ValueError(f"weight_version: must be an int >= 0 (or its digits as a string), got {value!r}")
+    raise InvalidParameter("weight_version", f"must be an int >= 0 (or its digits as a string), got {value!r}")
 
 
 class InitGroupBody(_Body):
@@ -135,7 +137,7 @@ def _ok(message: str = "", **extra: Any) -> dict[str, Any]:
 
 
 def _fail(e: BaseException) -> JSONResponse:
-    return JSONResponse({"success": False, "message": f"{type(e).__name__}: {e}"}, status_code=400)
+    return JSONResponse({"success": False, "message": f"{type_name(e)}: {e}"}, status_code=400)
 
 
 def bearer_check(api_key: str | None) -> Callable[[Request], None]:
@@ -161,17 +163,17 @@ def _tensors(body: TensorBody) -> tuple[Any, str | None]:
 
     entries = body.serialized_named_tensors
     if not entries:
-        raise ValueError("serialized_named_tensors: must hold at least one entry")
+        raise InvalidParameter("serialized_named_tensors", "must hold at least one entry")
     if any(isinstance(e, str) for e in entries):
-        raise ValueError("serialized_named_tensors: pickled payloads are refused (unpickling a request body runs "
-                         "arbitrary code); send JSON entries from flotilla.rl.weight_sync.encode_tensors / encode_ipc")
+        raise InvalidParameter("serialized_named_tensors", "pickled payloads are refused (unpickling a request body runs "
+                                                           "arbitrary code); send JSON entries from flotilla.rl.weight_sync.encode_tensors / encode_ipc")
     if not all(isinstance(e, list) for e in entries):
-        raise ValueError("serialized_named_tensors: each entry must be a list of tensor objects")
+        raise InvalidParameter("serialized_named_tensors", "each entry must be a list of tensor objects")
     if body.load_format == "ipc":
         lists = [decode_ipc(e) for e in entries]
         return (lists[0] if len(lists) == 1 else lists), "ipc"
     if len(entries) > 1 and any(e != entries[0] for e in entries[1:]):
-        raise ValueError("serialized_named_tensors: plain tensors are the same for every rank; send one entry")
+        raise InvalidParameter("serialized_named_tensors", "plain tensors are the same for every rank; send one entry")
     return decode_tensors(entries[0]), body.load_format
 
 
@@ -234,7 +236,7 @@ def add_rl_routes(app: FastAPI, get_engine: Callable[[], RLEngineClient | None],
 
         def run() -> tuple[int, int]:
             if body.load_format not in (None, "auto", "safetensors"):
-                raise ValueError(f"load_format: must be None, 'auto' or 'safetensors', got {body.load_format!r}")
+                raise InvalidParameter("load_format", f"must be None, 'auto' or 'safetensors', got {body.load_format!r}")
             aborted = e.abort_request(abort_all=True) if body.abort_all_requests else 0
             return e.update_weights_from_disk(body.model_path, version=_version(body.weight_version),
                                               flush_cache=body.flush_cache), aborted

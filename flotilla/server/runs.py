@@ -24,13 +24,14 @@ T = TypeVar("T")
 
 @dataclass
 class Job:
-    """One engine request: one choice of one HTTP response."""
+    """One choice of one HTTP response: ``index`` in the response, the engine request id it runs under, and
+    ``prompt``, which of the request's prompts it answers (the choices of one prompt run as one engine stream)."""
 
     index: int
     request_id: str
     input_ids: list[int]
     params: dict[str, Any]
-    affinity: str | None = None  # the choices of one prompt share one key (one replica, the prompt's KV)
+    prompt: int = 0
 
 
 class StreamEnded(RuntimeError):
@@ -42,23 +43,46 @@ class _End:
 
 
 class Run:
-    """Submits its jobs together, yields their deltas in arrival order, aborts what is in flight when closed."""
+    """Submits its jobs together, yields their deltas in arrival order, aborts what is in flight when closed.
+
+    The jobs of one prompt are one engine stream: ``stream_async`` with their number as ``n`` (the engine seeds
+    and places the choices); its deltas carry ``"index"``, the choice, when there are several."""
 
     def __init__(self, engine: EngineClient, metrics: ServerMetrics, jobs: list[Job]):
         self.jobs = jobs
         self._metrics = metrics
-        self._gens = [engine.stream_async(sampling_params=j.params, input_ids=j.input_ids, request_id=j.request_id,
-                                          **({"affinity": j.affinity} if j.affinity else {}))
-                      for j in jobs]
+        groups: dict[int, list[int]] = {}
+        for pos, job in enumerate(jobs):
+            groups.setdefault(job.prompt, []).append(pos)
+        self._groups = list(groups.values())  # per engine stream: the positions in ``jobs`` of its choices
+        self._gens = [engine.stream_async(sampling_params=_with_n(jobs[g[0]].params, len(g)),
+                                          input_ids=jobs[g[0]].input_ids, request_id=jobs[g[0]].request_id)
+                      for g in self._groups]
         self._timers = [RequestTimer(metrics) for _ in jobs]
-        self._firsts: list[Delta] = []
+        self._firsts: list[tuple[int, Delta]] = []
+        self._left = [len(g) for g in self._groups]  # choices of each stream not finished yet
         self._pumps: list[asyncio.Task[None]] = []
         self._closed = False
 
+    def _position(self, k: int, delta: Delta) -> int:
+        """Which job a delta of stream ``k`` belongs to."""
+        return self._groups[k][delta.get("index", 0)]
+
+    def _on_delta(self, k: int, delta: Delta) -> int:
+        pos = self._position(k, delta)
+        self._timers[pos].on_delta(delta)
+        if delta["finished"]:
+            self._left[k] -= 1
+        return pos
+
+    def _end_group(self, k: int, reason: str) -> None:
+        for pos in self._groups[k]:
+            self._timers[pos].on_end(reason)
+
     async def start(self) -> None:
-        """Submit every request and wait for each one's first delta. The engine validates at submission, so a
+        """Submit every request and wait for each stream's first delta. The engine validates at submission, so a
         bad parameter raises here, before the HTTP status line is sent."""
-        tasks = [asyncio.ensure_future(self._first(i)) for i in range(len(self._gens))]
+        tasks = [asyncio.ensure_future(self._first(k)) for k in range(len(self._gens))]
         try:
             await asyncio.wait(tasks)
         except asyncio.CancelledError:
@@ -75,20 +99,21 @@ class Run:
         for job in self.jobs:
             self._metrics.prompt_tokens.inc(len(job.input_ids))
 
-    async def _first(self, i: int) -> Delta:
+    async def _first(self, k: int) -> tuple[int, Delta]:
         try:
-            delta = await self._gens[i].__anext__()
+            delta = await self._gens[k].__anext__()
         except ValueError:
-            self._timers[i].done = True  # rejected before it was queued: not a request to count
+            for pos in self._groups[k]:
+                self._timers[pos].done = True  # rejected before it was queued: not a request to count
             raise
         except StopAsyncIteration:
-            self._timers[i].on_end("error")
-            raise StreamEnded(f"the engine's stream for {self.jobs[i].request_id} ended before any token") from None
+            self._end_group(k, "error")
+            raise StreamEnded(f"the engine's stream for {self.jobs[self._groups[k][0]].request_id} ended before "
+                              "any token") from None
         except Exception:
-            self._timers[i].on_end("error")
+            self._end_group(k, "error")
             raise
-        self._timers[i].on_delta(delta)
-        return delta
+        return self._on_delta(k, delta), delta
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, delta) pairs; raises whatever a request failed with after it started (RequestFailed
@@ -98,55 +123,53 @@ class Run:
                 yield item
             return
         queue: asyncio.Queue[tuple[int, Delta | BaseException | _End]] = asyncio.Queue()
-        self._pumps = [asyncio.ensure_future(self._pump(i, queue))
-                       for i, d in enumerate(self._firsts) if not d["finished"]]
-        for i, d in enumerate(self._firsts):
-            yield i, d
+        self._pumps = [asyncio.ensure_future(self._pump(k, queue))
+                       for k in range(len(self._gens)) if self._left[k]]
+        for item in self._firsts:
+            yield item
         pending = len(self._pumps)
         while pending:
-            i, item = await queue.get()
-            if isinstance(item, _End):
+            i, got = await queue.get()
+            if isinstance(got, _End):
                 pending -= 1
-            elif isinstance(item, BaseException):
-                raise item
+            elif isinstance(got, BaseException):
+                raise got
             else:
-                yield i, item
+                yield i, got
 
     async def _single(self) -> AsyncIterator[tuple[int, Delta]]:
-        """One job (every chat request, most completions): its stream is read in the consumer's own task.
-        Merging needs a pump task and a queue per job, which cost a task switch per delta; one stream needs
-        no merging."""
-        first = self._firsts[0]
-        yield 0, first
-        if first["finished"]:
+        """One stream (every chat request, most completions): read in the consumer's own task. Merging needs a
+        pump task and a queue per stream, which cost a task switch per delta; one stream needs no merging."""
+        yield self._firsts[0]
+        if not self._left[0]:
             return
-        timer, gen = self._timers[0], self._gens[0]
+        gen = self._gens[0]
         try:
             async for delta in gen:
-                timer.on_delta(delta)
-                yield 0, delta
-                if delta["finished"]:
+                yield self._on_delta(0, delta), delta
+                if not self._left[0]:
                     return
         except Exception:
-            timer.on_end("error")
+            self._end_group(0, "error")
             raise
-        timer.on_end("error")
-        raise StreamEnded(f"the engine's stream for {self.jobs[0].request_id} ended before it finished")
+        self._end_group(0, "error")
+        raise StreamEnded(f"the engine's stream for {self.jobs[self._groups[0][0]].request_id} ended before it "
+                          "finished")
 
-    async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, Delta | BaseException | _End]]) -> None:
-        finished = False
+    async def _pump(self, k: int, queue: asyncio.Queue[tuple[int, Delta | BaseException | _End]]) -> None:
         try:
-            async for delta in self._gens[i]:
-                self._timers[i].on_delta(delta)
-                finished = finished or bool(delta.get("finished"))
-                queue.put_nowait((i, delta))
-            if not finished:
-                raise StreamEnded(f"the engine's stream for {self.jobs[i].request_id} ended before it finished")
+            async for delta in self._gens[k]:
+                queue.put_nowait((self._on_delta(k, delta), delta))
+                if not self._left[k]:
+                    break
+            if self._left[k]:
+                raise StreamEnded(f"the engine's stream for {self.jobs[self._groups[k][0]].request_id} ended "
+                                  "before it finished")
         except Exception as e:
-            self._timers[i].on_end("error")
-            queue.put_nowait((i, e))
+            self._end_group(k, "error")
+            queue.put_nowait((k, e))
         finally:
-            queue.put_nowait((i, _End()))
+            queue.put_nowait((k, _End()))
 
     async def aclose(self) -> None:
         """Abort what is still running. Idempotent; safe whether or not ``start`` succeeded."""
@@ -160,6 +183,10 @@ class Run:
             await gen.aclose()  # type: ignore[attr-defined]  # its ``finally`` aborts the request
         for timer in self._timers:
             timer.on_end("abort")
+
+
+def _with_n(params: dict[str, Any], n: int) -> dict[str, Any]:
+    return {**params, "n": n} if n > 1 else params
 
 
 async def collect(run: Run) -> list[dict[str, Any]]:

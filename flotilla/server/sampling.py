@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flotilla.inputs import MAX_CHARS_PER_TOKEN, choice_seed
+from flotilla.inputs import MAX_CHARS_PER_TOKEN
 from flotilla.server.engine_client import Delta
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import SamplingFields
@@ -38,17 +38,11 @@ def sampling_params(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]
 
 
 def choice_jobs(rid: str, prompts: list[list[int]], params: dict[str, Any], n: int) -> list[Job]:
-    """``n`` jobs per prompt, choice index ``prompt * n + c`` (OpenAI's order), choice c seeded with seed + c,
-    the choices of one prompt under one affinity key (one replica, which shares the prompt's KV)."""
-    jobs = []
-    for p, ids in enumerate(prompts):
-        for c in range(n):
-            own = dict(params)
-            if c and params.get("seed") is not None:
-                own["seed"] = choice_seed(params["seed"], c)
-            jobs.append(Job(p * n + c, f"{rid}-{p}-{c}" if n > 1 else f"{rid}-{p}", ids, own,
-                            affinity=f"{rid}-{p}" if n > 1 else None))
-    return jobs
+    """``n`` jobs per prompt, choice index ``prompt * n + c`` (OpenAI's order). The choices of one prompt run as
+    one engine stream with ``n`` (``Run``): the engine seeds choice c with seed + c and keeps them on one replica;
+    the request ids here are the ones it gives them (``<rid>-<prompt>``, then ``-<c>`` for c >= 1)."""
+    return [Job(p * n + c, f"{rid}-{p}-{c}" if c else f"{rid}-{p}", ids, params, prompt=p)
+            for p, ids in enumerate(prompts) for c in range(n)]
 
 
 def check_common(body: SamplingFields) -> None:

@@ -167,7 +167,7 @@ async def stream_frames(run: Run, frame: Frame, base: dict[str, Any], mode: Usag
                 if chunk is not None:
                     yield sse(with_usage(chunk, i))
             if mode.final:
-                prompts = len({j.affinity or j.request_id for j in run.jobs})
+                prompts = len({j.prompt for j in run.jobs})
                 yield sse({**base, "choices": [], "usage": usage(results, len(run.jobs) // max(1, prompts))})
         except Exception as e:  # the status is already 200: say why in the stream
             yield _error_event(e)

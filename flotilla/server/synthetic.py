@@ -14,6 +14,7 @@ meaningless; ``ignore_eos`` is implied (a request ends at ``max_new_tokens`` or 
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import random
 import shutil
@@ -24,6 +25,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flotilla.choices import follow_choices
+from flotilla.errors import InvalidParameter
 from flotilla.inputs import InputProcessor
 from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOutput, TokenOutput, encoder, \
     from_worker_decoder
@@ -155,16 +158,20 @@ class SyntheticEngine:
 
     # ------------------------------------------------------------------------------------------ EngineClient
     async def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
-                           input_ids: list[int] | None = None,
-                           request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """As ``Engine.stream_async``: validate, submit, yield deltas cut from the request's state; closing
-        the iterator aborts."""
-        state = self.inputs.make_state(prompt, input_ids, sampling_params, request_id)
-        ev = state.add_async_waiter()
+                           input_ids: list[int] | None = None, request_id: str | None = None,
+                           affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """As ``Engine.stream_async`` (``n`` choices included): validate, submit, yield deltas cut from the
+        requests' states; closing the iterator aborts."""
+        states = self.inputs.make_choices(prompt, input_ids, sampling_params, request_id, affinity)
         if self._closed:
             raise RequestFailed("the engine is shut down")
-        self.dispatcher.submit(state)
-        async for delta in follow(state, ev, self.abort):
+        ev = asyncio.Event()
+        for state in states:
+            state.add_async_waiter(ev)
+            self.dispatcher.submit(state)
+        follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
+            follow_choices(states, ev, self.abort)
+        async for delta in follower:
             yield delta
 
     def abort(self, request_id: str) -> bool:
@@ -180,7 +187,7 @@ class SyntheticEngine:
                 "dp_size": len(self._replicas), "max_model_len": self.max_model_len}
 
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
-        raise ValueError("dp_size: the synthetic engine cannot scale")
+        raise InvalidParameter("dp_size", "the synthetic engine cannot scale")
 
     def healthy(self) -> bool:
         return self._thread.is_alive()

@@ -120,6 +120,8 @@ the dog is very lazy and the fox is very quick. A small bird sang in the garden 
 Machine learning models read text as tokens. A tokenizer splits the text into pieces, and each piece has a
 number. The model reads the numbers, computes a score for every possible next token, and the next token is chosen
 from those scores. When the model writes one token at a time, we call it generation. Large language models are
+
+from flotilla.errors import InvalidParameter
 trained on a great deal of text, and they learn which words are likely to follow other words.
 
 In the beginning the village was quiet. The farmers worked in the fields from morning until evening, the baker
@@ -252,7 +254,7 @@ def save_tokenizer(tokenizer, out_dir: pathlib.Path, arch: str) -> None:
 
 def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
-        raise ValueError(f"arch: {arch!r} is not supported; choose one of {', '.join(ARCHS)}")
+        raise InvalidParameter("arch", f"{arch!r} is not supported; choose one of {', '.join(ARCHS)}")
 
 
 def _model_classes(arch: str) -> tuple[type, type]:
@@ -322,7 +324,7 @@ def _resolve_rope(cfg: dict[str, Any]) -> None:
         rope = cfg.pop("rope_scaling")
     if isinstance(rope, str):
         if rope not in ROPE_PRESETS:
-            raise ValueError(f"rope_parameters: unknown preset {rope!r}; choose one of {', '.join(ROPE_PRESETS)}")
+            raise InvalidParameter("rope_parameters", f"unknown preset {rope!r}; choose one of {', '.join(ROPE_PRESETS)}")
         rope = ROPE_PRESETS[rope]
     rope = dict(rope or {})
     if "type" in rope and "rope_type" not in rope:
@@ -341,7 +343,7 @@ def _check_overrides(arch: str, config_cls: type, overrides: Mapping[str, Any]) 
     known |= set(getattr(config_cls, "attribute_map", {})) | set(default_config(arch)) | {"rope_scaling", "rope_theta"}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"config_overrides: {config_cls.__name__} has no field {', '.join(map(repr, unknown))}")
+        raise InvalidParameter("config_overrides", f"{config_cls.__name__} has no field {', '.join(map(repr, unknown))}")
 
 
 def make_config(arch: str = "llama", **overrides: Any):
@@ -438,7 +440,7 @@ def build_tiny_model(
     config = make_config(arch, **config_overrides)
     tokenizer = build_tokenizer(arch)
     if config.vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size: {config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        raise InvalidParameter("vocab_size", f"{config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     _, model_cls = _model_classes(arch)
     with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global RNG: leave it alone
         torch.manual_seed(seed)
