@@ -140,8 +140,8 @@ class EngineConfig:
             _positive_int("max_model_len", self.max_model_len)
         if self.host is not None and self.host in _WILDCARDS and not self.allow_wildcard_host:
             raise ValueError(
-                f"host: {self.host!r} listens on every interface; pass a specific address (default: this node's address) "
-                "or set allow_wildcard_host=True")
+                f"host: {self.host!r} listens on every interface; pass a specific address (default: this node's "
+                "address) or set allow_wildcard_host=True")
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise ValueError("model: must be a path to a Hugging Face checkpoint folder")
 
@@ -168,7 +168,8 @@ class EngineConfig:
             self.load_format = "safetensors"
         if self.load_format == "safetensors" and not (
                 list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
-            raise ValueError(f"model: {str(path)!r} has no *.safetensors weights (use load_format='dummy' for random weights)")
+            raise ValueError(f"model: {str(path)!r} has no *.safetensors weights "
+                             "(use load_format='dummy' for random weights)")
         if self.device == "auto":
             import torch
 

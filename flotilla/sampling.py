@@ -34,7 +34,8 @@ class StructuredOutput:
             raise ValueError("structured_output: set exactly one of json, json_object, regex, choice, grammar; got "
                              f"{set_fields or 'none'}")
         if self.json is not None and not isinstance(self.json, (dict, str)):
-            raise ValueError(f"structured_output.json: must be a JSON schema (dict or str), got {type(self.json).__name__}")
+            raise ValueError("structured_output.json: must be a JSON schema (dict or str), "
+                             f"got {type(self.json).__name__}")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -144,7 +145,7 @@ def _as_list(name: str, value: Any, what: str) -> list[Any]:
     raise ValueError(f"{name}: must be {what}, got {type(value).__name__} {value!r}")
 
 
-def _from_any(cls: type, value: Any, name: str) -> Any:
+def _from_any(cls: type[Any], value: Any, name: str) -> Any:
     """A validated copy of an instance, or an instance from a dict (unknown keys are an error naming them)."""
     if isinstance(value, cls):
         return replace(value)
