@@ -17,10 +17,8 @@ OPTS = dict(device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    yield  # the session's Ray instance (tests/conftest.py)
 
 
 def expected(path):
