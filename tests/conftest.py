@@ -67,8 +67,9 @@ def llama_path() -> str:
 @pytest.fixture(scope="session")
 def llama_dp2_engine(llama_path: str):
     """One ``Engine(tiny llama, dp_size=2, cpu, float32)`` for every module whose tests take that engine as it is
-    (test_parallel, test_server*, test_structured): started once a session instead of once a module. Tests on it
-    leave it as they found it (two replicas, not paused) and compare counters before and after, never absolutely."""
+    (test_choices, test_parallel, test_server*, test_structured): started once a session instead of once a module.
+    Tests on it leave it as they found it (two replicas, not paused) and compare counters before and after, never
+    absolutely."""
     from flotilla.engine import Engine
 
     with Engine(model=llama_path, device="cpu", dtype="float32", dp_size=2) as engine:
