@@ -65,6 +65,16 @@ def llama_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def llama_dp1_engine(llama_path: str):
+    """One ``Engine(tiny llama, cpu, float32)`` (one replica) for test_edge_engine, test_engine_core and
+    test_front_end_faults, whose tests leave it healthy and serving as they found it."""
+    from flotilla.engine import Engine
+
+    with Engine(model=llama_path, device="cpu", dtype="float32") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
 def llama_dp2_engine(llama_path: str):
     """One ``Engine(tiny llama, dp_size=2, cpu, float32)`` for every module whose tests take that engine as it is
     (test_choices, test_parallel, test_server*, test_structured): started once a session instead of once a module.
