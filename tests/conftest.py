@@ -113,11 +113,6 @@ E2E_TESTS = {
 }
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "e2e: starts processes (engines, worker ranks, Ray, subprocesses); "
-                                       "deselect with -m 'not e2e' (make test-unit)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
