@@ -119,40 +119,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         name = f"{item.path.name}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
         if module not in UNIT_MODULES or name in E2E_TESTS:
             item.add_marker(pytest.mark.e2e)
-    # The modules on the session's Ray instance (ray_session) run last, one after another, in RAY_SESSION_MODULES'
-    # order, so that one instance serves them all (starting one costs 10-35 s on two cores), and the modules that
-    # start Ray instances of their own (a job server, a two-node cluster, a subprocess's) never overlap it.
-    rank = {m: i for i, m in enumerate(RAY_SESSION_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.stem, -1))  # stable: everything else keeps its order
-
-
-# Serve's modules last: their replicas' placement groups go with serve.shutdown(), after the modules that check
-# that no placement group is left.
-RAY_SESSION_MODULES = ("test_failover", "test_pipeline", "test_ray_data", "test_ray_engine", "test_weight_update",
-                       "test_ray_serve", "test_ray_serve_run")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance (8 CPUs) for every module in RAY_SESSION_MODULES. Its workers, Ray Data's and
-    Serve's actors included, import flotilla from this checkout and the tests' own modules (pre/post functions):
-    PYTHONPATH both in the job's runtime_env and in the environment that the raylet (and the ``serve`` CLI and
-    scripts the tests start) inherit."""
-    ray = pytest.importorskip("ray")
-    old = os.environ.get("PYTHONPATH")
-    path = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "tests"), old) if p)
-    os.environ["PYTHONPATH"] = path
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 class _ProcessWatch:

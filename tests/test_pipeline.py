@@ -122,8 +122,11 @@ def test_weight_update_flows_down_the_pipeline():
 
 # ---------------------------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="module")
-def ray_cluster(ray_session):
-    yield  # the session's Ray instance (tests/conftest.py)
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def test_ray_engine_pipeline(ray_cluster):

@@ -21,12 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_session):
+def ray_cluster():
     # the actors import flotilla from this checkout, whatever is installed, and this module (its pre/post functions)
-    # (the session's Ray instance, tests/conftest.py, puts both on its workers' PYTHONPATH)
+    path = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield
+    ray.shutdown()
 
 
 def _prompt(i: int) -> str:

@@ -17,8 +17,10 @@ OPTS = dict(device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_session):
-    yield  # the session's Ray instance (tests/conftest.py)
+def ray_cluster():
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def expected(path):

@@ -35,7 +35,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_session):  # the session's Ray instance (tests/conftest.py)
+def app_url():
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = FlotillaServeConfig(model_source=tiny("llama"), engine_kwargs=OPTS, served_model_name=MODEL,
@@ -44,6 +47,7 @@ def app_url(ray_session):  # the session's Ray instance (tests/conftest.py)
     serve.run(build_openai_app(config), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

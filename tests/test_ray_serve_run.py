@@ -34,10 +34,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_session):
-    """The session's Ray instance (tests/conftest.py: its raylet's workers, every replica included, import this
-    checkout) and Serve (on a free port) for the module; the CLI and scripts join it by RAY_ADDRESS, and Serve's
-    ``serve_start`` there keeps this HTTP port."""
+def cluster():
+    """One Ray instance and Serve (on a free port) for the module; the CLI and scripts join it by RAY_ADDRESS,
+    and Serve's ``serve_start`` there keeps this HTTP port."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = path  # the raylet's workers inherit it: every replica imports this checkout
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     bindir = os.path.dirname(sys.executable)
@@ -46,6 +50,11 @@ def cluster(ray_session):
            "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": KEY}
     yield {"url": f"http://127.0.0.1:{port}", "env": env}
     serve.shutdown()
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
 
 
 @pytest.fixture(scope="module")

@@ -213,8 +213,11 @@ def test_restarted_replica_replays_the_updates(ckpt):
 
 # ---------------------------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="module")
-def ray_cluster(ray_session):
-    yield ray_session  # the session's Ray instance (tests/conftest.py)
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
 
 def test_ray_engine_updates_from_object_refs(ray_cluster, ckpt):
