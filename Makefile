@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-unit test-e2e lint clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,21 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VPY) -m flotilla demo
 
+# the whole suite, unit and end-to-end (the README's one command)
 test: setup
 	$(VPY) -m pytest -q tests
 
+# fast unit tests only: fakes, no processes, no engines (tests/conftest.py marks the rest `e2e`)
+test-unit: setup
+	$(VPY) -m pytest -q -m "not e2e" tests
+
+test-e2e: setup
+	$(VPY) -m pytest -q -m e2e tests
+
+# ruff and mypy over the package, configured in pyproject.toml
+lint: setup
+	$(VPY) -m ruff check flotilla
+	$(VPY) -m mypy
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

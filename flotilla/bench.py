@@ -184,7 +184,7 @@ def run_flotilla(args: argparse.Namespace, model: str, wl: Workload) -> tuple[li
 
         kwargs["gpus_per_rank"] = args.gpus_per_rank
     else:
-        from flotilla.engine import Engine as EngineCls
+        from flotilla.engine import Engine as EngineCls  # type: ignore[assignment]
     t0 = time.perf_counter()
     engine = EngineCls(model=model, **kwargs)
     info: dict[str, Any] = {"engine_start_s": time.perf_counter() - t0,
@@ -220,9 +220,9 @@ def run_transformers(args: argparse.Namespace, model: str, wl: Workload) -> tupl
     if args.load_format == "dummy":
         cfg = AutoConfig.from_pretrained(model)
         with torch.device(device):
-            hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            hf: Any = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)  # type: ignore[arg-type]
     hf.eval()
     gen = GenerationConfig(max_new_tokens=max(wl.output_lens), do_sample=wl.temperature > 0,
                            temperature=wl.temperature if wl.temperature > 0 else None, top_p=1.0, top_k=0,

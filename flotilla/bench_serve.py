@@ -380,7 +380,8 @@ def summarize(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
             "request_throughput": len(ok) / wall_s if wall_s > 0 else 0.0,
             "chunks": sum(len(o.chunks) for o in ok),
             "chunks_per_request": (sum(len(o.chunks) for o in ok) / len(ok)) if ok else 0.0,
-            "ttft_ms": percentiles_ms(ttft), "itl_ms": percentiles_ms(itl), "tpot_ms": percentiles_ms(tpot), "e2e_ms": percentiles_ms(e2e)}
+            "ttft_ms": percentiles_ms(ttft), "itl_ms": percentiles_ms(itl), "tpot_ms": percentiles_ms(tpot),
+            "e2e_ms": percentiles_ms(e2e)}
 
 
 class CpuMeter:
@@ -532,7 +533,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             served["server_us_per_chunk"] = {k: v / chunks * 1e6 for k, v in cpu.items()}
         result["serve"] = served
         if "offline" in result:
-            result["serve_over_offline"] = served["output_throughput"] / max(1e-9, result["offline"]["output_throughput"])
+            result["serve_over_offline"] = (served["output_throughput"]
+                                            / max(1e-9, result["offline"]["output_throughput"]))
     finally:
         if server is not None:
             server.stop()

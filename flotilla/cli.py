@@ -44,7 +44,7 @@ def _convert(key: str, value: Any, action: argparse.Action) -> Any:
         if not isinstance(value, bool):
             raise ConfigFileError(f"{key}: must be true or false, got {value!r}")
         return value
-    kind = action.type or str
+    kind: Any = action.type or str
     what = {int: "an int", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
     values = value if action.nargs in ("+", "*") else [value]
     if action.nargs in ("+", "*") and not (isinstance(value, list) and value):

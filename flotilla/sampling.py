@@ -146,7 +146,7 @@ def _as_list(name: str, value: Any, what: str) -> list[Any]:
     raise InvalidParameter(name, f"must be {what}, got {type(value).__name__} {value!r}")
 
 
-def _from_any(cls: type, value: Any, name: str) -> Any:
+def _from_any(cls: type[Any], value: Any, name: str) -> Any:
     """A validated copy of an instance, or an instance from a dict (unknown keys are an error naming them)."""
     if isinstance(value, cls):
         return replace(value)

@@ -9,13 +9,14 @@ with no further dependencies. The per-step mask cost at batch 256 is measured in
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from flotilla.errors import InvalidParameter
 from flotilla.sampling import StructuredOutput
 
 # Compact JSON (", " and ": " only, no free whitespace): a model, a random one above all, cannot spend its
 # token budget on blank space inside an object.
-JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS: Any = {"whitespace_flexible": False}
 
 
 def grammar_of(so: StructuredOutput) -> str:

@@ -5,28 +5,26 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PROMPTS, tiny
-from flotilla import Engine, SamplingParams
-
-OPTS = dict(device="cpu", dtype="float32")
+from conftest import PROMPTS
+from flotilla import SamplingParams
 
 
-def test_n_choices_share_the_prompt_and_follow_their_seeds():
-    with Engine(model=tiny("llama"), dp_size=2, **OPTS) as engine:
-        sp = SamplingParams(max_new_tokens=12, temperature=0.9, seed=11, n=3, ignore_eos=True)
-        (out,) = engine.generate([PROMPTS[2]], sp, use_tqdm=False)
-        assert len(out["outputs"]) == 3 and out["completion_tokens"] == 36
-        singles = engine.generate([PROMPTS[2]] * 3, [SamplingParams(max_new_tokens=12, temperature=0.9, seed=11 + i,
-                                                                    ignore_eos=True) for i in range(3)],
-                                  use_tqdm=False)
-        assert [o["token_ids"] for o in out["outputs"]] == [s["token_ids"] for s in singles]
-        assert out["text"] == out["outputs"][0]["text"]
-        # the later choices found the first one's prompt pages in the cache (same replica, one step later)
-        assert all(o["cached_tokens"] >= 16 for o in out["outputs"][1:])
-        with pytest.raises(ValueError, match="n:"):
-            next(engine.stream(PROMPTS[0], SamplingParams(n=2)))
-        with pytest.raises(ValueError, match="n:"):
-            SamplingParams(n=0)
+def test_n_choices_share_the_prompt_and_follow_their_seeds(llama_dp2_engine):
+    engine = llama_dp2_engine  # Engine(tiny llama, dp_size=2, cpu, float32), shared (tests/conftest.py)
+    sp = SamplingParams(max_new_tokens=12, temperature=0.9, seed=11, n=3, ignore_eos=True)
+    (out,) = engine.generate([PROMPTS[2]], sp, use_tqdm=False)
+    assert len(out["outputs"]) == 3 and out["completion_tokens"] == 36
+    singles = engine.generate([PROMPTS[2]] * 3, [SamplingParams(max_new_tokens=12, temperature=0.9, seed=11 + i,
+                                                                ignore_eos=True) for i in range(3)],
+                              use_tqdm=False)
+    assert [o["token_ids"] for o in out["outputs"]] == [s["token_ids"] for s in singles]
+    assert out["text"] == out["outputs"][0]["text"]
+    # the later choices found the first one's prompt pages in the cache (same replica, one step later)
+    assert all(o["cached_tokens"] >= 16 for o in out["outputs"][1:])
+    with pytest.raises(ValueError, match="n:"):
+        next(engine.stream(PROMPTS[0], SamplingParams(n=2)))
+    with pytest.raises(ValueError, match="n:"):
+        SamplingParams(n=0)
 
 
 def test_scheduler_defers_a_same_prefix_sibling_one_step():

@@ -13,7 +13,6 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import tiny
 from flotilla import Engine, SamplingParams
 from flotilla.server import build_app
 
@@ -23,9 +22,8 @@ GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with Engine(model=tiny("llama", seed=0), dp_size=1, device="cpu", dtype="float32") as e:
-        yield e
+def engine(llama_dp1_engine):
+    yield llama_dp1_engine  # Engine(tiny llama, cpu, float32), shared by the session (tests/conftest.py)
 
 
 def _serves(engine: Engine) -> None:

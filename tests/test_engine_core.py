@@ -20,10 +20,8 @@ def expected(path: str, prompts=PROMPTS, n=N) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def llama_engine():
-    path = tiny("llama")
-    with Engine(model=path, device="cpu", dtype="float32") as engine:
-        yield path, engine
+def llama_engine(llama_path, llama_dp1_engine):
+    yield llama_path, llama_dp1_engine  # Engine(tiny llama, cpu, float32), shared by the session (tests/conftest.py)
 
 
 @pytest.mark.parametrize("arch,overrides", [

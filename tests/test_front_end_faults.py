@@ -20,9 +20,8 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with Engine(model=tiny("llama"), **OPTS) as e:
-        yield e
+def engine(llama_dp1_engine):
+    yield llama_dp1_engine  # Engine(tiny llama, cpu, float32), shared by the session (tests/conftest.py)
 
 
 def _expected(prompt: str, n: int = 6) -> list[int]:

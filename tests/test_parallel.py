@@ -45,9 +45,8 @@ def test_layouts_match_transformers(arch, overrides, layout):
 
 
 @pytest.fixture(scope="module")
-def dp_engine():
-    with Engine(model=tiny("llama"), dp_size=2, tp_size=1, **OPTS) as engine:
-        yield engine
+def dp_engine(llama_dp2_engine):
+    yield llama_dp2_engine  # Engine(tiny llama, dp_size=2, cpu, float32), shared by the session (tests/conftest.py)
 
 
 def _listening(pids):
@@ -62,7 +61,7 @@ def _listening(pids):
 def test_no_socket_listens_on_a_wildcard():
     # tp=2 so gloo opens its pair sockets too
     with Engine(model=tiny("llama"), tp_size=2, dp_size=2, **OPTS) as engine:
-        engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=2, ignore_eos=True), use_tqdm=False)  # sockets open
         pids = [os.getpid()] + [p for r in engine.stats()["replicas"] for p in r["pids"]]
         listening = _listening(pids)
         assert all(ip not in ("0.0.0.0", "::") for _, ip, _ in listening), listening

@@ -32,12 +32,8 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 
 @pytest.fixture(scope="module")
-def engine(llama_path: str):
-    from flotilla.engine import Engine
-
-    eng = Engine(model=llama_path, device="cpu", dtype="float32", dp_size=2)
-    yield eng
-    eng.shutdown()
+def engine(llama_dp2_engine):
+    yield llama_dp2_engine  # Engine(tiny llama, dp_size=2, cpu, float32), shared by the session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import tiny
 from flotilla.server import ServerThread, build_app
 
 MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from flotilla.engine import Engine
-
-    eng = Engine(model=tiny("llama"), device="cpu", dtype="float32", dp_size=2)
-    yield eng
-    eng.shutdown()
+def engine(llama_dp2_engine):
+    yield llama_dp2_engine  # Engine(tiny llama, dp_size=2, cpu, float32), shared by the session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

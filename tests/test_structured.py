@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny
-from flotilla import Engine, SamplingParams
+from flotilla import SamplingParams
 
 OPTS = dict(device="cpu", dtype="float32")
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
@@ -22,9 +22,8 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with Engine(model=tiny("llama"), dp_size=2, **OPTS) as e:
-        yield e
+def engine(llama_dp2_engine):
+    yield llama_dp2_engine  # Engine(tiny llama, dp_size=2, cpu, float32), shared by the session (tests/conftest.py)
 
 
 def _gen(engine, so, n=4, **kw):

@@ -40,7 +40,8 @@ def padded_layout(counts: list[int]) -> bool:
     return len(counts) * width <= PADDING_SLACK * max(sum(counts), 1)
 
 
-def dp_attention_mlp(counts: list[int], padded: bool | None = None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+def dp_attention_mlp(counts: list[int],
+                     padded: bool | None = None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """The ``mlp_fn`` of a forward with DP attention; ``counts``: every attention-DP group's token count
     this step. ``padded``: force the layout (None: ``padded_layout(counts)``)."""
     dp = get_group("attn_dp")

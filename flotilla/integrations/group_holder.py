@@ -77,7 +77,7 @@ class HeldGroup:
                  timeout_s: float = DEFAULT_TIMEOUT_S):
         import ray
 
-        holder_cls = ray.remote(num_cpus=0, max_concurrency=4)(_Holder)
+        holder_cls = ray.remote(num_cpus=0, max_concurrency=4)(_Holder)  # type: ignore[call-overload]
         self._holder = holder_cls.options(name=f"flotilla-holder-{uuid.uuid4().hex[:8]}", namespace="flotilla",
                                           lifetime="detached").remote(bundles, strategy, timeout_s,
                                                                                       ready_timeout_s)

@@ -129,7 +129,7 @@ class FlotillaProcessorConfig:
             extra["max_concurrent_calls_per_actor"] = k
         if "enable_true_multi_threading" in params:
             extra["enable_true_multi_threading"] = k > 1
-        return ActorPoolStrategy(**size, **extra)
+        return ActorPoolStrategy(**size, **extra)  # type: ignore[arg-type]
 
 
 def _check_concurrency(value: Any) -> int | tuple[int, int]:

@@ -225,7 +225,7 @@ class FlotillaEngineReplica:
         else:
             from flotilla.engine import Engine
 
-            self.engine = Engine(model=config.model_source, **kwargs)
+            self.engine = Engine(model=config.model_source, **kwargs)  # type: ignore[assignment]
 
     async def stream(self, input_ids: list[int] | None, params: dict[str, Any] | None, request_id: str | None,
                      prompt: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -336,7 +336,7 @@ class FlotillaIngress:
     """The OpenAI routes of ``flotilla.server`` as a Serve ingress (the app is built per replica, after
     ``__init__``, through ``__serve_build_asgi_app__``)."""
 
-    async def __init__(self, engine: Any, config: FlotillaServeConfig):
+    async def __init__(self, engine: Any, config: FlotillaServeConfig):  # type: ignore[misc]  # Serve awaits it
         from transformers import AutoTokenizer
 
         from flotilla.server import build_app
@@ -346,7 +346,7 @@ class FlotillaIngress:
         self._client = ServeEngineClient(engine, tokenizer, int(info["max_model_len"]))
         await self._client.refresh_stats()
         self._poller = asyncio.get_running_loop().create_task(self._client.poll_stats())
-        self._app = build_app(self._client, config.model_name, config.api_key)
+        self._app = build_app(self._client, config.model_name, config.api_key)  # type: ignore[arg-type]
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app

@@ -56,7 +56,7 @@ class MpLauncher:
     def start_group(self, spec: GroupSpec, ranks: list[WorkerArgs]) -> None:
         init = f"file://{self._dir}/dist-g{spec.group_id}-{uuid.uuid4().hex[:8]}" if spec.world_size > 1 else None
         share = memory_share(max(self._ranks, spec.first_global_rank + spec.world_size), self._num_devices)
-        procs = []
+        procs: list = []
         for wa in ranks:
             wa.dist_init_method = init
             wa.device_index = device_index(spec.first_global_rank + wa.rank, self._num_devices)
@@ -66,7 +66,8 @@ class MpLauncher:
             # kernel's parent-death signal, which fires when the *thread* that started the child ends (restarts
             # and scale-ups start ranks from short-lived threads)
             wa.parent_pid, wa.private_dir = os.getpid(), self._dir
-            p = self._ctx.Process(target=_mp_entry, args=(wa,), name=f"flotilla-g{spec.group_id}-r{wa.rank}", daemon=True)
+            p = self._ctx.Process(target=_mp_entry, args=(wa,), name=f"flotilla-g{spec.group_id}-r{wa.rank}",
+                                  daemon=True)
             p.start()
             procs.append(p)
         self._groups[spec.group_id] = procs

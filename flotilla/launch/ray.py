@@ -178,7 +178,7 @@ class _RankActor:
 
 # Made once: ray.remote on a class per actor would register it anew each time.
 _STORE_ACTOR = ray.remote(_StoreActor)
-_RANK_ACTOR = ray.remote(_RankActor)
+_RANK_ACTOR: Any = ray.remote(_RankActor)
 
 
 @ray.remote(num_cpus=0)
@@ -265,7 +265,7 @@ class RayLauncher:
             ray.init(ignore_reinit_error=True, log_to_driver=False)
         self.name = engine_name or f"flotilla-{uuid.uuid4().hex[:8]}"
         self.use_gpu, self.gpus_per_rank = use_gpu, share
-        self.stager = self
+        self.stager: Any = self
         # ranks sharing a GPU each take their fraction of the memory budget
         self._memory_share = share if use_gpu and share < 1 else 1.0
         self._threads = cpu_threads_per_rank(num_ranks)
@@ -366,7 +366,8 @@ class RayLauncher:
             slot0 = self.slots[first]
             store = _STORE_ACTOR.options(
                 name=f"{self.name}-store-g{spec.group_id}-{uuid.uuid4().hex[:4]}", num_cpus=0, max_concurrency=256,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(slot0.pg, placement_group_bundle_index=slot0.bundle),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(slot0.pg,
+                                                                     placement_group_bundle_index=slot0.bundle),
             ).remote()
         actors, runs = [], []
         for wa in ranks:

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ class WeightRouter:
 
 def load_into(dst: nn.Parameter, owner: nn.Parameter, tensor: torch.Tensor, part: object) -> None:
     """Narrow ``tensor`` into ``dst`` with ``owner``'s weight loader (``dst`` is ``owner`` or a scratch copy)."""
-    loader = getattr(owner, "weight_loader", default_weight_loader)
+    loader: Any = getattr(owner, "weight_loader", default_weight_loader)
     if part is None:
         loader(dst, tensor)
     else:

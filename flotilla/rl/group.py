@@ -98,6 +98,7 @@ def connect(master_address: str, master_port: int, world_size: int, rank: int, b
     prefixed: Any = store
     for p in _INIT_PG_PREFIXES + (f"{_BACKEND_DEVICE[backend]}/",):
         prefixed = dist.PrefixStore(p, prefixed)
+    pg: Any
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
     else:

@@ -183,7 +183,8 @@ class Soak:
                         resp = http.post("/v1/completions", json={**body, "max_tokens": -1})
                         err = resp.json().get("error", {}) if resp.headers.get("content-type", "").startswith(
                             "application/json") else {}
-                        if resp.status_code == 400 and "max_tokens" in str(err.get("message", "")) + str(err.get("param")):
+                        said = str(err.get("message", "")) + str(err.get("param"))
+                        if resp.status_code == 400 and "max_tokens" in said:
                             self.tally.add("bad_inputs_refused")
                         else:
                             self.tally.error("unclear_http_error", f"{resp.status_code} {resp.text[:200]}")
@@ -272,7 +273,7 @@ class Soak:
                 elif kind == "garbage":
                     import zmq
 
-                    sock = zmq.Context.instance().socket(zmq.PUSH)
+                    sock: Any = zmq.Context.instance().socket(zmq.PUSH)
                     sock.connect(engine._out_addr)
                     for frame in (b"\xff\xfe", b"", os.urandom(64)):
                         sock.send(frame)

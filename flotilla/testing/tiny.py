@@ -82,7 +82,7 @@ ROPE_PRESETS: dict[str, dict[str, Any]] = {
 
 # Qwen2's (and, up to digit grouping, Llama 3's) pre-tokenizer regex, as in transformers' tokenization_qwen2.py.
 PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 )
 
 CHATML_TEMPLATE = (
@@ -535,8 +535,9 @@ def tiny_model_path(
 ) -> pathlib.Path:
     """The folder of a tiny checkpoint, built on first use and reused afterwards (by every process).
 
-    The folder is ``<cache_root()>/<arch>-<hash>`` (see :func:`cache_key`). It is built in a temporary sibling folder and renamed into place, so a
-    reader never sees a half-written checkpoint, and when two processes race the loser's copy is discarded.
+    The folder is ``<cache_root()>/<arch>-<hash>`` (see :func:`cache_key`). It is built in a temporary sibling folder
+    and renamed into place, so a reader never sees a half-written checkpoint, and when two processes race the loser's
+    copy is discarded.
     """
     _check_arch(arch)
     root = cache_root()

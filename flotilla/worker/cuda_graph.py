@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class CudaGraphRunner:
         self._copied = torch.cuda.Event()  # the staging copies of the last step are done once this fires
         self._copied.record()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
+        self.pool: Any = None
 
     # ------------------------------------------------------------------------------------------ capture
     def _meta(self, bs: int) -> AttentionMetadata:

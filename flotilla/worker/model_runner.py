@@ -108,7 +108,8 @@ class ModelRunner:
         budget = min(share, free) - peak
         blocks = int(budget // self._kv_bytes_per_block())
         if blocks < 1:
-            raise RuntimeError(f"gpu_memory_utilization: no GPU memory left for the KV cache (free {free / 2**30:.1f} GiB, "
+            raise RuntimeError("gpu_memory_utilization: no GPU memory left for the KV cache "
+                               f"(free {free / 2**30:.1f} GiB, "
                                f"activation peak {peak / 2**30:.1f} GiB)")
         return blocks
 

@@ -113,7 +113,7 @@ class Scheduler:
     def schedule(self, exclude: set[str] | None = None, max_seqs: int | None = None) -> ScheduledBatch | None:
         """The next batch. ``exclude``: rids in flight in another (pipeline) micro-batch, neither scheduled nor
         preempted until their results are processed. ``max_seqs``: at most this many sequences in the batch."""
-        exclude = exclude or frozenset()
+        exclude = exclude or set()
         limit = max_seqs or self.cfg.max_num_seqs
         budget = self.cfg.max_num_batched_tokens
         seqs: list[Sequence] = []

@@ -13,6 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import torch
@@ -133,7 +134,7 @@ class _Leader:
         self.paused = self.released = False
         self.model_ops: list = []
         self.weight_version = args.weight_version
-        self.pipeline = None  # with pp_size > 1: the pipeline loop's state (stage_forwards(), max_in_flight)
+        self.pipeline: Any = None  # with pp_size > 1: the pipeline loop's state (stage_forwards(), max_in_flight)
         out_ch.send(WorkerReady(args.replica_id, args.rank, os.getpid(), runner.num_blocks, cfg.block_size, max_len))
         self.beat = HeartbeatThread(args.replica_id, args.rank, args.out_addr, args.keys, HEARTBEAT_S).start()
 
@@ -528,7 +529,7 @@ def _draw(sampler: Sampler, logits: torch.Tensor, seqs: list, runner: ModelRunne
     """Sample one token per sequence of ``seqs`` (row r of ``logits`` is ``seqs[r]``'s), on the device."""
     # Lazy views: the sampler reads a row's ids only for penalties or seeds, and slicing every prompt and
     # output on every step costs ~1 ms of host time at batch 256.
-    sb = SamplingBatch.build([s.sampling for s in seqs], _RowIds(seqs, "prompt_ids"), _RowIds(seqs, "output_ids"),
+    sb = SamplingBatch.build([s.sampling for s in seqs], _RowIds(seqs, "prompt_ids"), _RowIds(seqs, "output_ids"),  # type: ignore[arg-type]
                              runner.vocab_size, logits.device)
     return sampler(logits, sb)
 

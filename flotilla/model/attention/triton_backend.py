@@ -271,7 +271,7 @@ class TritonAttention:
         outlive the capture (and must not be shared between graphs that could run concurrently; replays
         are sequential on one stream, so one buffer per shape is enough)."""
         if splits == 1:
-            key = ("none", device)
+            key: tuple = ("none", device)
             if key not in self._scratch:
                 e = torch.empty(1, dtype=torch.float32, device=device)
                 self._scratch[key] = (e, e, e)

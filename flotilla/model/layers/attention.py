@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,7 +16,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache: torch.Tensor | None = None  # bound by the model runner after the KV pool is allocated
         self.v_cache: torch.Tensor | None = None
-        self.backend = None
+        self.backend: Any = None  # bound by the model runner with the KV pool
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q = q.view(-1, self.num_heads, self.head_dim)

@@ -22,7 +22,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
-            raise ValueError(f"shape mismatch: expected ({self.vocab_size}, {param.shape[1]}), got {tuple(loaded.shape)}")
+            raise ValueError(f"shape mismatch: expected ({self.vocab_size}, {param.shape[1]}), "
+                             f"got {tuple(loaded.shape)}")
         rows = max(0, min(self.vocab_local, self.vocab_size - self.start))
         param.data.zero_()
         param.data[:rows].copy_(loaded.narrow(0, self.start, rows))

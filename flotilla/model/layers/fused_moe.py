@@ -222,7 +222,8 @@ if triton is not None:
             # slots past the padded total (never read by the GEMMs) get the sentinel too, so the whole
             # buffer is a function of the ids alone (what the torch version writes)
             tail = pos[:, None] + pad[None, :]
-            tl.store(sorted_ptr + tail, tl.zeros([CHUNK, BLOCK_M], dtype=tl.int32) + numel, mask=((pos >= total) & (b < num_blocks))[:, None])
+            tl.store(sorted_ptr + tail, tl.zeros([CHUNK, BLOCK_M], dtype=tl.int32) + numel,
+                     mask=((pos >= total) & (b < num_blocks))[:, None])
 
     @triton.jit(do_not_specialize=["num_valid", "num_blocks"])  # one compile serves every batch size
     def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ptr, experts_ptr, total_ptr,
@@ -291,8 +292,8 @@ def route_triton(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
     w = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
     if t:
-        _route_kernel[(t,)](logits, w, ids, logits.stride(0), e, TOPK=top_k, K_P2=_p2(top_k), E_P2=_p2(e), NORMALIZE=normalize,
-                            num_warps=1)
+        _route_kernel[(t,)](logits, w, ids, logits.stride(0), e, TOPK=top_k, K_P2=_p2(top_k), E_P2=_p2(e),
+                            NORMALIZE=normalize, num_warps=1)
     return w, ids
 
 

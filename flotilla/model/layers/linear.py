@@ -55,7 +55,8 @@ class ColumnParallelLinear(nn.Module):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections fused into one matmul (gate and up); each is sharded on its own."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, group: ParallelGroup | None = None):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 group: ParallelGroup | None = None):
         self.output_sizes = output_sizes
         super().__init__(in_features, sum(output_sizes), bias, group)
 
@@ -86,7 +87,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         if num_heads % tp:
             raise ValueError(f"num_attention_heads ({num_heads}) must be divisible by the attention TP size ({tp})")
         if num_kv_heads % tp and tp % num_kv_heads:
-            raise ValueError(f"num_key_value_heads ({num_kv_heads}) and attention TP size ({tp}) must divide one another")
+            raise ValueError(f"num_key_value_heads ({num_kv_heads}) and attention TP size ({tp}) "
+                             "must divide one another")
         self.head_dim = head_dim
         self.num_heads = num_heads // tp
         self.num_kv_heads = max(1, num_kv_heads // tp)

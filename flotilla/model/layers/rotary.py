@@ -15,6 +15,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    cos: torch.Tensor  # buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(self, hf_config, head_dim: int, max_positions: int):
         super().__init__()
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

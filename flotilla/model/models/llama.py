@@ -165,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.stage_layers()]
+        return [layer.self_attn.attn for layer in self.model.stage_layers()]  # type: ignore[union-attr, misc]
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

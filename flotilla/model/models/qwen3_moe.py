@@ -46,7 +46,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         return f"{prefix}.experts.w13_weight", (expert, 0 if proj == "gate_proj" else 1)
 
     def expected_weight_names(self, names: set[str]) -> set[str]:
-        out = set()
+        out: set[str] = set()
         for n in names:
             if n.endswith("experts.w13_weight"):
                 out.update(f"{n}:{(e, w)}" for e in range(self.config.num_experts) for w in (0, 1))
