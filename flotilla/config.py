@@ -125,7 +125,8 @@ class EngineConfig:
             part = self.pp_layer_partition
             if not isinstance(part, (list, tuple)) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
                                                           for n in part):
-                raise InvalidParameter("pp_layer_partition", f"must be a list of ints >= 1 (layers per stage), got {part!r}")
+                raise InvalidParameter("pp_layer_partition",
+                                       f"must be a list of ints >= 1 (layers per stage), got {part!r}")
             if len(part) != self.pp_size:
                 raise InvalidParameter("pp_layer_partition", f"needs one entry per stage (pp_size={self.pp_size}), "
                                                              f"got {len(part)}: {list(part)}")
@@ -160,8 +161,8 @@ class EngineConfig:
             _positive_int("max_model_len", self.max_model_len)
         if self.host is not None and self.host in _WILDCARDS and not self.allow_wildcard_host:
             raise InvalidParameter(
-                "host", f"{self.host!r} listens on every interface; pass a specific address (default: this node's address) "
-                "or set allow_wildcard_host=True")
+                "host", f"{self.host!r} listens on every interface; pass a specific address (default: this node's "
+                "address) or set allow_wildcard_host=True")
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise InvalidParameter("model", "must be a path to a Hugging Face checkpoint folder")
 
@@ -188,7 +189,8 @@ class EngineConfig:
             self.load_format = "safetensors"
         if self.load_format == "safetensors" and not (
                 list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
-            raise InvalidParameter("model", f"{str(path)!r} has no *.safetensors weights (use load_format='dummy' for random weights)")
+            raise InvalidParameter("model", f"{str(path)!r} has no *.safetensors weights "
+                                            "(use load_format='dummy' for random weights)")
         if self.device == "auto":
             import torch
 
@@ -210,18 +212,21 @@ class EngineConfig:
         heads = int(hf.get("num_attention_heads") or 0)
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         if heads % attn_tp:
-            raise InvalidParameter("tp_size", f"num_attention_heads ({heads}) must be divisible by the attention TP size "
+            raise InvalidParameter("tp_size",
+                                   f"num_attention_heads ({heads}) must be divisible by the attention TP size "
                                               f"({attn_tp})")
         if kv_heads % attn_tp and attn_tp % kv_heads:
-            raise InvalidParameter("tp_size", f"num_key_value_heads ({kv_heads}) and the attention TP size ({attn_tp}) must "
+            raise InvalidParameter("tp_size",
+                                   f"num_key_value_heads ({kv_heads}) and the attention TP size ({attn_tp}) must "
                                               "divide one another")
         layers = int(hf.get("num_hidden_layers") or 0)
         if self.pp_size > 1 and self.pp_size > layers:
-            raise InvalidParameter("pp_size", f"the model has {layers} decoder layers (num_hidden_layers), fewer than "
-                                              f"pp_size={self.pp_size} stages")
+            raise InvalidParameter("pp_size", f"the model has {layers} decoder layers (num_hidden_layers), "
+                                              f"fewer than pp_size={self.pp_size} stages")
         if self.pp_layer_partition is not None and sum(self.pp_layer_partition) != layers:
-            raise InvalidParameter("pp_layer_partition", f"{self.pp_layer_partition} sums to {sum(self.pp_layer_partition)}, "
-                                                         f"but the model has {layers} decoder layers (num_hidden_layers)")
+            raise InvalidParameter("pp_layer_partition",
+                                   f"{self.pp_layer_partition} sums to {sum(self.pp_layer_partition)}, "
+                                   f"but the model has {layers} decoder layers (num_hidden_layers)")
         for key in ("intermediate_size", "moe_intermediate_size"):
             size = hf.get(key)
             if size and int(size) % self.tp_size:

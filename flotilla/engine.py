@@ -232,8 +232,9 @@ class Engine:
                     raise TimeoutError("requests did not finish in time")
                 self._cv.wait(0.5)
 
-    def generate(self, prompts: str | list[str] | None = None, sampling_params: SamplingLike | list[SamplingLike] = None,
-                 *, input_ids: list[list[int]] | None = None, use_tqdm: bool = True) -> list[dict[str, Any]]:
+    def generate(self, prompts: str | list[str] | None = None,
+                 sampling_params: SamplingLike | list[SamplingLike] = None, *,
+                 input_ids: list[list[int]] | None = None, use_tqdm: bool = True) -> list[dict[str, Any]]:
         """Generate for every prompt; returns one dict per prompt, in order. Every input is validated
         before any request is queued, so a bad one leaves the engine untouched."""
         items = batch_inputs(prompts, input_ids, sampling_params)

@@ -24,7 +24,8 @@ MAX_CHARS_PER_TOKEN = 64
 
 
 def batch_inputs(prompts: str | list[str] | None, input_ids: list[list[int]] | None,
-                 sampling_params: SamplingLike | list[SamplingLike]) -> list[tuple[str | None, list[int] | None, SamplingLike]]:
+                 sampling_params: SamplingLike | list[SamplingLike],
+                 ) -> list[tuple[str | None, list[int] | None, SamplingLike]]:
     """``generate``'s arguments as (prompt, ids, sampling) per request."""
     if (prompts is None) == (input_ids is None):
         raise InvalidParameter("prompts", "pass exactly one of prompts or input_ids")
@@ -37,7 +38,8 @@ def batch_inputs(prompts: str | list[str] | None, input_ids: list[list[int]] | N
     elif isinstance(prompts, (list, tuple)):
         items = [(p, None) for p in prompts]
     else:
-        raise InvalidParameter("prompts", f"must be a str or a list of str, got {type(prompts).__name__} {prompts!r:.80}")
+        raise InvalidParameter("prompts",
+                               f"must be a str or a list of str, got {type(prompts).__name__} {prompts!r:.80}")
     if not items:
         raise InvalidParameter("prompts", "must not be empty")
     if isinstance(sampling_params, list):
@@ -66,7 +68,8 @@ class InputProcessor:
             return [first]
         states = [first]
         for i in range(1, n):
-            sp = replace(first.sampling, seed=None if first.sampling.seed is None else choice_seed(first.sampling.seed, i))
+            seed = first.sampling.seed
+            sp = replace(first.sampling, seed=None if seed is None else choice_seed(seed, i))
             states.append(RequestState(f"{first.rid}-{i}", list(first.prompt_ids), sp,
                                        IncrementalDetokenizer(self.tokenizer, first.prompt_ids)))
         for s in states:
@@ -92,7 +95,8 @@ class InputProcessor:
         """Fields that hold token ids name ids of this model's vocabulary."""
         for t in sp.stop_token_ids:
             if not 0 <= t < self.vocab_size:
-                raise InvalidParameter("stop_token_ids", f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+                raise InvalidParameter("stop_token_ids",
+                                       f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
 
     def check_length(self, prompt_len: int, max_new_tokens: int, field: str = "prompt") -> None:
         """A prompt that alone fills the context is the prompt's fault; one that fits but leaves too little
@@ -101,21 +105,23 @@ class InputProcessor:
             raise InvalidParameter(field, f"the prompt has {prompt_len} tokens, and max_model_len is "
                                           f"{self.max_model_len} (the prompt plus at least one new token must fit)")
         if prompt_len + max_new_tokens > self.max_model_len:
-            raise InvalidParameter("max_new_tokens", f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
-                                                     f"must be <= max_model_len {self.max_model_len}; at most "
-                                                     f"{self.max_model_len - prompt_len} new tokens fit after this prompt")
+            raise InvalidParameter("max_new_tokens",
+                                   f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
+                                   f"must be <= max_model_len {self.max_model_len}; at most "
+                                   f"{self.max_model_len - prompt_len} new tokens fit after this prompt")
 
     def check_chars(self, text: str, field: str = "prompt") -> None:
         """The cheap check before tokenizing: a text too long to fit in any number of tokens the context holds."""
         limit = self.max_model_len * MAX_CHARS_PER_TOKEN
         if len(text) > limit:
             raise InvalidParameter(field, f"{len(text)} characters cannot fit in max_model_len {self.max_model_len} "
-                                          f"tokens (refused before tokenizing: the limit is {MAX_CHARS_PER_TOKEN} characters "
-                                          f"per token, {limit} characters)")
+                                          f"tokens (refused before tokenizing: the limit is {MAX_CHARS_PER_TOKEN} "
+                                          f"characters per token, {limit} characters)")
 
     def prompt_ids(self, prompt: Any) -> list[int]:
         if not isinstance(prompt, str):
-            raise InvalidParameter("prompt", f"must be a non-empty str (or pass input_ids), got {type(prompt).__name__} "
+            raise InvalidParameter("prompt",
+                                   f"must be a non-empty str (or pass input_ids), got {type(prompt).__name__} "
                                              f"{prompt!r:.80}")
         if not prompt:
             raise InvalidParameter("prompt", "must be a non-empty str (or pass input_ids)")

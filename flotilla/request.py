@@ -87,7 +87,7 @@ class RequestState:
             if 0 < i < n:
                 self.prompt_logprobs[i] = lp
                 if out.prompt_top_logprobs is not None:
-                    self.prompt_top_logprobs[i] = [tuple(t) for t in out.prompt_top_logprobs[k]]
+                    self.prompt_top_logprobs[i] = [(int(t[0]), float(t[1])) for t in out.prompt_top_logprobs[k]]
 
     def finish_locally(self, reason: str) -> None:
         """End a request the front end knows is done (its budget was spent before its replica died)."""

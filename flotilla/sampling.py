@@ -33,10 +33,12 @@ class StructuredOutput:
         elif self.json_object is not False:
             raise InvalidParameter("structured_output.json_object", f"must be a bool, got {self.json_object!r}")
         if len(set_fields) != 1:
-            raise InvalidParameter("structured_output", "set exactly one of json, json_object, regex, choice, grammar; got "
+            raise InvalidParameter("structured_output",
+                                   "set exactly one of json, json_object, regex, choice, grammar; got "
                                                         f"{set_fields or 'none'}")
         if self.json is not None and not isinstance(self.json, (dict, str)):
-            raise InvalidParameter("structured_output.json", f"must be a JSON schema (dict or str), got {type(self.json).__name__}")
+            raise InvalidParameter("structured_output.json",
+                                   f"must be a JSON schema (dict or str), got {type(self.json).__name__}")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -92,7 +94,8 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidParameter("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise InvalidParameter("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+            raise InvalidParameter("stop_token_ids",
+                                   f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         _check_int("max_new_tokens", self.max_new_tokens, lo=1, hi=INT64_MAX)
         _check_num("temperature", self.temperature, lo=0.0, hint=">= 0")
         _check_num("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, hint="in (0, 1]")

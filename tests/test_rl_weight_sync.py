@@ -193,7 +193,7 @@ def test_broadcast_update_matches_transformers(dp_engine, ckpt, tmp_path):
 
 
 def test_join_fails_cleanly_when_no_trainer_listens(dp_engine):
-    with pytest.raises(RuntimeError, match="joining weight-sync group"):
+    with pytest.raises(RuntimeError, match="joining weight-sync group|did not accept a connection"):
         dp_engine.init_weights_update_group("127.0.0.1", free_port(), 1, 3, group_name="lonely", backend="gloo",
                                             timeout=3)
     assert "lonely" not in dp_engine.control.weights.groups.groups

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 
-import pytest
 
 from conftest import PROMPTS, hf_greedy, hf_tokenize, tiny
 from flotilla import Engine, SamplingParams

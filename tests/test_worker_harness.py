@@ -5,7 +5,6 @@ the group sends (Heartbeat included), which an Engine does not expose. Used by t
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time

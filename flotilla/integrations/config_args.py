@@ -27,7 +27,7 @@ def config_from_args(cls: type[T], args: Mapping[str, Any]) -> T:
     """``cls(**args)`` with unknown keys refused and command-line strings read as each field's type."""
     if not isinstance(args, Mapping):
         raise InvalidParameter(cls.__name__, f"application arguments must be a dict, got {type(args).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in args if k not in fields)
     if unknown:
         raise InvalidParameter(cls.__name__, f"unknown field(s) {unknown}; the fields are {sorted(fields)}")

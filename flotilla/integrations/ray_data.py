@@ -138,7 +138,8 @@ def _check_concurrency(value: Any) -> int | tuple[int, int]:
     if isinstance(value, (tuple, list)) and len(value) == 2 and positive_int(value[0]) and positive_int(value[1]) \
             and value[0] <= value[1]:
         return (value[0], value[1])
-    raise InvalidParameter("concurrency", f"must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {value!r}")
+    raise InvalidParameter("concurrency",
+                           f"must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- one row
@@ -165,7 +166,8 @@ def row_input(row: Row, tokenizer: Any) -> tuple[str | None, list[int] | None]:
     """(prompt, input_ids) of a row that has exactly one of ``prompt``, ``messages`` or ``input_ids``."""
     given = [k for k in ("prompt", "messages", "input_ids") if row.get(k) is not None]
     if len(given) != 1:
-        raise InvalidParameter("preprocess", f"a row needs exactly one of prompt, messages or input_ids, got {given or 'none'}")
+        raise InvalidParameter("preprocess",
+                               f"a row needs exactly one of prompt, messages or input_ids, got {given or 'none'}")
     if given[0] == "prompt":
         return row["prompt"], None
     if given[0] == "input_ids":

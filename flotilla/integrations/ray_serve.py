@@ -367,7 +367,8 @@ def build_openai_app(config: FlotillaServeConfig | Mapping[str, Any]) -> Any:
     if isinstance(config, Mapping):
         config = FlotillaServeConfig.from_args(config)
     if not isinstance(config, FlotillaServeConfig):
-        raise InvalidParameter("config", f"must be a FlotillaServeConfig or a dict of its fields, got {type(config).__name__}")
+        raise InvalidParameter("config",
+                               f"must be a FlotillaServeConfig or a dict of its fields, got {type(config).__name__}")
     if inspect.signature(serve.ingress).parameters["app"].default is not None:
         raise RuntimeError("build_openai_app needs a Ray Serve whose serve.ingress() takes no app "
                            "(__serve_build_asgi_app__); install ray[serve]>=2.60")

@@ -19,7 +19,8 @@ class WeightStager(Protocol):
     """Hands update tensors to every rank's process without a shared file (the Ray object store).
 
     ``stage`` returns, for every live rank, the (name, shape, dtype) list of what it staged, so the front end
-    can check the update before any weight is touched; the ranks then read ``StagedSource(key)`` (flotilla/weights/staged.py)."""
+    can check the update before any weight is touched; the ranks then read ``StagedSource(key)``
+    (flotilla/weights/staged.py)."""
 
     def stage(self, key: str, payload: Any, timeout_s: float) -> list[list[tuple]]: ...
 

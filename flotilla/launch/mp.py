@@ -14,6 +14,7 @@ from flotilla.launch.worker_args import WorkerArgs
 
 if TYPE_CHECKING:
     from flotilla.config import EngineConfig
+    from flotilla.launch.base import WeightStager
 
 
 def _mp_entry(args: WorkerArgs) -> None:
@@ -34,7 +35,7 @@ class MpLauncher:
 
     multi_node = False
     bind_host: str | None = None
-    stager = None
+    stager: WeightStager | None = None
 
     def __init__(self, config: "EngineConfig", private_dir: str):
         self._ctx = mp.get_context("spawn")
@@ -48,8 +49,8 @@ class MpLauncher:
             per_group = group_world_size(config)
             if per_group > self._num_devices:
                 raise InvalidParameter("tp_size", f"one replica's {per_group} ranks (tp_size={config.tp_size} x "
-                                                  f"pp_size={config.pp_size}) need a GPU each, and {self._num_devices} are visible; "
-                                                  "only whole replicas share GPUs")
+                                                  f"pp_size={config.pp_size}) need a GPU each, and "
+                                                  f"{self._num_devices} are visible; only whole replicas share GPUs")
         self._ranks = ranks
         self._groups: dict[int, list[mp.process.BaseProcess]] = {}
 

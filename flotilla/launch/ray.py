@@ -220,7 +220,8 @@ def plan_slots(bundles: list[dict], order: list[int], num_ranks: int, use_gpu: b
 def check_bundle_indices(indices: list[int] | None, num_bundles: int) -> list[int]:
     if indices is None:
         return list(range(num_bundles))
-    if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+    if (not isinstance(indices, (list, tuple))
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
         raise InvalidParameter("bundle_indices", f"must be a list of ints, got {indices!r}")
     if len(set(indices)) != len(indices):
         raise InvalidParameter("bundle_indices", f"duplicates in {list(indices)}")
@@ -257,9 +258,10 @@ class RayLauncher:
         use_gpu = config.device == "cuda"
         share = placement.gpus_per_rank
         if use_gpu and share < 1 and group_world_size(config) > 1:
-            raise InvalidParameter("gpus_per_rank", f"{share} puts ranks of one TP/PP group on one GPU, which NCCL "
-                                                    f"cannot do; a fraction is for replicas of one rank (tp_size=1, pp_size=1), got "
-                                                    f"tp_size={config.tp_size}, pp_size={config.pp_size}")
+            raise InvalidParameter("gpus_per_rank", f"{share} puts ranks of one TP/PP group on one GPU, which "
+                                                    "NCCL cannot do; a fraction is for replicas of one rank "
+                                                    f"(tp_size=1, pp_size=1), got tp_size={config.tp_size}, "
+                                                    f"pp_size={config.pp_size}")
         num_ranks = world_size(config.tp_size, config.dp_size, config.enable_dp_attention, config.pp_size)
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)
@@ -405,7 +407,8 @@ class RayLauncher:
                     continue
         except ray.exceptions.RayTaskError as e:
             self.unstage(key)
-            raise InvalidParameter("refs", f"the rank actors could not read the update: {str(e).splitlines()[-1]}") from None
+            raise InvalidParameter("refs",
+                                   f"the rank actors could not read the update: {str(e).splitlines()[-1]}") from None
         except BaseException:
             self.unstage(key)
             raise

@@ -31,7 +31,8 @@ def check_scale(dp_size: Any, drain_timeout_s: Any, ranks_per_replica: int = 1, 
         raise InvalidParameter("dp_size", f"must be an int in [1, {limit}]{why}, got {dp_size!r}")
     if isinstance(drain_timeout_s, bool) or not isinstance(drain_timeout_s, (int, float)) or \
             not 0 <= drain_timeout_s <= MAX_DRAIN_TIMEOUT_S or not math.isfinite(drain_timeout_s):
-        raise InvalidParameter("drain_timeout_s", f"must be a finite number of seconds in [0, {MAX_DRAIN_TIMEOUT_S:.0f}], "
+        raise InvalidParameter("drain_timeout_s",
+                               f"must be a finite number of seconds in [0, {MAX_DRAIN_TIMEOUT_S:.0f}], "
                                                   f"got {drain_timeout_s!r}")
 
 
@@ -71,7 +72,8 @@ def check_layout(tp_size: int, dp_size: int, enable_dp_attention: bool, pp_size:
         raise InvalidParameter("pp_size", "pipeline parallelism is not supported with enable_dp_attention "
                                           f"(got pp_size={pp_size}); use pp_size=1 or enable_dp_attention=False")
     if enable_dp_attention and tp_size % dp_size:
-        raise InvalidParameter("dp_size", f"with enable_dp_attention, dp_size must divide tp_size; got dp_size={dp_size}, "
+        raise InvalidParameter("dp_size",
+                               f"with enable_dp_attention, dp_size must divide tp_size; got dp_size={dp_size}, "
                                           f"tp_size={tp_size}")
 
 

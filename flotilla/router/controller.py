@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from flotilla.ipc.channel import EncodeError
-from flotilla.ipc.messages import AbortRequest, AddRequest
+from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad
 from flotilla.request import RequestState
 from flotilla.router.policies import NoReplicaAvailable, ReplicaView, make_policy
 
@@ -83,7 +83,7 @@ class DPController:
             log.debug("replica %d did not take %s: %s", replica, type(msg).__name__, e)
             return False
 
-    def on_report(self, replica: int, load: object) -> None:
+    def on_report(self, replica: int, load: ReplicaLoad) -> None:
         with self.lock:
             view = self.views.get(replica)
             if view is not None:

@@ -34,6 +34,7 @@ a restart runs in the background) and ``clock`` too, so tests drive it with fake
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import threading
@@ -374,7 +375,7 @@ class ReplicaFleet:
         rec.restart_times.append(now)
         rec.spec = self._renumber(rec.spec)
         rec.started_at = now
-        self.spawn(lambda rec=rec: self._relaunch(rec), f"flotilla-restart-{rec.spec.group_id}")
+        self.spawn(functools.partial(self._relaunch, rec), f"flotilla-restart-{rec.spec.group_id}")
 
     def _relaunch(self, rec: GroupRecord) -> None:
         with self.lock:

@@ -492,7 +492,8 @@ POLICIES: dict[str, type] = {
 
 
 def _params(cls: type) -> set[str]:
-    return {n for n, p in inspect.signature(cls.__init__).parameters.items()
+    init = cls.__init__  # type: ignore[misc]
+    return {n for n, p in inspect.signature(init).parameters.items()
             if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 

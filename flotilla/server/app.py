@@ -1,8 +1,9 @@
 """The FastAPI app: routes by concern (each module adds its own), auth, errors, /health, /v1/models, /metrics.
 
 The server is a thin translation layer. All validation of sampling parameters lives in the engine
-(``SamplingParams`` raises ``InvalidParameter``, a ``ValueError`` that names its field); the route modules only rename
-engine fields to the API's names (``max_new_tokens`` -> ``max_tokens``) so that a 400 names what the client actually sent.
+(``SamplingParams`` raises ``InvalidParameter``, a ``ValueError`` that names its field); the route modules only
+rename engine fields to the API's names (``max_new_tokens`` -> ``max_tokens``) so that a 400 names what the client
+actually sent.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_app(engine: EngineClient | None, model_name: str, api_key: str | None 
     add_chat_route(app, state)
     add_tokenization_routes(app, state)
     add_admin_routes(app, state)
-    add_rl_routes(app, lambda: state.engine, api_key)
+    add_rl_routes(app, lambda: state.engine, api_key)  # type: ignore[arg-type,return-value]
     return app
 
 

@@ -165,8 +165,9 @@ def _tensors(body: TensorBody) -> tuple[Any, str | None]:
     if not entries:
         raise InvalidParameter("serialized_named_tensors", "must hold at least one entry")
     if any(isinstance(e, str) for e in entries):
-        raise InvalidParameter("serialized_named_tensors", "pickled payloads are refused (unpickling a request body runs "
-                                                           "arbitrary code); send JSON entries from flotilla.rl.weight_sync.encode_tensors / encode_ipc")
+        raise InvalidParameter("serialized_named_tensors",
+                               "pickled payloads are refused (unpickling a request body runs arbitrary code); "
+                               "send JSON entries from flotilla.rl.weight_sync.encode_tensors / encode_ipc")
     if not all(isinstance(e, list) for e in entries):
         raise InvalidParameter("serialized_named_tensors", "each entry must be a list of tensor objects")
     if body.load_format == "ipc":
@@ -236,7 +237,8 @@ def add_rl_routes(app: FastAPI, get_engine: Callable[[], RLEngineClient | None],
 
         def run() -> tuple[int, int]:
             if body.load_format not in (None, "auto", "safetensors"):
-                raise InvalidParameter("load_format", f"must be None, 'auto' or 'safetensors', got {body.load_format!r}")
+                raise InvalidParameter("load_format",
+                                       f"must be None, 'auto' or 'safetensors', got {body.load_format!r}")
             aborted = e.abort_request(abort_all=True) if body.abort_all_requests else 0
             return e.update_weights_from_disk(body.model_path, version=_version(body.weight_version),
                                               flush_cache=body.flush_cache), aborted

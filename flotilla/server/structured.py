@@ -47,7 +47,7 @@ def structured_output(body: Any) -> dict[str, Any] | None:
         if value is None:
             continue
         if name == "ebnf":
-            from llguidance import gbnf_to_lark
+            from llguidance.gbnf_to_lark import gbnf_to_lark  # the function (the package attribute is its module)
 
             try:
                 value = gbnf_to_lark(value)

@@ -21,13 +21,13 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flotilla.choices import follow_choices
 from flotilla.errors import InvalidParameter
-from flotilla.inputs import InputProcessor
+from flotilla.inputs import InputProcessor, SamplingLike
 from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOutput, TokenOutput, encoder, \
     from_worker_decoder
 from flotilla.request import RequestFailed, follow, wake_all
@@ -111,7 +111,9 @@ class SyntheticEngine:
             for rep in self._replicas:
                 if rep.running or self._aborted:
                     raw = encoder.encode(self._step(rep))
-                    woken.extend(self.dispatcher.on_step(from_worker_decoder.decode(raw)))
+                    step = from_worker_decoder.decode(raw)
+                    assert isinstance(step, StepOutput)  # (what _step built, round-tripped through the codec)
+                    woken.extend(self.dispatcher.on_step(step))
             if woken:
                 wake_all(woken)
             next_t += self.step_s
@@ -157,7 +159,7 @@ class SyntheticEngine:
         return StepOutput(rep.rid, outs, ReplicaLoad(running=len(rep.running), num_steps=rep.steps))
 
     # ------------------------------------------------------------------------------------------ EngineClient
-    async def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
+    async def stream_async(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                            input_ids: list[int] | None = None, request_id: str | None = None,
                            affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """As ``Engine.stream_async`` (``n`` choices included): validate, submit, yield deltas cut from the

@@ -13,6 +13,7 @@ of the text even when a character is split across tokens.
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -105,7 +106,7 @@ class TokenStrings:
             self._bytes[token_id] = raw
         return raw
 
-    def _token_bytes(self, token_id: int) -> bytes:
+    def _token_bytes(self, token_id: int) -> builtins.bytes:  # (the class's own ``bytes`` shadows the type)
         if token_id in self._added:  # special and added tokens are literal text, not byte-encoded
             return self._added[token_id].encode("utf-8")
         piece = self._tok.convert_ids_to_tokens(token_id)

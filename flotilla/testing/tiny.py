@@ -39,6 +39,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from flotilla.errors import InvalidParameter
+
 # Bump whenever anything that changes the files written here changes, so stale cache entries are not reused.
 # (The cache key also hashes this file's source, so forgetting to bump costs nothing but a rebuild.)
 VERSION = 2
@@ -120,8 +122,6 @@ the dog is very lazy and the fox is very quick. A small bird sang in the garden 
 Machine learning models read text as tokens. A tokenizer splits the text into pieces, and each piece has a
 number. The model reads the numbers, computes a score for every possible next token, and the next token is chosen
 from those scores. When the model writes one token at a time, we call it generation. Large language models are
-
-from flotilla.errors import InvalidParameter
 trained on a great deal of text, and they learn which words are likely to follow other words.
 
 In the beginning the village was quiet. The farmers worked in the fields from morning until evening, the baker
@@ -324,7 +324,8 @@ def _resolve_rope(cfg: dict[str, Any]) -> None:
         rope = cfg.pop("rope_scaling")
     if isinstance(rope, str):
         if rope not in ROPE_PRESETS:
-            raise InvalidParameter("rope_parameters", f"unknown preset {rope!r}; choose one of {', '.join(ROPE_PRESETS)}")
+            raise InvalidParameter("rope_parameters",
+                                   f"unknown preset {rope!r}; choose one of {', '.join(ROPE_PRESETS)}")
         rope = ROPE_PRESETS[rope]
     rope = dict(rope or {})
     if "type" in rope and "rope_type" not in rope:
@@ -343,7 +344,8 @@ def _check_overrides(arch: str, config_cls: type, overrides: Mapping[str, Any]) 
     known |= set(getattr(config_cls, "attribute_map", {})) | set(default_config(arch)) | {"rope_scaling", "rope_theta"}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise InvalidParameter("config_overrides", f"{config_cls.__name__} has no field {', '.join(map(repr, unknown))}")
+        raise InvalidParameter("config_overrides",
+                               f"{config_cls.__name__} has no field {', '.join(map(repr, unknown))}")
 
 
 def make_config(arch: str = "llama", **overrides: Any):
@@ -440,7 +442,8 @@ def build_tiny_model(
     config = make_config(arch, **config_overrides)
     tokenizer = build_tokenizer(arch)
     if config.vocab_size < len(tokenizer):
-        raise InvalidParameter("vocab_size", f"{config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        raise InvalidParameter("vocab_size",
+                               f"{config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     _, model_cls = _model_classes(arch)
     with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global RNG: leave it alone
         torch.manual_seed(seed)

@@ -51,7 +51,7 @@ def build_on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
             param = moved
         register(module, name, param)
 
-    torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign,assignment]
     try:
         return make()
     finally:

@@ -68,6 +68,7 @@ class FileTransport(WeightTransport):
                  private_dir: str | None = None, dtype: str = "float32"):
         self.path, self.tensors, self.private_dir, self.dtype = path, tensors, private_dir, dtype
         self.replay = path
+        self._files: list[Path] = []  # the checkpoint's safetensors files (from_path)
 
     @classmethod
     def from_path(cls, path: Any) -> FileTransport:
