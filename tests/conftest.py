@@ -96,10 +96,11 @@ UNIT_MODULES = {
     "test_bench", "test_bench_serve", "test_channel", "test_detokenizer", "test_docs_ray", "test_edge_bounds",
     "test_fleet", "test_kv_cache", "test_moe_kernels", "test_policies", "test_rl_rank_side", "test_rl_routes",
     "test_rl_sync_plane", "test_sampler", "test_server_cli", "test_server_encoding", "test_server_robustness",
-    "test_server_structured", "test_tiny",
+    "test_server_structured", "test_tiny", "test_dispatcher", "test_outward_contract", "test_weights",
 }
 E2E_TESTS = {
     "test_bench.py::test_bench_cli_tiny_model",
+    "test_weights.py::test_a_file_update_that_fails_mid_way_on_one_rank_leaves_the_old_weights_everywhere",
     "test_bench.py::test_cpu_forward_unchanged_by_fused_hooks",
     "test_bench.py::test_frontend_bench_streams_every_token",
     "test_bench.py::test_triton_kernels_in_interpreter",

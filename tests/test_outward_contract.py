@@ -236,12 +236,27 @@ class _FakeController:
         return None
 
 
+class _FakeDispatcher:
+    """The engine's one call down (``submit``): admit through the controller, then hand to the fleet."""
+
+    def __init__(self, controller: _FakeController, fleet: _FakeFleet) -> None:
+        self.controller, self.fleet = controller, fleet
+
+    def submit(self, state: Any) -> None:
+        self.controller.admit(state)
+        self.fleet.submit(state)
+
+    def abort(self, rid: str) -> None:
+        return None
+
+
 def _bare_engine(tokenizer: Any, expect: int) -> Engine:
     engine = Engine.__new__(Engine)
     engine._closed = False
     engine.inputs = InputProcessor(tokenizer, len(tokenizer), 128)
     engine.controller, engine.fleet = _FakeController(), _FakeFleet()
     engine.fleet.expect = expect
+    engine.dispatcher = _FakeDispatcher(engine.controller, engine.fleet)
     return engine
 
 
