@@ -104,7 +104,7 @@ def main() -> None:
 
     model = args.model
     if model is None:
-        from flotilla.testing.tiny import tiny_model_path
+        from flotilla.tools.tiny import tiny_model_path
 
         model = str(tiny_model_path("llama"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

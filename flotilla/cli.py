@@ -122,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Greedy generation on one replica (tp=1) and on the requested layout: the layouts must agree token for
     token, which is what data (and tensor) parallelism promise."""
     from flotilla import Engine, SamplingParams
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     path = tiny_model_path("llama")
     print(f"checkpoint: {path}")
@@ -184,19 +184,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flotilla.bench import cmd_bench as run
+    from flotilla.tools.bench import cmd_bench as run
 
     return run(args)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from flotilla.bench_serve import cmd_bench_serve as run
+    from flotilla.tools.bench_serve import cmd_bench_serve as run
 
     return run(args)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from flotilla.testing.soak import run_soak
+    from flotilla.tools.soak import run_soak
 
     return run_soak(args)
 
@@ -257,21 +257,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = subs["bench"] = sub.add_parser("bench", help="offline throughput / latency benchmark (flotilla or "
                                                      "transformers CB)")
-    from flotilla.bench import add_bench_args
+    from flotilla.tools.bench import add_bench_args
 
     add_bench_args(p)
     p.set_defaults(fn=cmd_bench)
 
     p = subs["bench-serve"] = sub.add_parser("bench-serve", help="serving benchmark: streaming completions against "
                                                                  "a running server or one started here")
-    from flotilla.bench_serve import add_bench_serve_args
+    from flotilla.tools.bench_serve import add_bench_serve_args
 
     add_bench_serve_args(p)
     p.set_defaults(fn=cmd_bench_serve)
 
     p = subs["soak"] = sub.add_parser("soak", help="chaos soak: traffic while replicas are killed, stopped, scaled "
                                                    "and updated; checks nothing is lost or duplicated")
-    from flotilla.testing.soak import add_soak_args
+    from flotilla.tools.soak import add_soak_args
 
     add_soak_args(p)
     p.set_defaults(fn=cmd_soak)
@@ -307,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(argv)
     if args.cmd == "make-tiny-model":
-        from flotilla.testing.tiny import cli_main
+        from flotilla.tools.tiny import cli_main
 
         return cli_main(rest)
     return args.fn(args)

@@ -2,7 +2,7 @@
 
 The same workload (``flotilla bench``'s: ``--workload nanovllm`` by default, token ids, ignore_eos) runs twice:
 
-1. offline, exactly as ``flotilla bench`` runs it (``flotilla.bench.run_flotilla``: one Engine, every request
+1. offline, exactly as ``flotilla bench`` runs it (``flotilla.tools.bench.run_flotilla``: one Engine, every request
    submitted at once through ``stream_async``, after warm-up requests);
 2. through ``flotilla.integrations.ray_data.build_processor`` (a preprocess that builds each row's
    ``input_ids`` and ``sampling_params``, the engine stage, a postprocess), on a local Ray instance, with the same
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flotilla.bench import add_bench_args, make_workload, model_folder, run_flotilla, summarize
+from flotilla.tools.bench import add_bench_args, make_workload, model_folder, run_flotilla, summarize
 from flotilla.integrations.ray_data import FlotillaProcessorConfig, FlotillaStage, Processor
 
 

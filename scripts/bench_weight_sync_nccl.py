@@ -110,7 +110,7 @@ def main() -> int:
         print(json.dumps({"error": "needs two GPUs or more", "gpus": torch.cuda.device_count()}))
         return 2
     from flotilla.model.shapes import write_shape
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     a, b = str(tiny_model_path("llama", seed=0)), str(tiny_model_path("llama", seed=1))
     out: dict = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}

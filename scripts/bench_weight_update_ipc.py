@@ -44,7 +44,7 @@ def tokens(engine) -> list[list[int]]:
 def check_tiny() -> dict:
     from safetensors.torch import load_file
 
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     a, b = tiny_model_path("llama", seed=0), tiny_model_path("llama", seed=1)
     opts = dict(device="cuda", dtype="bfloat16", gpu_memory_utilization=0.2)

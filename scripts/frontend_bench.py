@@ -24,8 +24,8 @@ import time
 def run(requests: int, steps: int, seed: int = 0) -> dict:
     from transformers import AutoTokenizer
 
-    from flotilla import request as request_mod
-    from flotilla.detokenizer import IncrementalDetokenizer
+    from flotilla.frontend import request as request_mod
+    from flotilla.frontend.detokenizer import IncrementalDetokenizer
     from flotilla.ipc.messages import ReplicaLoad, StepOutput, TokenOutput, encoder, from_worker_decoder
     from flotilla.model.shapes import write_shape
     from flotilla.router.controller import DPController

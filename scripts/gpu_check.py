@@ -261,7 +261,7 @@ def sweep_attention() -> dict:
 
 # ---------------------------------------------------------------------------------------------- engine
 def _engine_tokens(path: str, prompts: list[list[int]], n: int, **kw) -> list[list[int]]:
-    from flotilla.engine import Engine
+    from flotilla.frontend.engine import Engine
 
     with Engine(model=path, device="cuda", **kw) as eng:
         outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": n, "temperature": 0.0,
@@ -272,7 +272,7 @@ def _engine_tokens(path: str, prompts: list[list[int]], n: int, **kw) -> list[li
 def check_equality() -> dict:
     """Greedy tokens on tiny checkpoints, bf16 and fp32: CUDA graphs (Triton) vs eager Triton vs eager torch
     backend, and graphs with overlap scheduling; graphs must equal eager Triton (and overlap) exactly. Also transformers' own greedy tokens for fp32."""
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     rs = np.random.RandomState(7)
     # 9 prompts: decode batches of 9 replay the bs=16 graph (7 padded rows); lengths cross page edges

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from safetensors.torch import load_file  # noqa: E402
 
 from flotilla import Engine, SamplingParams  # noqa: E402
-from flotilla.testing.tiny import tiny_model_path  # noqa: E402
+from flotilla.tools.tiny import tiny_model_path  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Hello", "Once upon a time there was a little fox", "A"]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)

@@ -174,7 +174,7 @@ def sweep(out: pathlib.Path) -> dict:
 def layer(out: pathlib.Path) -> dict:
     """The whole layer (routing included) per bucket, with the stored tiles; the torch path at a few sizes;
     and the bytes of the experts a batch really touches against the copy bandwidth."""
-    from flotilla.bench import copy_bandwidth
+    from flotilla.tools.bench import copy_bandwidth
     from flotilla.model.layers.moe import grouped_experts, route
 
     e, n, k, top_k = SHAPE["E"], SHAPE["N"], SHAPE["K"], SHAPE["top_k"]
@@ -207,7 +207,7 @@ def layer(out: pathlib.Path) -> dict:
 
 
 def _engine_tokens(path: str, prompts: list[list[int]], n: int, **kw) -> list[list[int]]:
-    from flotilla.engine import Engine
+    from flotilla.frontend.engine import Engine
 
     with Engine(model=path, device="cuda", **kw) as eng:
         outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": n, "temperature": 0.0,
@@ -233,7 +233,7 @@ def _hf_tokens(path: str, prompts: list[list[int]], n: int) -> list[list[int]]:
 def equality(out: pathlib.Path) -> dict:
     """Greedy tokens of tiny Qwen3-MoE checkpoints: Flotilla (Triton MoE, graphs and eager) vs transformers in
     float32 on the GPU; graphs vs eager in bf16."""
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     rs = np.random.RandomState(7)
     prompts = [rs.randint(5, 500, n).tolist() for n in (1, 3, 15, 17, 40, 100, 250)]  # decode bs 7 -> graph 8

@@ -35,14 +35,14 @@ def main() -> int:
     ap.add_argument("--ray", action="store_true")
     args = ap.parse_args()
     from flotilla import Engine
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     results = []
     engines = [("Engine", Engine)]
     if args.ray:
         import ray
 
-        from flotilla.ray_engine import RayEngine
+        from flotilla.frontend.ray_engine import RayEngine
 
         ray.init(include_dashboard=False, log_to_driver=False)
         engines.append(("RayEngine", RayEngine))

@@ -51,7 +51,7 @@ def _requests(vocab: int, n: int, long_len: int, max_out: int, seed: int = 11):
 
 
 def _run(path: str, prompts, sps, overlap: bool, device: str, **kw) -> tuple[list[list[int]], dict]:
-    from flotilla.engine import Engine
+    from flotilla.frontend.engine import Engine
 
     t0 = time.perf_counter()
     with Engine(model=path, device=device, enable_overlap_schedule=overlap, **kw) as eng:
@@ -94,7 +94,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from flotilla.model.shapes import SHAPES, write_shape
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     if a.device == "cuda":
         import torch

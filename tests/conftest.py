@@ -20,7 +20,7 @@ PROMPTS = [
 
 
 def tiny(arch: str = "llama", **overrides) -> str:
-    from flotilla.testing.tiny import tiny_model_path
+    from flotilla.tools.tiny import tiny_model_path
 
     return str(tiny_model_path(arch, **overrides))
 
@@ -68,7 +68,7 @@ def llama_path() -> str:
 def llama_dp1_engine(llama_path: str):
     """One ``Engine(tiny llama, cpu, float32)`` (one replica) for test_edge_engine, test_engine_core and
     test_front_end_faults, whose tests leave it healthy and serving as they found it."""
-    from flotilla.engine import Engine
+    from flotilla.frontend.engine import Engine
 
     with Engine(model=llama_path, device="cpu", dtype="float32") as engine:
         yield engine
@@ -80,7 +80,7 @@ def llama_dp2_engine(llama_path: str):
     (test_choices, test_parallel, test_server*, test_structured): started once a session instead of once a module.
     Tests on it leave it as they found it (two replicas, not paused) and compare counters before and after, never
     absolutely."""
-    from flotilla.engine import Engine
+    from flotilla.frontend.engine import Engine
 
     with Engine(model=llama_path, device="cpu", dtype="float32", dp_size=2) as engine:
         yield engine

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from flotilla.bench import nanovllm_workload, random_workload, sglang_random_workload
+from flotilla.tools.bench import nanovllm_workload, random_workload, sglang_random_workload
 from flotilla.cli import main as cli_main
 
 
@@ -143,7 +143,7 @@ def test_graph_ladder_keeps_decode_splits() -> None:
 
 def test_cpu_forward_unchanged_by_fused_hooks(llama_path: str) -> None:
     """The model's CPU path (the reference) never calls into the Triton hooks."""
-    from flotilla.engine import Engine
+    from flotilla.frontend.engine import Engine
 
     with Engine(model=llama_path, device="cpu", dtype="float32") as eng:
         out = eng.generate(input_ids=[[5, 6, 7, 8]], sampling_params={"max_new_tokens": 4, "temperature": 0.0},

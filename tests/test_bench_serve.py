@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny
-from flotilla.bench_serve import make_specs
+from flotilla.tools.bench_serve import make_specs
 from flotilla.cli import main
 
 PCT_KEYS = {"mean", "p50", "p90", "p99"}
@@ -77,7 +77,7 @@ def test_sampled_lengths_stay_in_range() -> None:
 
 
 def test_offline_twin_has_the_same_lengths_and_other_prompts() -> None:
-    from flotilla.bench_serve import twin_specs
+    from flotilla.tools.bench_serve import twin_specs
 
     for dataset in ("random-ids", "random-text"):
         specs = make_specs(20, 30, 10, ratio=0.3, dataset=dataset, vocab=300, seed=2)
@@ -89,7 +89,7 @@ def test_offline_twin_has_the_same_lengths_and_other_prompts() -> None:
 
 
 def test_parser_counts_chunks_with_empty_text_and_sees_the_end() -> None:
-    from flotilla.bench_serve import Outcome, _SSEParser
+    from flotilla.tools.bench_serve import Outcome, _SSEParser
 
     out = Outcome()
     p = _SSEParser(out)

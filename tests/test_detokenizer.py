@@ -8,7 +8,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from flotilla.detokenizer import IncrementalDetokenizer
+from flotilla.frontend.detokenizer import IncrementalDetokenizer
 from conftest import tiny
 
 TEXTS = [

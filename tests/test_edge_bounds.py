@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from flotilla.detokenizer import IncrementalDetokenizer
-from flotilla.inputs import MAX_CHARS_PER_TOKEN, InputProcessor, batch_inputs
+from flotilla.frontend.detokenizer import IncrementalDetokenizer
+from flotilla.frontend.inputs import MAX_CHARS_PER_TOKEN, InputProcessor, batch_inputs
 from flotilla.ipc.channel import ChannelHub, EncodeError, connect
 from flotilla.ipc.links import HubLinks
 from flotilla.ipc.messages import AddRequest, to_worker_decoder
 from flotilla.launch.topology import MAX_DP_SIZE, check_scale
-from flotilla.request import RequestState
+from flotilla.frontend.request import RequestState
 from flotilla.router.controller import DPController, ReplicaUnreachable, RequestRejected
 from flotilla.router.dispatch import Dispatcher
 from flotilla.sampling import SamplingParams
@@ -167,7 +167,7 @@ def test_scale_is_bounded_by_what_the_launcher_holds() -> None:
 
 
 def test_control_time_outs_are_finite_and_positive() -> None:
-    from flotilla.control import check_timeout
+    from flotilla.frontend.control import check_timeout
 
     for bad in (0, -1, math.nan, math.inf, 10**400, "60", True, None):
         with pytest.raises(ValueError, match=r"^timeout: must be a finite number of seconds"):

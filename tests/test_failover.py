@@ -189,7 +189,7 @@ def test_scale_up_and_down_while_serving():
 
 def test_ray_kill_replica_and_scale():
     ray = pytest.importorskip("ray")
-    from flotilla.ray_engine import RayEngine
+    from flotilla.frontend.ray_engine import RayEngine
 
     path = tiny("llama")
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from flotilla.detokenizer import IncrementalDetokenizer
+from flotilla.frontend.detokenizer import IncrementalDetokenizer
 from flotilla.ipc.messages import AddRequest, ReplicaLoad, Shutdown, StepOutput, TokenOutput, WorkerReady
 from flotilla.launch.topology import layout
-from flotilla.request import RequestFailed, RequestState
+from flotilla.frontend.request import RequestFailed, RequestState
 from flotilla.router.controller import DPController
 from flotilla.router.dispatch import Dispatcher
 from flotilla.router.fleet import FleetSettings, GroupState, ReplicaFleet

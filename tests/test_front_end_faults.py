@@ -87,7 +87,7 @@ def test_garbage_on_the_output_socket_does_not_stop_the_engine(engine):
 
 
 def test_a_stuck_engine_loop_shows_in_health(engine, monkeypatch):
-    import flotilla.engine as engine_mod
+    import flotilla.frontend.engine as engine_mod
 
     release = threading.Event()
     real = engine.fleet.check
@@ -113,7 +113,7 @@ def test_a_stuck_engine_loop_shows_in_health(engine, monkeypatch):
 
 
 def test_the_front_end_does_not_import_worker_or_model_code():
-    code = ("import sys, flotilla.engine, flotilla.ray_engine\n"
+    code = ("import sys, flotilla.frontend.engine, flotilla.frontend.ray_engine\n"
             "bad = sorted(m for m in sys.modules if m.startswith(('flotilla.worker', 'flotilla.model')))\n"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

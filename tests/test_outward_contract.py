@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from flotilla.engine import Engine
+from flotilla.frontend.engine import Engine
 from flotilla.errors import InvalidParameter, type_name
-from flotilla.inputs import InputProcessor
+from flotilla.frontend.inputs import InputProcessor
 from flotilla.ipc.messages import TokenOutput
-from flotilla.ray_engine import RayEngine
-from flotilla.request import wake_all
+from flotilla.frontend.ray_engine import RayEngine
+from flotilla.frontend.request import wake_all
 from flotilla.sampling import SamplingParams
 from flotilla.server import build_app
 from flotilla.server.errors import from_value_error
-from flotilla.stats import DownStats, EngineStats, PipelineStats, ReplicaStats
+from flotilla.frontend.stats import DownStats, EngineStats, PipelineStats, ReplicaStats
 
 # ============================================================================================ methods in engine.py
 
@@ -43,7 +43,7 @@ def test_every_public_engine_method_is_written_out_in_engine_py() -> None:
         assert name in Engine.__dict__, name  # declared in the class body, not attached or inherited
         member = Engine.__dict__[name]
         func = member.fget if isinstance(member, property) else member
-        assert inspect.getsourcefile(func).endswith("flotilla/engine.py"), name
+        assert inspect.getsourcefile(func).endswith("flotilla/frontend/engine.py"), name
         assert func.__doc__ or name in ("generate", "stream", "flush_cache", "shutdown"), name
     for name in (n for n in dir(RayEngine) if not n.startswith("_")):
         assert name in RayEngine.__dict__ or name in Engine.__dict__, name
@@ -55,7 +55,7 @@ def test_every_public_engine_method_is_written_out_in_engine_py() -> None:
 
 
 def test_the_forwarders_keep_the_targets_signatures() -> None:
-    from flotilla.control import ControlPlane
+    from flotilla.frontend.control import ControlPlane
     from flotilla.rl.api import RLControl
 
     for names, target in ((CONTROL, ControlPlane), (RL, RLControl)):
@@ -143,7 +143,7 @@ def test_fleet_rows_are_replica_stats() -> None:
 
     assert inspect.signature(fleet.ReplicaFleet.rows).return_annotation in ("list[ReplicaStats]", list[ReplicaStats])
     src = inspect.getsource(fleet.ReplicaFleet.rows)
-    assert '"stage_forwards"' not in src and '"down_reason"' not in src  # the keys live in flotilla/stats.py
+    assert '"stage_forwards"' not in src and '"down_reason"' not in src  # the keys live in flotilla/frontend/stats.py
 
 
 # ============================================================================================ InvalidParameter

@@ -14,7 +14,7 @@ import torch
 from conftest import PROMPTS, hf_greedy, hf_tokenize, tiny
 from flotilla import Engine, RequestFailed, SamplingParams
 from flotilla.ipc.messages import SeqPlan
-from flotilla.testing import faults
+from flotilla.worker import faults
 from flotilla.worker.feed import feed_input_ids
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig

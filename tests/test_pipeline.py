@@ -130,7 +130,7 @@ def ray_cluster():
 
 
 def test_ray_engine_pipeline(ray_cluster):
-    from flotilla.ray_engine import RayEngine
+    from flotilla.frontend.ray_engine import RayEngine
 
     path = tiny("llama")
     with RayEngine(model=path, pp_size=2, **OPTS) as engine:

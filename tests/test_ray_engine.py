@@ -9,7 +9,7 @@ ray = pytest.importorskip("ray")
 from conftest import PROMPTS, hf_greedy, hf_tokenize, tiny  # noqa: E402
 from flotilla import SamplingParams  # noqa: E402
 from flotilla.launch.ray import check_bundle_indices, plan_slots  # noqa: E402
-from flotilla.ray_engine import RayEngine  # noqa: E402
+from flotilla.frontend.ray_engine import RayEngine  # noqa: E402
 
 N = 16
 GREEDY = SamplingParams(max_new_tokens=N, temperature=0.0, ignore_eos=True)
@@ -63,7 +63,7 @@ def test_engine_inside_an_actor_on_callers_group(ray_cluster, layout):
     @ray.remote(num_cpus=1)
     class Trainer:
         def generate(self, path, prompts, layout):
-            from flotilla.ray_engine import RayEngine as RE
+            from flotilla.frontend.ray_engine import RayEngine as RE
 
             with RE(model=path, device="cpu", dtype="float32", **layout) as eng:
                 return [o["token_ids"] for o in eng.generate(prompts, GREEDY, use_tqdm=False)], \

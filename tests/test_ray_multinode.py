@@ -15,7 +15,7 @@ def test_dp2_across_two_nodes():
     from ray.cluster_utils import Cluster
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from flotilla.ray_engine import RayEngine
+    from flotilla.frontend.ray_engine import RayEngine
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1, resources={"node_b": 1})

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 from conftest import tiny  # noqa: E402
 from flotilla.integrations.ray_serve import (FlotillaServeConfig, PrefixAffinityRouter, build_openai_app,  # noqa: E402
                                              prefix_key, rendezvous_order, translate_error)
-from flotilla.request import RequestFailed  # noqa: E402
+from flotilla.frontend.request import RequestFailed  # noqa: E402
 
 APP = "flotilla"
 KEY = "sk-serve-test"

@@ -15,8 +15,8 @@ import time
 
 from conftest import PROMPTS, hf_greedy, hf_tokenize, tiny
 from flotilla import Engine, SamplingParams
-from flotilla.request import RequestFailed
-from flotilla.testing import faults
+from flotilla.frontend.request import RequestFailed
+from flotilla.worker import faults
 
 N = 32
 GREEDY = SamplingParams(max_new_tokens=N, temperature=0.0, ignore_eos=True)

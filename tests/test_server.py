@@ -22,7 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from flotilla.request import RequestFailed
+from flotilla.frontend.request import RequestFailed
 from flotilla.server import ServerThread, build_app, set_engine
 
 MODEL = "tiny-llama"

@@ -14,7 +14,7 @@ import pytest
 @pytest.mark.parametrize("launcher,seconds,overlap", [("mp", 45, True), ("ray", 30, False)])
 def test_chaos_soak(launcher, seconds, overlap, tmp_path):
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, "-m", "flotilla.testing.soak", "--launcher", launcher, "--seconds", str(seconds),
+    cmd = [sys.executable, "-m", "flotilla.tools.soak", "--launcher", launcher, "--seconds", str(seconds),
            "--seed", "1", "--fault-every-s", "2", "--json", str(out)] + (["--overlap-schedule"] if overlap else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 420)
     print(r.stdout[-4000:], r.stderr[-4000:])

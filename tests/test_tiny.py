@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flotilla.testing import tiny
+from flotilla.tools import tiny
 
 pytestmark = pytest.mark.timeout(60)
 

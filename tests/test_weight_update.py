@@ -221,7 +221,7 @@ def ray_cluster():
 
 
 def test_ray_engine_updates_from_object_refs(ray_cluster, ckpt):
-    from flotilla.ray_engine import RayEngine
+    from flotilla.frontend.ray_engine import RayEngine
 
     ray = ray_cluster
     a, b, exp = ckpt

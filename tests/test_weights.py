@@ -181,7 +181,7 @@ def test_a_file_update_is_staged_then_committed_or_discarded(runner):
 
 
 def test_a_file_that_fails_mid_way_on_a_rank_touches_nothing(runner, monkeypatch):
-    from flotilla.testing import faults
+    from flotilla.worker import faults
     from flotilla.weights import rank
 
     old = snapshot(runner.model)
@@ -218,7 +218,7 @@ def ckpt():
 
 def test_a_file_update_that_fails_mid_way_on_one_rank_leaves_the_old_weights_everywhere(ckpt, tmp_path):
     from flotilla import Engine, SamplingParams
-    from flotilla.testing import faults
+    from flotilla.worker import faults
 
     a, b, exp = ckpt
     folder, first = two_file_folder(b, tmp_path / "b")

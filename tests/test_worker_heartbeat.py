@@ -11,7 +11,7 @@ import pytest
 
 from flotilla.ipc.messages import Heartbeat, StepOutput
 from flotilla.sampling import SamplingParams
-from flotilla.testing import faults
+from flotilla.worker import faults
 from flotilla.worker.worker import HEARTBEAT_S
 from test_worker_harness import WorkerHarness
 

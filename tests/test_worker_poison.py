@@ -8,7 +8,7 @@ import pytest
 from conftest import hf_greedy
 from flotilla.ipc.messages import AddRequest, encoder
 from flotilla.sampling import SamplingParams
-from flotilla.testing import faults
+from flotilla.worker import faults
 from test_worker_harness import WorkerHarness
 
 pytestmark = pytest.mark.timeout(300)

@@ -202,7 +202,7 @@ class FlotillaStage:
         kwargs = dict(config.engine_kwargs)
         if config.launcher == "ray":
             from flotilla.integrations.group_holder import HeldGroup, rank_bundles
-            from flotilla.ray_engine import RayEngine
+            from flotilla.frontend.ray_engine import RayEngine
 
             on_gpu = config.engine_config.device == "cuda"  # resolved in the driver (see Processor)
             self._group = HeldGroup(rank_bundles(config.ranks, on_gpu, config.gpus_per_rank))
@@ -213,7 +213,7 @@ class FlotillaStage:
                 self._group.close()
                 raise
         else:
-            from flotilla.engine import Engine
+            from flotilla.frontend.engine import Engine
 
             self.engine = Engine(model=config.model_source, **kwargs)
         self._loop = asyncio.new_event_loop()
@@ -248,7 +248,7 @@ class FlotillaStage:
         prompt, ids = row_input(row, self.engine.tokenizer)
         result = await self.engine.generate_async(prompt, sampling_of(row), input_ids=ids)
         if result.get("finish_reason") == "error":
-            from flotilla.request import RequestFailed
+            from flotilla.frontend.request import RequestFailed
 
             raise RequestFailed(result.get("error") or "the request failed")
         return result_columns(result)

@@ -31,7 +31,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 from flotilla.errors import InvalidParameter
 from flotilla.integrations.config_args import config_from_args
 from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
-from flotilla.request import RequestFailed
+from flotilla.frontend.request import RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,11 @@ class FlotillaEngineReplica:
     def __init__(self, config: FlotillaServeConfig):
         kwargs = dict(config.engine_kwargs)
         if config.launcher == "ray":
-            from flotilla.ray_engine import RayEngine
+            from flotilla.frontend.ray_engine import RayEngine
 
             self.engine = RayEngine(model=config.model_source, gpus_per_rank=config.gpus_per_rank, **kwargs)
         else:
-            from flotilla.engine import Engine
+            from flotilla.frontend.engine import Engine
 
             self.engine = Engine(model=config.model_source, **kwargs)  # type: ignore[assignment]
 

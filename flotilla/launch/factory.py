@@ -107,13 +107,13 @@ def make_engine(args: argparse.Namespace) -> Any:
     """An Engine (or a RayEngine with ``--ray``) from parsed options; raises ValueError naming a bad field."""
     kwargs = engine_kwargs(args)
     if getattr(args, "ray", False):
-        from flotilla.ray_engine import RayEngine
+        from flotilla.frontend.ray_engine import RayEngine
 
         if hasattr(args, "gpus_per_rank"):
             kwargs["gpus_per_rank"] = args.gpus_per_rank
         return RayEngine(model=model_of(args), **kwargs)
     if hasattr(args, "gpus_per_rank"):
         raise InvalidParameter("gpus_per_rank", "only applies with --ray")
-    from flotilla.engine import Engine
+    from flotilla.frontend.engine import Engine
 
     return Engine(model=model_of(args), **kwargs)

@@ -63,7 +63,7 @@ def shape_config(name: str) -> dict[str, Any]:
 def write_shape(name: str, out_dir: str | pathlib.Path | None = None) -> pathlib.Path:
     """Write ``config.json`` and a tokenizer for shape ``name`` into ``out_dir`` (a new temporary folder when
     None) and return the folder; it holds no weights, so load it with ``load_format="dummy"``."""
-    from flotilla.testing.tiny import build_tokenizer, save_tokenizer
+    from flotilla.tools.tiny import build_tokenizer, save_tokenizer
 
     cfg = shape_config(name)
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(tempfile.mkdtemp(prefix=f"flotilla-{name}-"))

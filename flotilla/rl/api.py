@@ -1,7 +1,7 @@
 """The control calls RL frameworks make, with sglang's names and arguments, on Engine and RayEngine.
 
 An object built with the control plane and the engine's abort; ``Engine`` forwards each of its methods under
-its own name, written out in ``flotilla/engine.py``. verl, OpenRLHF, slime, SkyRL, NeMo-RL and AReaL drive an
+its own name, written out in ``flotilla/frontend/engine.py``. verl, OpenRLHF, slime, SkyRL, NeMo-RL and AReaL drive an
 inference engine through these names; with them, a framework's sglang adapter works against Flotilla with the
 import changed.
 

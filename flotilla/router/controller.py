@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from flotilla.ipc.channel import EncodeError
 from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad
-from flotilla.request import RequestState
+from flotilla.frontend.request import RequestState
 from flotilla.router.policies import NoReplicaAvailable, ReplicaView, make_policy
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flotilla.ipc.messages import AbortRequest, StepOutput
-from flotilla.request import RequestFailed, RequestState
+from flotilla.frontend.request import RequestFailed, RequestState
 from flotilla.router.controller import DPController, ReplicaUnreachable, RequestRejected, Send
 from flotilla.router.policies import NoReplicaAvailable
 

@@ -47,9 +47,9 @@ from flotilla.ipc.messages import Shutdown, WorkerReady
 from flotilla.launch.base import Launcher
 from flotilla.launch.topology import GroupSpec, replica_group
 from flotilla.launch.worker_args import WorkerArgs
-from flotilla.request import RequestState, wake_all
+from flotilla.frontend.request import RequestState, wake_all
 from flotilla.router.dispatch import Dispatcher
-from flotilla.stats import DownStats, PipelineStats, ReplicaStats
+from flotilla.frontend.stats import DownStats, PipelineStats, ReplicaStats
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from flotilla.request import RequestFailed
+from flotilla.frontend.request import RequestFailed
 from flotilla.server.engine_client import Delta, EngineClient
 from flotilla.server.errors import ClientDisconnected, Receive, from_value_error, unavailable
 from flotilla.server.metrics import RequestTimer, ServerMetrics

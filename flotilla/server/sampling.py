@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flotilla.inputs import MAX_CHARS_PER_TOKEN
+from flotilla.frontend.inputs import MAX_CHARS_PER_TOKEN
 from flotilla.server.engine_client import Delta
 from flotilla.server.errors import bad_param
 from flotilla.server.protocol import SamplingFields

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from fastapi.responses import StreamingResponse
 
-from flotilla.request import RequestFailed
+from flotilla.frontend.request import RequestFailed
 from flotilla.server.engine_client import Delta
 from flotilla.server.errors import RAW_SEND, Receive, Scope, Send, error_body, internal_error
 from flotilla.server.runs import Run, wait_disconnect

@@ -25,12 +25,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flotilla.choices import follow_choices
+from flotilla.frontend.choices import follow_choices
 from flotilla.errors import InvalidParameter
-from flotilla.inputs import InputProcessor, SamplingLike
+from flotilla.frontend.inputs import InputProcessor, SamplingLike
 from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOutput, TokenOutput, encoder, \
     from_worker_decoder
-from flotilla.request import RequestFailed, follow, wake_all
+from flotilla.frontend.request import RequestFailed, follow, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.dispatch import Dispatcher
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flotilla.ipc.messages import DestroyWeightSyncGroup, InitWeightSyncGroup
-from flotilla.timeouts import check_timeout
+from flotilla.frontend.timeouts import check_timeout
 from flotilla.weights.ports import ControlPort, FleetView
 
 log = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def run(op: Any, runner: Any, group_rank: int, replica: int = 0, progress: Progr
         broadcast.leave(op.group_name)  # idempotent: the front end also sends it to clean up after a failed join
     elif isinstance(op, UpdateWeights):
         from flotilla.model.loader import WeightRouter
-        from flotilla.testing.faults import weight_fault
+        from flotilla.worker.faults import weight_fault
 
         _slot = None  # a stage a front end gave up on
         if runner.weights_offloaded:

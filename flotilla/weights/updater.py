@@ -23,7 +23,7 @@ from flotilla.ipc.messages import (
     IpcTensor,
     UpdateWeights,
 )
-from flotilla.timeouts import check_timeout
+from flotilla.frontend.timeouts import check_timeout
 from flotilla.weights.broadcast import BroadcastTransport, check_lists
 from flotilla.weights.check import WeightChecker, collect_named_tensors
 from flotilla.weights.file import FileTransport, prune_update_files

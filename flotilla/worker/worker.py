@@ -28,7 +28,7 @@ from flotilla.ipc.messages import (MODEL_OPS, AbortRequest, AddRequest, BatchPla
                                    from_worker_decoder, to_worker_decoder)
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.sampling import SamplingParams
-from flotilla.testing.faults import StepFaults
+from flotilla.worker.faults import StepFaults
 from flotilla.worker import lifeline
 from flotilla.worker.heartbeat import HeartbeatThread
 from flotilla.worker.grammar import Grammars

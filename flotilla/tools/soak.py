@@ -1,6 +1,6 @@
 """A chaos soak: mixed traffic while faults are injected, and checks that nothing is lost or duplicated.
 
-``python -m flotilla.testing.soak --seconds 60 --launcher mp`` (or ``flotilla soak``) runs, for a bounded
+``python -m flotilla.tools.soak --seconds 60 --launcher mp`` (or ``flotilla soak``) runs, for a bounded
 time, clients over the Python API and HTTP (streaming and not, random lengths, greedy and seeded sampling,
 clients that leave early, bad inputs interleaved) against a dp=2 engine on a tiny random checkpoint, while
 an injector SIGKILLs and SIGSTOPs replica processes (one, or both at once), scales up and down, updates the
@@ -87,7 +87,7 @@ class Soak:
 
     # -------------------------------------------------------------------------------------- set-up
     def make_engine(self):
-        from flotilla.testing.tiny import tiny_model_path
+        from flotilla.tools.tiny import tiny_model_path
 
         self.path = str(tiny_model_path("llama"))
         opts = dict(device="cpu", dtype="float32", dp_size=2, max_replica_restarts=1000,

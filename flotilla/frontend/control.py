@@ -21,8 +21,8 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory
-from flotilla.request import wake_all
-from flotilla.timeouts import MAX_TIMEOUT_S, check_timeout  # noqa: F401  (check_timeout: imported from here too)
+from flotilla.frontend.request import wake_all
+from flotilla.frontend.timeouts import MAX_TIMEOUT_S, check_timeout  # noqa: F401  (check_timeout: imported from here too)
 from flotilla.weights.updater import DEFAULT_TIMEOUT_S, WeightUpdater
 
 if TYPE_CHECKING:

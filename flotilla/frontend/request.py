@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flotilla.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from flotilla.frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from flotilla.ipc.messages import TokenOutput
 from flotilla.sampling import SamplingParams
 

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from flotilla.request import RequestState, StreamCursor
+from flotilla.frontend.request import RequestState, StreamCursor
 
 
 async def follow_choices(states: list[RequestState], ev: asyncio.Event,

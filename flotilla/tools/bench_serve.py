@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from flotilla.bench import percentiles_ms
+from flotilla.tools.bench import percentiles_ms
 
 _WORDS = ("the of and to in is was for on that with as by at from his her an which or be are this had not but "
           "what all were when we there can said each she do how their if will up other about out many then them "
@@ -438,7 +438,7 @@ def _start_engine(args: argparse.Namespace) -> tuple[Any, str, Path | None]:
 
 def _offline(engine: Any, specs: list[Spec]) -> dict[str, Any]:
     """The same work through ``flotilla bench``'s offline path (``stream_async`` in this process)."""
-    from flotilla.bench import Workload, _flotilla_requests, summarize as offline_summary
+    from flotilla.tools.bench import Workload, _flotilla_requests, summarize as offline_summary
 
     prompts = [s.prompt if isinstance(s.prompt, list) else list(engine.tokenizer(s.prompt)["input_ids"])
                for s in specs]
@@ -590,7 +590,7 @@ def format_result(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:  # python -m flotilla.bench_serve
+def main(argv: list[str] | None = None) -> int:  # python -m flotilla.tools.bench_serve
     p = argparse.ArgumentParser(prog="flotilla bench-serve", description=__doc__.splitlines()[0])
     add_bench_serve_args(p)
     return cmd_bench_serve(p.parse_args(argv))

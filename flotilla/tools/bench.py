@@ -180,11 +180,11 @@ def run_flotilla(args: argparse.Namespace, model: str, wl: Workload) -> tuple[li
     if prefix is not None:
         kwargs["enable_prefix_caching"] = prefix
     if args.ray:
-        from flotilla.ray_engine import RayEngine as EngineCls
+        from flotilla.frontend.ray_engine import RayEngine as EngineCls
 
         kwargs["gpus_per_rank"] = args.gpus_per_rank
     else:
-        from flotilla.engine import Engine as EngineCls  # type: ignore[assignment]
+        from flotilla.frontend.engine import Engine as EngineCls  # type: ignore[assignment]
     t0 = time.perf_counter()
     engine = EngineCls(model=model, **kwargs)
     info: dict[str, Any] = {"engine_start_s": time.perf_counter() - t0,

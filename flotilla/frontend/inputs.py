@@ -10,8 +10,8 @@ from dataclasses import replace
 from typing import Any
 
 from flotilla.errors import InvalidParameter
-from flotilla.detokenizer import IncrementalDetokenizer
-from flotilla.request import RequestState
+from flotilla.frontend.detokenizer import IncrementalDetokenizer
+from flotilla.frontend.request import RequestState
 from flotilla.sampling import INT64_MAX, SamplingParams
 from flotilla.structured import check as check_structured
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from flotilla.config import EngineConfig
-from flotilla.control import DEFAULT_TIMEOUT_S
-from flotilla.engine import Engine
+from flotilla.frontend.control import DEFAULT_TIMEOUT_S
+from flotilla.frontend.engine import Engine
 
 
 class RayEngine(Engine):

@@ -24,8 +24,8 @@ from typing import Any
 
 from flotilla.errors import InvalidParameter
 from flotilla.config import EngineConfig
-from flotilla.choices import choices_of, follow_choices
-from flotilla.control import DEFAULT_TIMEOUT_S, ControlPlane
+from flotilla.frontend.choices import choices_of, follow_choices
+from flotilla.frontend.control import DEFAULT_TIMEOUT_S, ControlPlane
 from flotilla.ipc.channel import ChannelHub
 from flotilla.ipc.links import HubLinks
 from flotilla.ipc.messages import (ControlDone, FlushCache, Heartbeat, Shutdown, StepOutput, StepStarted,
@@ -33,14 +33,14 @@ from flotilla.ipc.messages import (ControlDone, FlushCache, Heartbeat, Shutdown,
 from flotilla.launch.base import Launcher
 from flotilla.launch.topology import GroupSpec, check_scale, layout
 from flotilla.launch.worker_args import WorkerArgs
-from flotilla.inputs import InputProcessor, SamplingLike, batch_inputs
-from flotilla.private_dir import make_private_dir
-from flotilla.request import RequestFailed, RequestState, StreamCursor, follow, wake_all
+from flotilla.frontend.inputs import InputProcessor, SamplingLike, batch_inputs
+from flotilla.frontend.private_dir import make_private_dir
+from flotilla.frontend.request import RequestFailed, RequestState, StreamCursor, follow, wake_all
 from flotilla.rl.api import RLControl
 from flotilla.router.controller import DPController
 from flotilla.router.dispatch import Dispatcher
 from flotilla.router.fleet import FleetSettings, ReplicaFleet
-from flotilla.stats import EngineStats
+from flotilla.frontend.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Engine:
     ``Engine(model=path, tp_size=2, dp_size=2)`` runs dp x tp rank processes on this machine; ``RayEngine``
     is the same engine with the Ray launcher. Every public method is written out here: requests and status in
     this class, control operations (pause, weight updates, memory) forwarded to ``self.control``
-    (``flotilla/control.py``), sglang's names for RL frameworks to ``self.rl`` (``flotilla/rl/api.py``).
+    (``flotilla/frontend/control.py``), sglang's names for RL frameworks to ``self.rl`` (``flotilla/rl/api.py``).
     """
 
     def __init__(self, model: str, **kwargs: Any):
