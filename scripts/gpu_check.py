@@ -507,7 +507,7 @@ def cpu_step_cost(bs: int = 256) -> dict:
     from flotilla.worker.kv_cache import KVBlockManager
     from flotilla.worker.sampler import SamplingBatch
     from flotilla.worker.scheduler import Scheduler, SchedulerConfig
-    from flotilla.worker.worker import _RowIds
+    from flotilla.worker.leader import _RowIds
 
     kv = KVBlockManager(40000, 16, enable_prefix_cache=True)
     sch = Scheduler(SchedulerConfig(bs, 8192, 40960, (2,)), kv)

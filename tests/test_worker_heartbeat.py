@@ -12,7 +12,7 @@ import pytest
 from flotilla.ipc.messages import Heartbeat, StepOutput
 from flotilla.sampling import SamplingParams
 from flotilla.worker import faults
-from flotilla.worker.worker import HEARTBEAT_S
+from flotilla.worker.leader import HEARTBEAT_S
 from test_worker_harness import WorkerHarness
 
 pytestmark = pytest.mark.timeout(240)

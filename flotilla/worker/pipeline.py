@@ -23,7 +23,7 @@ from flotilla.distributed.pipeline import StageLink
 from flotilla.ipc.messages import batch_plan_decoder, encoder
 from flotilla.worker.model_runner import ModelRunner
 from flotilla.launch.worker_args import WorkerArgs
-from flotilla.worker.worker import _apply_model_op, _Leader
+from flotilla.worker.leader import Leader, apply_model_op
 
 IDLE_PING_S = 1.0  # an idle leader still sends an idle plan down the pipeline this often
 
@@ -48,7 +48,7 @@ def pipeline_rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner,
 
 def _lead(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch, link: StageLink) -> None:
     tp, num_stages = get_group("tp"), get_group("pp").size
-    leader = _Leader(args, cfg, runner, out_ch)
+    leader = Leader(args, cfg, runner, out_ch)
     stats = leader.pipeline = _PipelineStats(link)
     sched = leader.sched
     inflight: deque = deque()   # scheduled batches whose logits are not back yet, oldest first
@@ -94,7 +94,7 @@ def _lead(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch, link
                     inflight.append(batch)
                     stats.max_in_flight = max(stats.max_in_flight, len(inflight))
                 if plan.op is not None:
-                    _apply_model_op(args, runner, plan.op, leader)
+                    apply_model_op(args, runner, plan.op, leader)
                     continue
             if inflight and (len(inflight) >= num_stages or batch is None):
                 retire_oldest()
@@ -125,4 +125,4 @@ def _follow(args: WorkerArgs, runner: ModelRunner, link: StageLink) -> None:
             link.sends.drain()
             return
         if plan.op is not None:
-            _apply_model_op(args, runner, plan.op, None)
+            apply_model_op(args, runner, plan.op, None)
