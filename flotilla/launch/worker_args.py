@@ -34,3 +34,5 @@ class WorkerArgs:
     parent_pid: int | None = None
     private_dir: str | None = None
     pdeathsig: bool = False
+    # the front end's environment at launch, for ranks that start from a process with another (the fork server)
+    env: dict[str, str] | None = None

@@ -83,8 +83,11 @@ def _orphaned(parent_pid: int, private_dir: str | None) -> None:
 
 
 def install(parent_pid: int | None, private_dir: str | None = None, *, pdeathsig: bool = False,
-            poll_s: float = POLL_S) -> threading.Thread | None:
+            via_fork_server: bool = False, poll_s: float = POLL_S) -> threading.Thread | None:
     """Tie this process's life to ``parent_pid``'s (nothing happens when it is None).
+
+    ``via_fork_server``: our parent is not the front end but the fork server it started (multiprocessing's
+    forkserver), which exits when the front end does; the parent-death signal then comes from its exit.
 
     Call it first thing in the worker process. If the parent is already gone (it died while we started),
     this does not return. Returns the watching thread.
@@ -92,7 +95,7 @@ def install(parent_pid: int | None, private_dir: str | None = None, *, pdeathsig
     if parent_pid is None:
         return None
     direct = os.getppid() == parent_pid
-    if direct:
+    if direct or via_fork_server:
         set_pdeathsig(signal.SIGKILL if pdeathsig else signal.SIGCONT)
     # Re-check after prctl: a parent that died before it took effect sent no signal, and we were reparented.
     if not parent_alive(parent_pid, direct):

@@ -32,7 +32,10 @@ def run_worker(args: WorkerArgs, store=None) -> None:
     through instead of ``args.dist_init_method`` (the Ray launcher passes one)."""
     logging.basicConfig(level=os.environ.get("FLOTILLA_LOG_LEVEL", "WARNING"))
     # first: a front end that died while we started must not leave us running
-    lifeline.install(args.parent_pid, args.private_dir, pdeathsig=args.pdeathsig)
+    # (a rank forked from the mp launcher's fork server, args.env set, has the fork server for parent, which
+    # exits with the front end: its death is the front end's)
+    lifeline.install(args.parent_pid, args.private_dir, pdeathsig=args.pdeathsig,
+                     via_fork_server=args.env is not None)
     out_ch = None
     try:
         cfg = EngineConfig(**args.config)
