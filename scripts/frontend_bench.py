@@ -29,6 +29,7 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
     from flotilla.ipc.messages import ReplicaLoad, StepOutput, TokenOutput, encoder, from_worker_decoder
     from flotilla.model.shapes import write_shape
     from flotilla.router.controller import DPController
+    from flotilla.router.dispatch import Dispatcher
     from flotilla.sampling import SamplingParams
 
     folder = write_shape("qwen3-0.6b")
@@ -38,8 +39,8 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     rng = random.Random(seed)
     vocab = len(tok)
-    ctl = DPController("round_robin")
-    ctl.add_replica(0, lambda msg, timeout_ms=0: None)
+    dispatcher = Dispatcher(DPController("round_robin"))
+    dispatcher.replica_up(0, lambda msg, timeout_ms=0: None)
     states = []
     for i in range(requests):
         ids = [rng.randrange(vocab) for _ in range(128)]
@@ -55,7 +56,7 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
 
     def replay() -> None:
         for raw in wire:
-            woken = [st for st, _ in ctl.on_step(from_worker_decoder.decode(raw))]
+            woken = dispatcher.on_step(from_worker_decoder.decode(raw))
             if wake_all is not None:
                 wake_all(woken)
             else:
@@ -78,7 +79,7 @@ def run(requests: int, steps: int, seed: int = 0) -> dict:
         tasks = [asyncio.ensure_future(consume(s)) for s in states]
         await asyncio.sleep(0)
         for s in states:
-            ctl.dispatch(s)
+            dispatcher.submit(s)
         t0 = time.perf_counter()
         th = threading.Thread(target=replay)
         th.start()
