@@ -60,7 +60,8 @@ class MpLauncher:
 
     def __init__(self, config: "EngineConfig", private_dir: str):
         self._ctx: Any = mp.get_context(start_method())  # (typeshed: BaseContext, without Process)
-        if self._ctx.get_start_method() == "forkserver":
+        self._forked = self._ctx.get_start_method() == "forkserver"
+        if self._forked:
             self._ctx.set_forkserver_preload(PRELOAD)
         self._dir = private_dir
         self._num_devices = 0
@@ -90,7 +91,7 @@ class MpLauncher:
             # kernel's parent-death signal, which fires when the *thread* that started the child ends (restarts
             # and scale-ups start ranks from short-lived threads)
             wa.parent_pid, wa.private_dir = os.getpid(), self._dir
-            wa.env = dict(os.environ) if self._ctx.get_start_method() == "forkserver" else None
+            wa.env = dict(os.environ) if self._forked else None
             p = self._ctx.Process(target=_mp_entry, args=(wa,), name=f"flotilla-g{spec.group_id}-r{wa.rank}",
                                   daemon=True)
             p.start()
