@@ -5,6 +5,7 @@
 #   bash scripts/device_issue25.sh sglang    # sglang-random (llama-3.1-8b shape, 1,000 prompts): sync vs overlap,
 #                                            # each with the per-step host trace (FLOTILLA_STEP_TRACE)
 #   bash scripts/device_issue25.sh knobs     # overlap on, then the scheduler knobs beside it (same call)
+#   bash scripts/device_issue25.sh split     # mixed-batch attention: split vs unified (kernels, profile, sglang)
 # Every step has a timeout; logs and JSON go to $RES and are packed into $OUT/results.tgz after each step.
 set -uo pipefail
 FINAL="${OUT:-./out}"
@@ -56,6 +57,16 @@ case "$stage" in
       # shellcheck disable=SC2086
       bench "sg_knob$i" 180 "${SG[@]}" --overlap-schedule $s
     done
+    ;;
+  split)  # mixed batches: decode rows to the decode kernel (split, the default) beside the unified baseline
+    TAIL=6 step attention 150 python3 scripts/gpu_check.py attention --out "$OUT"
+    for mode in unified split; do
+      TAIL=30 FLOTILLA_ATTENTION_MIXED=$mode step "mixed_$mode" 80 python3 scripts/gpu_check.py mixed \
+        --mixed-cases llama-3.1-8b:256:768:512 --out "$OUT" --tag "_$mode"
+    done
+    FLOTILLA_ATTENTION_MIXED=unified bench sg_overlap_unified 150 "${SG[@]}" --overlap-schedule
+    bench sg_overlap_split 150 "${SG[@]}" --overlap-schedule
+    bench sg_sync_split 150 "${SG[@]}"
     ;;
   eq8b)
     TAIL=8 step eq_8b 200 python3 scripts/overlap_equality.py --models llama-3.1-8b --dtypes bfloat16 \

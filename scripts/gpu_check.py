@@ -62,7 +62,7 @@ def make_case(q_lens, ctx, heads, kv_heads, dim, dev, dtype, block_size=16, gen=
 
 def check_attention(dev: str = "cuda", dtype: torch.dtype = torch.bfloat16, verbose: bool = True) -> None:
     """Triton backend vs the torch reference on fresh random paged batches (poisoned outputs, every case)."""
-    from flotilla.model.attention.triton_backend import TritonAttention
+    from flotilla.model.attention.triton_backend import MIXED_MODES, TritonAttention
 
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     gen = torch.Generator().manual_seed(1234)
@@ -73,11 +73,21 @@ def check_attention(dev: str = "cuda", dtype: torch.dtype = torch.bfloat16, verb
         ([7, 1, 100, 65], [7, 33, 250, 65], 4, 2, 16),       # mixed prefill, cached prefixes
         ([64, 3], [64, 130], 8, 8, 32),                      # MHA
         ([1, 1], [17, 300], 6, 2, 24),                       # head_dim not a power of two, group 3
+        ([1, 9, 1, 1, 40, 1], [60, 9, 1, 230, 100, 7], 4, 2, 16),  # mixed: decode rows split off, between chunks
+        ([1] * 12 + [2], rs.randint(2, 200, 13).tolist(), 4, 1, 16),  # mixed, mostly decodes, split-K, MQA
     ]
     if dev == "cuda":
         cases += [([1], [1024], 32, 8, 128), ([1] * 64, rs.randint(1, 2000, 64).tolist(), 16, 8, 128),
                   ([300, 1, 1, 513], [300, 900, 40, 2000], 32, 8, 128), ([2048], [2048], 16, 8, 128)]
+    for mixed in MIXED_MODES:
+        _check_attention_cases(TritonAttention(torch.device(dev), mixed=mixed), cases, dev, dtype, gen, tol, verbose)
     be = TritonAttention(torch.device(dev))
+    _check_padded_rows(be, dev, dtype, gen, verbose)
+
+
+def _check_attention_cases(be, cases, dev, dtype, gen, tol, verbose) -> None:
+    from flotilla.model.attention.torch_backend import TorchAttention, write_kv
+
     for q_lens, ctx, h, kvh, d in cases:
         meta, kc, vc, q, k, v = make_case(q_lens, ctx, h, kvh, d, dev, dtype, gen=gen)
         kc2, vc2 = kc.clone(), vc.clone()
@@ -89,9 +99,12 @@ def check_attention(dev: str = "cuda", dtype: torch.dtype = torch.bfloat16, verb
         r = TorchAttention().forward(q.contiguous(), kc2, vc2, meta, d ** -0.5)
         e = rel(o, r)
         if verbose:
-            print(f"attention q_lens={q_lens[:4]}.. ctx={ctx[:4]}.. H={h} KVH={kvh} D={d} decode={meta.is_decode} "
-                  f"rel={e:.2e}")
-        assert torch.isfinite(o).all() and e < tol, (q_lens, ctx, e)
+            print(f"attention [{be.mixed}] q_lens={q_lens[:4]}.. ctx={ctx[:4]}.. H={h} KVH={kvh} D={d} "
+                  f"decode={meta.is_decode} rel={e:.2e}")
+        assert torch.isfinite(o).all() and e < tol, (be.mixed, q_lens, ctx, e)
+
+
+def _check_padded_rows(be, dev, dtype, gen, verbose) -> None:
     # padded decode rows (slot -1, context 0) leave the cache alone and give zeros
     meta, kc, vc, q, k, v = make_case([1, 1], [9, 40], 4, 2, 16, dev, dtype, gen=gen)
     meta.slot_mapping[1] = -1
@@ -552,7 +565,8 @@ def cpu_step_cost(bs: int = 256) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kernels", "sweep", "equality", "runner", "mixed"])
+    ap.add_argument("what", choices=["kernels", "attention", "sweep", "equality", "runner", "mixed"])
+    ap.add_argument("--tag", default="", help="suffix of the JSON file's name")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--runner-cases", default="llama-3.1-8b:1:1024,qwen3-0.6b:256:800")
     ap.add_argument("--mixed-cases", default="llama-3.1-8b:256:768:512", help="shape:decodes:context:prefill")
@@ -564,6 +578,10 @@ def main() -> int:
         check_attention("cuda", torch.float32)
         check_fused("cuda", torch.bfloat16)
         result["attention"] = bench_attention()
+    elif a.what == "attention":  # correctness only: both mixed-batch modes, both dtypes
+        check_attention("cuda", torch.bfloat16)
+        check_attention("cuda", torch.float32)
+        result["attention"] = "ok"
     elif a.what == "sweep":
         result["sweep"] = sweep_attention()
     elif a.what == "equality":
@@ -581,7 +599,7 @@ def main() -> int:
             shape, bs, ctx = case.split(":")
             result["runner"].append(profile_runner(shape, int(bs), int(ctx)))
     name = a.what if a.what != "runner" else "runner_" + "_".join(c.split(":")[0] for c in a.runner_cases.split(","))
-    with open(os.path.join(a.out, f"gpu_check_{name}.json"), "w") as f:
+    with open(os.path.join(a.out, f"gpu_check_{name}{a.tag}.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     return 0
 

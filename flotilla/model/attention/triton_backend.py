@@ -17,10 +17,13 @@ against the torch reference backend (``torch_backend.py``), which stays the orac
   batch split identically and give bit-identical outputs.
 * prefill / mixed batches: programs are (query tile, head); tiles of ``BLOCK_M`` query rows are listed on
   the host once per forward (``plan``). Each row at position p attends keys 0..p of its sequence: the cached
-  prefix and the causal part of this chunk.
+  prefix and the causal part of this chunk. The single-token rows of a mixed batch (its decodes) go to the
+  decode kernel instead, which finds each one's query row through ``cu_q`` (see ``TritonAttention``).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -64,13 +67,20 @@ if HAS_TRITON:
         tl.store(VC + slot * stride_cslot + h * stride_ch + d, v, mask=m)
 
     @triton.jit
-    def _decode_kernel(Q, KC, VC, BT, CTX, O, PACC, PM, PL, scale_log2,
+    def _decode_kernel(Q, KC, VC, BT, CTX, O, PACC, PM, PL, SEQS, CUQ, scale_log2,
                        stride_qt, stride_qh, stride_cpage, stride_cslot, stride_ch, stride_bt, stride_ot, stride_oh,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PAGE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, H: tl.constexpr, PREC: tl.constexpr):
-        seq = tl.program_id(0)
+                       BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, H: tl.constexpr, PREC: tl.constexpr,
+                       INDIRECT: tl.constexpr):
+        i = tl.program_id(0)  # the i-th single-token row of this launch
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        if INDIRECT:  # a mixed batch: row i is sequence SEQS[i], whose one query sits at CUQ[seq]
+            seq = tl.load(SEQS + i)
+            qrow = tl.load(CUQ + seq).to(tl.int64)
+        else:  # a decode batch: sequence i, query row i
+            seq = i
+            qrow = i.to(tl.int64)
         ctx = tl.load(CTX + seq)
         per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
         start = split * per
@@ -80,7 +90,7 @@ if HAS_TRITON:
         gm = g < G
         dm = d < D
         heads = kvh * G + g
-        q = tl.load(Q + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        q = tl.load(Q + qrow * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=gm[:, None] & dm[None, :], other=0.0)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
@@ -104,23 +114,27 @@ if HAS_TRITON:
             m_i = m_new
         if SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(O + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            tl.store(O + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :],
                      out.to(O.dtype.element_ty), mask=gm[:, None] & dm[None, :])
         else:
-            row = (seq.to(tl.int64) * H + heads) * SPLITS + split
+            row = (i.to(tl.int64) * H + heads) * SPLITS + split
             tl.store(PACC + row[:, None] * BD + d[None, :], acc, mask=gm[:, None])
             tl.store(PM + row, m_i, mask=gm)
             tl.store(PL + row, l_i, mask=gm)
 
     @triton.jit
-    def _decode_reduce_kernel(O, PACC, PM, PL, stride_ot, stride_oh, D: tl.constexpr, BD: tl.constexpr,
-                              SPLITS: tl.constexpr, SP: tl.constexpr, H: tl.constexpr):
-        seq = tl.program_id(0)
+    def _decode_reduce_kernel(O, PACC, PM, PL, SEQS, CUQ, stride_ot, stride_oh, D: tl.constexpr, BD: tl.constexpr,
+                              SPLITS: tl.constexpr, SP: tl.constexpr, H: tl.constexpr, INDIRECT: tl.constexpr):
+        i = tl.program_id(0)
         h = tl.program_id(1)
+        if INDIRECT:
+            qrow = tl.load(CUQ + tl.load(SEQS + i)).to(tl.int64)
+        else:
+            qrow = i.to(tl.int64)
         s = tl.arange(0, SP)
         sm = s < SPLITS
         d = tl.arange(0, BD)
-        row = (seq.to(tl.int64) * H + h) * SPLITS + s
+        row = (i.to(tl.int64) * H + h) * SPLITS + s
         m = tl.load(PM + row, mask=sm, other=float("-inf"))
         l = tl.load(PL + row, mask=sm, other=0.0)
         m_max = tl.max(m, 0)
@@ -129,7 +143,7 @@ if HAS_TRITON:
         num = tl.sum(acc * w[:, None], 0)
         den = tl.sum(l * w, 0)
         out = num / tl.where(den > 0, den, 1.0)
-        tl.store(O + seq.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < D)
+        tl.store(O + qrow * stride_ot + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _prefill_kernel(Q, KC, VC, BT, CTX, CUQ, TSEQ, TQ0, O, scale_log2,
@@ -196,15 +210,31 @@ def decode_splits(num_seqs: int, kv_heads: int, num_sms: int = 132) -> int:
     return min(MAX_SPLITS, 1 << (target.bit_length() - 1))
 
 
+MIXED_MODES = ("split", "unified")
+
+
 class TritonAttention:
-    """Paged attention backend for CUDA (see the module docstring)."""
+    """Paged attention backend for CUDA (see the module docstring).
+
+    ``mixed`` says how a mixed batch (prefill chunks beside decodes) is attended. ``split`` (the default)
+    sends every single-token row to the decode kernel and only the multi-token rows to the prefill kernel:
+    a prefill program holds one query head and a ``BLOCK_M``-row tile, so a decode row there wastes all but
+    one row of the tile and reads its K/V once per query head instead of once per KV head (the H100 profile
+    in docs/benchmarks.md §16 measured the mixed step of the 8B shape at 3x the decode step for that reason).
+    ``unified`` (every row through the prefill kernel) is the older path, kept as the reference to measure
+    against; ``FLOTILLA_ATTENTION_MIXED`` picks it for a whole run.
+    """
 
     name = "triton"
     graph_safe = True  # decode reads only device tensors: it can be captured in a CUDA graph
 
-    def __init__(self, device: torch.device | None = None):
+    def __init__(self, device: torch.device | None = None, mixed: str | None = None):
         if not HAS_TRITON:
             raise ImportError("attention_backend='triton' needs the triton package")
+        mixed = mixed or os.environ.get("FLOTILLA_ATTENTION_MIXED") or "split"
+        if mixed not in MIXED_MODES:
+            raise ValueError(f"FLOTILLA_ATTENTION_MIXED: {mixed!r} is not one of {', '.join(MIXED_MODES)}")
+        self.mixed = mixed
         self.num_sms = 132
         if device is not None and device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -212,16 +242,24 @@ class TritonAttention:
 
     # ------------------------------------------------------------------------------------------ planning
     def plan(self, meta: AttentionMetadata) -> None:
-        """Once per forward (not per layer): the prefill kernel's list of (sequence, first query row) tiles."""
+        """Once per forward (not per layer): which rows go to which kernel.
+
+        ``triton_tiles`` lists the prefill kernel's (sequence, first query row) tiles; ``triton_single`` the
+        sequences with one new token that the decode kernel takes instead (``split`` mode only).
+        """
         if meta.is_decode or not meta.num_seqs:
             return
         q_lens = np.asarray(meta.q_lens_cpu, dtype=np.int64)
+        dev = meta.cu_q.device
+        multi = q_lens > 1 if self.mixed == "split" else q_lens > 0
+        single = np.flatnonzero(~multi & (q_lens == 1)).astype(np.int32)
+        meta.extra["triton_single"] = (torch.from_numpy(single).to(dev, non_blocking=True) if len(single)
+                                       else None)
         block_m = PREFILL_CONFIG["BLOCK_M"]
-        tiles = -(-q_lens // block_m)
+        tiles = np.where(multi, -(-q_lens // block_m), 0)
         tile_seq = np.repeat(np.arange(len(q_lens), dtype=np.int32), tiles)
         first = np.repeat(np.cumsum(tiles) - tiles, tiles)
         tile_q0 = ((np.arange(int(tiles.sum())) - first) * block_m).astype(np.int32)
-        dev = meta.cu_q.device
         meta.extra["triton_tiles"] = (block_m, torch.from_numpy(tile_seq).to(dev, non_blocking=True),
                                       torch.from_numpy(tile_q0).to(dev, non_blocking=True))
 
@@ -243,28 +281,44 @@ class TritonAttention:
         if q.shape[0] == 0:
             return out
         if meta.is_decode:
-            self._decode(q, k_cache, v_cache, meta, scale, out)
-        else:
+            self._decode(q, k_cache, v_cache, meta, scale, out, None)
+            return out
+        if "triton_tiles" not in meta.extra:
+            self.plan(meta)
+        single = meta.extra["triton_single"]
+        if single is not None:
+            self._decode(q, k_cache, v_cache, meta, scale, out, single)
+        if meta.extra["triton_tiles"][1].shape[0]:
             self._prefill(q, k_cache, v_cache, meta, scale, out)
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float, out: torch.Tensor) -> None:
-        b, h, d = q.shape
+                scale: float, out: torch.Tensor, seqs: torch.Tensor | None) -> None:
+        """One query row per sequence: every sequence of a decode batch, or the ``seqs`` of a mixed one."""
+        h, d = q.shape[1], q.shape[2]
+        b = q.shape[0] if seqs is None else seqs.shape[0]
         kvh = k_cache.shape[2]
         g = h // kvh
         bd = _pow2(d)
         splits = decode_splits(b, kvh, self.num_sms)
-        pacc, pm, pl = self._partials(b, h, splits, bd, q.device)
+        if seqs is None:
+            pacc, pm, pl = self._partials(b, h, splits, bd, q.device)
+        else:  # mixed batches run eager (never in a graph): fresh scratch from the caching allocator
+            n = b * h * splits if splits > 1 else 1
+            pacc = torch.empty(n * bd, dtype=torch.float32, device=q.device)
+            pm = torch.empty(n, dtype=torch.float32, device=q.device)
+            pl = torch.empty(n, dtype=torch.float32, device=q.device)
+        ind = seqs if seqs is not None else meta.context_lens  # unread unless INDIRECT
         _decode_kernel[(b, kvh, splits)](
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, out, pacc, pm, pl, scale * LOG2E,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, out, pacc, pm, pl, ind, meta.cu_q,
+            scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             meta.block_tables.stride(0), out.stride(0), out.stride(1),
             G=g, GP=max(16, _pow2(g)), D=d, BD=bd, PAGE=k_cache.shape[1], SPLITS=splits, H=h,
-            PREC=_precision(q.dtype), **DECODE_CONFIG)
+            PREC=_precision(q.dtype), INDIRECT=seqs is not None, **DECODE_CONFIG)
         if splits > 1:
-            _decode_reduce_kernel[(b, h)](out, pacc, pm, pl, out.stride(0), out.stride(1), D=d, BD=bd, SPLITS=splits,
-                                          SP=_pow2(splits), H=h, num_warps=4)
+            _decode_reduce_kernel[(b, h)](out, pacc, pm, pl, ind, meta.cu_q, out.stride(0), out.stride(1), D=d,
+                                          BD=bd, SPLITS=splits, SP=_pow2(splits), H=h, INDIRECT=seqs is not None,
+                                          num_warps=4)
 
     def _partials(self, b: int, h: int, splits: int, bd: int, device: torch.device):
         """Scratch for split-K partials, kept per shape: a CUDA graph captures these addresses, so they must
@@ -286,11 +340,7 @@ class TritonAttention:
 
     def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                  scale: float, out: torch.Tensor) -> None:
-        tiles = meta.extra.get("triton_tiles")
-        if tiles is None:
-            self.plan(meta)
-            tiles = meta.extra["triton_tiles"]
-        block_m, tile_seq, tile_q0 = tiles
+        block_m, tile_seq, tile_q0 = meta.extra["triton_tiles"]
         cfg = dict(PREFILL_CONFIG, BLOCK_M=block_m)
         h, d = q.shape[1], q.shape[2]
         kvh = k_cache.shape[2]
