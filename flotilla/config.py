@@ -61,10 +61,10 @@ class EngineConfig:
         "help": "most tokens in one scheduler step of a replica"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV cache of prompt prefixes that requests share"})
-    enable_overlap_schedule: bool = field(default=False, metadata={
+    enable_overlap_schedule: bool = field(default=True, metadata={
         "help": "schedule and prepare step N+1 while step N runs on the device, its sampled ids fed on the "
-                "device (same greedy and seeded tokens; pipeline-parallel replicas overlap by micro-batches "
-                "instead)"})
+                "device (same greedy and seeded tokens, checked on an H100: docs/benchmarks.md §16; "
+                "pipeline-parallel replicas overlap by micro-batches instead)"})
     # GPU fast path
     attention_backend: str = field(default="auto", metadata={
         "help": "attention kernels (triton needs CUDA)", "choices": ATTENTION_BACKENDS})

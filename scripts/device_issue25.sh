@@ -45,7 +45,7 @@ case "$stage" in
     TAIL=45 step runner 130 python3 scripts/gpu_check.py runner --runner-cases llama-3.1-8b:256:768 --out "$OUT"
     ;;
   sglang)
-    bench sg_sync 200 "${SG[@]}"
+    bench sg_sync 200 "${SG[@]}" --no-overlap-schedule
     bench sg_overlap 200 "${SG[@]}" --overlap-schedule
     ;;
   knobs)  # each beside the overlap run of the same call; extra arguments in KNOBS, one run per ';'-separated set
@@ -66,7 +66,7 @@ case "$stage" in
     done
     FLOTILLA_ATTENTION_MIXED=unified bench sg_overlap_unified 150 "${SG[@]}" --overlap-schedule
     bench sg_overlap_split 150 "${SG[@]}" --overlap-schedule
-    bench sg_sync_split 150 "${SG[@]}"
+    bench sg_sync_split 150 "${SG[@]}" --no-overlap-schedule
     ;;
   eq8b)
     TAIL=8 step eq_8b 200 python3 scripts/overlap_equality.py --models llama-3.1-8b --dtypes bfloat16 \

@@ -95,7 +95,7 @@ case "$stage" in
   overlap)  # issue 18: overlap scheduling against the synchronous order, side by side (same GPU, same call)
     TAIL=12 step equality 240 python3 scripts/gpu_check.py equality --out "$OUT"  # includes overlap == sync
     for mode in sync overlap; do
-      flag=(); [ "$mode" = overlap ] && flag=(--overlap-schedule)
+      flag=(--no-overlap-schedule); [ "$mode" = overlap ] && flag=(--overlap-schedule)
       bench "nanovllm_qwen06_$mode" 120 --model-shape qwen3-0.6b --workload nanovllm "${flag[@]}"
       bench "decode_llama8b_$mode" 120 --model-shape llama-3.1-8b --workload random --num-prompts 1 \
         --input-len 1024 --output-len 256 --warmup-requests 2 --roofline "${flag[@]}"

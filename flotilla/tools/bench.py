@@ -336,8 +336,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-rank", type=float, default=1.0, help="with --ray: below 1, ranks share a GPU")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--no-cuda-graph", action="store_true")
-    p.add_argument("--overlap-schedule", action="store_true", help="enable_overlap_schedule: plan step N+1 while "
-                   "step N runs")
+    p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=True,
+                   help="enable_overlap_schedule: plan step N+1 while step N runs (the engine's default)")
     p.add_argument("--prefix-caching", default=None, choices=["on", "off"],
                    help="default: off for sglang-random, the engine's default otherwise")
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -382,7 +382,8 @@ def add_soak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fault-every-s", type=float, default=4.0, help="pause between faults (after health returns)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=4.0)
     p.add_argument("--max-rss-growth-mb", type=float, default=300.0)
-    p.add_argument("--overlap-schedule", action="store_true", help="the replicas plan step N+1 while N runs")
+    p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=True,
+                   help="the replicas plan step N+1 while N runs (the engine's default)")
     p.add_argument("--json", default=None, help="write the report here")
 
 
