@@ -305,7 +305,8 @@ def test_tcp_plain_client_is_rejected():
             plain.connect(addr)
             plain.send(encoder.encode(_step("evil")))
             assert out.recv(timeout_ms=REJECT_WAIT_MS) is None
-            counts = watch.wait(lambda c: c[PROTO_FAILED] or c[AUTH_FAILED] or c[OK])
+            # generous: on a loaded 2-core machine the rejected handshake has been seen to come after 5 s
+            counts = watch.wait(lambda c: c[PROTO_FAILED] or c[AUTH_FAILED] or c[OK], timeout_s=30.0)
             assert counts[OK] == 0 and (counts[PROTO_FAILED] or counts[AUTH_FAILED]), counts
         finally:
             plain.close()

@@ -15,7 +15,8 @@ import pytest
 def test_chaos_soak(launcher, seconds, overlap, tmp_path):
     out = tmp_path / "soak.json"
     cmd = [sys.executable, "-m", "flotilla.tools.soak", "--launcher", launcher, "--seconds", str(seconds),
-           "--seed", "1", "--fault-every-s", "2", "--json", str(out)] + (["--overlap-schedule"] if overlap else ["--no-overlap-schedule"])
+           "--seed", "1", "--fault-every-s", "2", "--json", str(out),
+           "--overlap-schedule" if overlap else "--no-overlap-schedule"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 420)
     print(r.stdout[-4000:], r.stderr[-4000:])
     report = json.loads(out.read_text())
