@@ -23,7 +23,7 @@ def test_chaos_soak(launcher, seconds, overlap, tmp_path):
     assert report["faults_injected"] >= 2 and report["requests"] > 100
     assert report["lost"] == 0 and report["duplicated_tokens"] == 0 and report["wrong"] == 0, report["examples"]
     assert report["bad_inputs"] > 0 and report["bad_inputs_refused"] == report["bad_inputs"], report["examples"]
-    assert report["completed"] > 50
+    assert report["completed"] > 50 and report["failed"] == 0, report["examples"]
     assert not report["leaks"]["worker_processes"] and not report["leaks"]["private_dir"]
     assert not report["leaks"].get("placement_groups")
     assert report["ok"] and r.returncode == 0

@@ -3,14 +3,18 @@
 ``python -m flotilla.tools.soak --seconds 60 --launcher mp`` (or ``flotilla soak``) runs, for a bounded
 time, clients over the Python API and HTTP (streaming and not, random lengths, greedy and seeded sampling,
 clients that leave early, bad inputs interleaved) against a dp=2 engine on a tiny random checkpoint, while
-an injector SIGKILLs and SIGSTOPs replica processes (one, or both at once), scales up and down, updates the
-weights (with the same values, so tokens stay comparable), pauses and resumes, and writes garbage frames
-to the front end's socket. Every good request must finish exactly once with the tokens of an undisturbed
-run of the same request; every bad input must get a clear error; memory and open descriptors must stay
-bounded; and after shutdown no worker process, placement group, private folder or socket may be left.
+an injector SIGKILLs replica processes (one, both at once, or one and then the other 1-3 s later, as rolling
+failures do), SIGSTOPs them (for good, or SIGCONT after half or 1.5x the heartbeat timeout), scales up and
+down, updates the weights (with the same values, so tokens stay comparable), pauses and resumes, joins a
+weight-sync group at an address where nothing listens (it must fail fast, naming the address, while traffic
+goes on), and writes garbage frames to the front end's socket. Every good request must finish exactly once
+with the tokens of an undisturbed run of the same request; every bad input must get a clear error; memory
+and open descriptors must stay bounded; and after shutdown no worker process, placement group, private
+folder or socket may be left.
 
 It prints a table (requests, faults, completed, lost, duplicated tokens, errors by kind) and writes JSON.
-Exit code 0 only when lost == 0, duplicated == 0, wrong == 0 and nothing leaked.
+Exit code 0 only when lost == 0, failed == 0, duplicated == 0, wrong == 0, every bad input and the bad join
+were refused clearly, and nothing leaked.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ PROMPTS = ["The capital of France is", "Hello", "Once upon a time", "A", "The qu
            "In a hole in the ground there lived", "Numbers: 1 2 3 4", "Why is the sky blue?"]
 MAX_TOKENS = 24
 SEEDED = dict(temperature=0.9, top_k=40, seed=7)
+# errors that fail the run on their own (the others show in the table: a fault the engine refused clearly,
+# such as a scale while a replica restarts, is not a loss)
+STRICT_ERRORS = {"fault_join_bad_address", "unclear_error", "bad_input_accepted"}
 
 
 @dataclass
@@ -74,7 +81,35 @@ def _bad_inputs(vocab: int) -> list[tuple[str, dict[str, Any]]]:
             ("input_ids", dict(input_ids=[[vocab + 5]])),
             ("prompt", dict(prompts=["lone \ud800 surrogate"])),
             ("prompt", dict(prompts=[""])),
-            ("sampling_params", dict(prompts=["x"], sampling_params={"no_such_field": 1}))]
+            ("sampling_params", dict(prompts=["x"], sampling_params={"no_such_field": 1})),
+            # issue 29's catalogue: values that once hung a request, crashed a worker or raised a TypeError
+            ("top_k", dict(prompts=["x"], sampling_params={"top_k": 2**64})),
+            ("stop_token_ids", dict(prompts=["x"], sampling_params={"stop_token_ids": [2**64]})),
+            ("stop_token_ids", dict(prompts=["x"], sampling_params={"stop_token_ids": [vocab + 10]})),
+            ("seed", dict(prompts=["x"], sampling_params={"seed": 2**70})),
+            ("max_new_tokens", dict(prompts=["x"], sampling_params={"max_new_tokens": 2**63})),
+            ("top_p", dict(prompts=["x"], sampling_params={"top_p": float("nan")})),
+            ("n", dict(prompts=["x"], sampling_params={"n": 10**6})),
+            ("stop", dict(prompts=["x"], sampling_params={"stop": 5})),
+            ("prompts", dict(prompts=12345)),
+            ("prompt", dict(prompts=["x" * 2_000_000]))]
+
+
+def _signal(pid: int, sig: int) -> None:
+    """A signal to a worker that may be gone already (the fleet killed and replaced it)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Soak:
@@ -234,7 +269,8 @@ class Soak:
     # -------------------------------------------------------------------------------------- faults
     def inject(self, engine) -> None:
         rng = random.Random(self.args.seed + 1)
-        faults = ["kill_one", "kill_both", "sigstop_one", "scale", "update_weights", "pause", "garbage"]
+        faults = ["kill_one", "kill_both", "kill_staggered", "sigstop_one", "sigstop_cont_short",
+                  "sigstop_cont_long", "scale", "update_weights", "pause", "garbage", "join_bad_address"]
         state = None
         while not self.stop.wait(self.args.fault_every_s):
             if not self._wait_healthy(engine, 120):
@@ -250,10 +286,37 @@ class Soak:
                 elif kind == "kill_both":
                     for pid in (p for group in pids for p in group):
                         os.kill(pid, signal.SIGKILL)
+                elif kind == "kill_staggered":  # a rolling failure: A dies, then B, which took A's requests
+                    first = rng.choice(pids)
+                    for pid in first:
+                        os.kill(pid, signal.SIGKILL)
+                    time.sleep(rng.uniform(1.0, 3.0))
+                    others = [g for g in (r["pids"] for r in engine.stats()["replicas"] if r["alive"])
+                              if not set(g) & set(first)]
+                    for pid in (rng.choice(others) if others else []):
+                        _signal(pid, signal.SIGKILL)
                 elif kind == "sigstop_one":
                     victim = rng.choice(pids)
                     for pid in victim:
                         os.kill(pid, signal.SIGSTOP)  # silent: the fleet must notice, kill and restart it
+                elif kind in ("sigstop_cont_short", "sigstop_cont_long"):
+                    # frozen for half the heartbeat timeout (must be waited out) or 1.5 of it (declared dead,
+                    # killed and restarted; the SIGCONT then finds it gone or wakes a process being replaced)
+                    victim = rng.choice(pids)
+                    for pid in victim:
+                        os.kill(pid, signal.SIGSTOP)
+                    time.sleep(self.args.heartbeat_timeout_s * (0.5 if kind == "sigstop_cont_short" else 1.5))
+                    for pid in victim:
+                        _signal(pid, signal.SIGCONT)
+                elif kind == "join_bad_address":  # a trainer's typo: must fail fast and name the address
+                    port, world = _closed_port(), 1 + len(engine.weight_sync_ranks(1))
+                    try:
+                        engine.init_weights_update_group("127.0.0.1", port, 1, world, "soak", "gloo",
+                                                         connect_timeout_s=2.0)
+                        self.tally.error("fault_join_bad_address", "a join with no master succeeded")
+                    except RuntimeError as e:
+                        if "master_address" not in str(e):
+                            self.tally.error("unclear_error", f"join_bad_address: {e}")
                 elif kind == "scale":
                     engine.scale(3)
                     engine.scale(2, drain_timeout_s=rng.choice([0.0, 5.0]))
@@ -353,7 +416,8 @@ class Soak:
                   "errors": dict(self.tally.errors), "examples": self.tally.examples,
                   "rss_growth_mb": round((rss1 - rss0) / 2**20, 1), "fd_growth": fds1 - fds0, "leaks": leaks}
         bounded = report["rss_growth_mb"] < self.args.max_rss_growth_mb and report["fd_growth"] < 64
-        report["ok"] = (report["lost"] == 0 and report["duplicated_tokens"] == 0 and report["wrong"] == 0 and
+        report["ok"] = (report["lost"] == 0 and report["failed"] == 0 and report["duplicated_tokens"] == 0 and
+                        report["wrong"] == 0 and not STRICT_ERRORS & report["errors"].keys() and
                         report["bad_inputs"] == report["bad_inputs_refused"] and bounded and not leaked_pids and
                         not leaks["private_dir"] and not leaks.get("placement_groups"))
         return report
