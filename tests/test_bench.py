@@ -141,6 +141,17 @@ def test_graph_ladder_keeps_decode_splits() -> None:
                 assert decode_splits(n, kv_heads) == decode_splits(bucket, kv_heads), (max_bs, n, kv_heads)
 
 
+def test_mixed_attention_mode_is_checked() -> None:
+    """The mixed-batch mode of the Triton backend (split by default, unified as the measured reference)."""
+    from flotilla.model.attention.triton_backend import mixed_mode
+
+    assert mixed_mode(None, {}) == "split"
+    assert mixed_mode(None, {"FLOTILLA_ATTENTION_MIXED": "unified"}) == "unified"
+    assert mixed_mode("split", {"FLOTILLA_ATTENTION_MIXED": "unified"}) == "split"
+    with pytest.raises(ValueError, match="FLOTILLA_ATTENTION_MIXED.*'fast'.*split, unified"):
+        mixed_mode(None, {"FLOTILLA_ATTENTION_MIXED": "fast"})
+
+
 def test_cpu_forward_unchanged_by_fused_hooks(llama_path: str) -> None:
     """The model's CPU path (the reference) never calls into the Triton hooks."""
     from flotilla.frontend.engine import Engine

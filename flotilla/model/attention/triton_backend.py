@@ -24,6 +24,7 @@ against the torch reference backend (``torch_backend.py``), which stays the orac
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -213,6 +214,14 @@ def decode_splits(num_seqs: int, kv_heads: int, num_sms: int = 132) -> int:
 MIXED_MODES = ("split", "unified")
 
 
+def mixed_mode(mixed: str | None, env: Mapping[str, str]) -> str:
+    """The mixed-batch mode: the argument, else ``FLOTILLA_ATTENTION_MIXED``, else ``split``; checked."""
+    mode = mixed or env.get("FLOTILLA_ATTENTION_MIXED") or "split"
+    if mode not in MIXED_MODES:
+        raise ValueError(f"FLOTILLA_ATTENTION_MIXED: {mode!r} is not one of {', '.join(MIXED_MODES)}")
+    return mode
+
+
 class TritonAttention:
     """Paged attention backend for CUDA (see the module docstring).
 
@@ -231,10 +240,7 @@ class TritonAttention:
     def __init__(self, device: torch.device | None = None, mixed: str | None = None):
         if not HAS_TRITON:
             raise ImportError("attention_backend='triton' needs the triton package")
-        mixed = mixed or os.environ.get("FLOTILLA_ATTENTION_MIXED") or "split"
-        if mixed not in MIXED_MODES:
-            raise ValueError(f"FLOTILLA_ATTENTION_MIXED: {mixed!r} is not one of {', '.join(MIXED_MODES)}")
-        self.mixed = mixed
+        self.mixed = mixed_mode(mixed, os.environ)
         self.num_sms = 132
         if device is not None and device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
