@@ -107,7 +107,7 @@ def main() -> None:
         from flotilla.tools.tiny import tiny_model_path
 
         model = str(tiny_model_path("llama"))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     # one placement group: bundle 0 the trainer, bundle 1 the engine's two rank actors
     pg = placement_group([{"CPU": 1}, {"CPU": 2}], strategy="PACK")
     ray.get(pg.ready(), timeout=60)

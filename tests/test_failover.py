@@ -192,7 +192,7 @@ def test_ray_kill_replica_and_scale():
     from flotilla.frontend.ray_engine import RayEngine
 
     path = tiny("llama")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         with RayEngine(model=path, dp_size=2, **OPTS) as engine:
             out, threads = _start_streams(engine, PROMPTS12, GREEDY)

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def ray_cluster():
     # the actors import flotilla from this checkout, whatever is installed, and this module (its pre/post functions)
     path = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -18,7 +18,7 @@ OPTS = dict(device="cpu", dtype="float32")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -52,7 +52,7 @@ def test_ray_job_submit_writes_results_and_tokens_per_s(tmp_path):
     port = _free_port()
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, old) if p)  # the job's driver and workers
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              log_to_driver=False)
     try:
         out_dir = tmp_path / "answers"

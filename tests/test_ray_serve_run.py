@@ -40,7 +40,7 @@ def cluster():
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = path  # the raylet's workers inherit it: every replica imports this checkout
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -133,7 +133,7 @@ class Soak:
 
             from flotilla import RayEngine
 
-            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
             return RayEngine(model=self.path, **opts)
         from flotilla import Engine
 
