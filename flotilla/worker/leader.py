@@ -78,16 +78,19 @@ class Leader:
         self.last_sent = time.monotonic()
         # control state: paused (no scheduling), KV released, model ops waiting for every rank to take them
         self.paused = self.released = False
+        self.unanswered_pauses: list[int] = []  # op ids of pauses taken while a step was in flight
         self.model_ops: list = []
         self.weight_version = args.weight_version
         self.pipeline: Any = None  # with pp_size > 1: the pipeline loop's state (stage_forwards(), max_in_flight)
         out_ch.send(WorkerReady(args.replica_id, args.rank, os.getpid(), runner.num_blocks, cfg.block_size, max_len))
         self.beat = HeartbeatThread(args.replica_id, args.rank, args.out_addr, args.keys, HEARTBEAT_S).start()
 
-    def next_plan(self, busy_elsewhere: bool, hold: bool = False, **schedule_kw):
+    def next_plan(self, busy_elsewhere: bool, hold: bool = False, in_flight: bool = False, **schedule_kw):
         """Take the front end's messages, then schedule; returns (plan to share, batch or None).
         ``schedule_kw``: passed to ``Scheduler.schedule`` (pipeline micro-batches exclude what is in flight);
-        ``hold``: schedule nothing this time (the pipeline drains before a model op)."""
+        ``hold``: schedule nothing this time (the pipeline drains before a model op); ``in_flight``: a step
+        is still on the device (overlap), so a pause is answered only once it is reported (``settled``):
+        when ``pause`` returns, no more tokens come."""
         wait_ms = 0 if ((self.sched.has_work() and not (self.paused or self.released)) or busy_elsewhere) else 50
         self.beat.idle()
         msgs = self.in_ch.recv_many(wait_ms)
@@ -99,9 +102,16 @@ class Leader:
                 self.sched.abort(msg.rid, msg.reason)
             elif isinstance(msg, FlushCache):
                 self.sched.flush_prefix_cache()
-            elif isinstance(msg, (Pause, Resume)):
-                self.paused = isinstance(msg, Pause)
-                self.reply(msg.op_id, "pause" if self.paused else "resume")
+            elif isinstance(msg, Pause):
+                self.paused = True
+                if in_flight:
+                    self.unanswered_pauses.append(msg.op_id)
+                else:
+                    self.reply(msg.op_id, "pause")
+            elif isinstance(msg, Resume):
+                self.settled()  # the answers go out in the order the front end sent the calls
+                self.paused = False
+                self.reply(msg.op_id, "resume")
             elif isinstance(msg, MODEL_OPS):
                 self.model_ops.append(msg)
             elif isinstance(msg, Shutdown):
@@ -229,6 +239,12 @@ class Leader:
         if keep is None:
             self.collect(launched)
         return keep
+
+    def settled(self) -> None:
+        """No step is in flight any more (its outputs are reported): answer the pauses that waited for it."""
+        for op_id in self.unanswered_pauses:
+            self.reply(op_id, "pause")
+        self.unanswered_pauses.clear()
 
     def report(self, outputs=None) -> None:
         load = self.sched.load()

@@ -103,7 +103,7 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
         while True:
             if trace:
                 trace.start()
-            plan, batch = leader.next_plan(busy_elsewhere) if leader else (None, None)
+            plan, batch = leader.next_plan(busy_elsewhere, in_flight=pending is not None) if leader else (None, None)
             if trace:
                 trace.mark()
             if attn_tp.size > 1:
@@ -145,6 +145,8 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
                     leader.collect(pending)
                     pending = None
                 apply_model_op(args, runner, plan.op, leader)
+            if leader and pending is None:
+                leader.settled()
     finally:
         if trace:
             trace.write()
