@@ -86,8 +86,6 @@ def check_attention(dev: str = "cuda", dtype: torch.dtype = torch.bfloat16, verb
 
 
 def _check_attention_cases(be, cases, dev, dtype, gen, tol, verbose) -> None:
-    from flotilla.model.attention.torch_backend import TorchAttention, write_kv
-
     for q_lens, ctx, h, kvh, d in cases:
         meta, kc, vc, q, k, v = make_case(q_lens, ctx, h, kvh, d, dev, dtype, gen=gen)
         kc2, vc2 = kc.clone(), vc.clone()
@@ -102,6 +100,8 @@ def _check_attention_cases(be, cases, dev, dtype, gen, tol, verbose) -> None:
             print(f"attention [{be.mixed}] q_lens={q_lens[:4]}.. ctx={ctx[:4]}.. H={h} KVH={kvh} D={d} "
                   f"decode={meta.is_decode} rel={e:.2e}")
         assert torch.isfinite(o).all() and e < tol, (be.mixed, q_lens, ctx, e)
+        # a second layer of the same forward reuses the forward's plan and scratch: the same output
+        assert torch.equal(be.forward(q.contiguous(), kc, vc, meta, d ** -0.5), o), (be.mixed, q_lens, ctx)
 
 
 def _check_padded_rows(be, dev, dtype, gen, verbose) -> None:

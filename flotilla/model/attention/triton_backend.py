@@ -257,8 +257,9 @@ class TritonAttention:
             return
         q_lens = np.asarray(meta.q_lens_cpu, dtype=np.int64)
         dev = meta.cu_q.device
-        multi = q_lens > 1 if self.mixed == "split" else q_lens > 0
-        single = np.flatnonzero(~multi & (q_lens == 1)).astype(np.int32)
+        split = self.mixed == "split"
+        multi = q_lens > 1 if split else q_lens > 0
+        single = np.flatnonzero(q_lens == 1).astype(np.int32) if split else np.empty(0, np.int32)
         meta.extra["triton_single"] = (torch.from_numpy(single).to(dev, non_blocking=True) if len(single)
                                        else None)
         block_m = PREFILL_CONFIG["BLOCK_M"]
@@ -309,11 +310,8 @@ class TritonAttention:
         splits = decode_splits(b, kvh, self.num_sms)
         if seqs is None:
             pacc, pm, pl = self._partials(b, h, splits, bd, q.device)
-        else:  # mixed batches run eager (never in a graph): fresh scratch from the caching allocator
-            n = b * h * splits if splits > 1 else 1
-            pacc = torch.empty(n * bd, dtype=torch.float32, device=q.device)
-            pm = torch.empty(n, dtype=torch.float32, device=q.device)
-            pl = torch.empty(n, dtype=torch.float32, device=q.device)
+        else:  # mixed batches run eager (never in a graph): one scratch per forward, reused by every layer
+            pacc, pm, pl = self._forward_partials(meta, b, h, splits, bd, q.device)
         ind = seqs if seqs is not None else meta.context_lens  # unread unless INDIRECT
         _decode_kernel[(b, kvh, splits)](
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, out, pacc, pm, pl, ind, meta.cu_q,
@@ -343,6 +341,21 @@ class TritonAttention:
                                   torch.empty(n, dtype=torch.float32, device=device),
                                   torch.empty(n, dtype=torch.float32, device=device))
         return self._scratch[key]
+
+    @staticmethod
+    def _forward_partials(meta: AttentionMetadata, b: int, h: int, splits: int, bd: int, device: torch.device):
+        """Split-K scratch for the single-token rows of one mixed forward, allocated by its first layer and
+        kept in ``meta.extra`` for the others: the layers run one after another on one stream, so each one's
+        merge has read the partials before the next layer writes them."""
+        key = (b, h, splits, bd)
+        kept = meta.extra.get("triton_single_partials")
+        if kept is None or kept[0] != key:
+            n = b * h * splits if splits > 1 else 1
+            kept = (key, (torch.empty(n * bd, dtype=torch.float32, device=device),
+                          torch.empty(n, dtype=torch.float32, device=device),
+                          torch.empty(n, dtype=torch.float32, device=device)))
+            meta.extra["triton_single_partials"] = kept
+        return kept[1]
 
     def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                  scale: float, out: torch.Tensor) -> None:
