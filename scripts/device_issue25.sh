@@ -6,6 +6,10 @@
 #                                            # each with the per-step host trace (FLOTILLA_STEP_TRACE)
 #   bash scripts/device_issue25.sh knobs     # overlap on, then the scheduler knobs beside it (same call)
 #   bash scripts/device_issue25.sh split     # mixed-batch attention: split vs unified (kernels, profile, sglang)
+#   bash scripts/device_issue25.sh moe       # attention kernels re-checked; qwen3-30b-a3b decode bs=1 roofline and
+#                                            # sglang-random (1,000 prompts)
+#   bash scripts/device_issue25.sh moe_cb    # qwen3-30b-a3b nanovllm (16 prompts): Flotilla, then transformers CB
+#   bash scripts/device_issue25.sh ratio     # qwen3-0.6b nanovllm: Flotilla, then transformers CB (the 40x row)
 # Every step has a timeout; logs and JSON go to $RES and are packed into $OUT/results.tgz after each step.
 set -uo pipefail
 FINAL="${OUT:-./out}"
@@ -67,6 +71,22 @@ case "$stage" in
     FLOTILLA_ATTENTION_MIXED=unified bench sg_overlap_unified 150 "${SG[@]}" --overlap-schedule
     bench sg_overlap_split 150 "${SG[@]}" --overlap-schedule
     bench sg_sync_split 150 "${SG[@]}" --no-overlap-schedule
+    ;;
+  moe)
+    TAIL=6 step attention 120 python3 scripts/gpu_check.py attention --out "$OUT"
+    TAIL=30 bench moe_decode_bs1 150 --model-shape qwen3-30b-a3b --workload random --num-prompts 1 --input-len 1024 \
+      --output-len 256 --warmup-requests 2 --roofline --cuda-graph-max-bs 16 --max-num-seqs 16
+    bench moe_sglang1000 240 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000
+    ;;
+  moe_cb)  # both sides finished in one call: 16 prompts, transformers given what the call has left
+    CB=(--model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 16 --warmup-requests 2)
+    bench moe_nano16 110 "${CB[@]}"
+    TAIL=30 bench moe_nano16_transformers "${TRANSFORMERS_S:-440}" "${CB[@]}" --backend transformers
+    ;;
+  ratio)
+    bench nano06 120 --model-shape qwen3-0.6b --workload nanovllm
+    TAIL=30 bench nano06_transformers "${TRANSFORMERS_S:-420}" --model-shape qwen3-0.6b --workload nanovllm \
+      --backend transformers
     ;;
   eq8b)
     TAIL=8 step eq_8b 200 python3 scripts/overlap_equality.py --models llama-3.1-8b --dtypes bfloat16 \
