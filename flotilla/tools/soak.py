@@ -7,10 +7,19 @@ an injector SIGKILLs replica processes (one, both at once, or one and then the o
 failures do), SIGSTOPs them (for good, or SIGCONT after half or 1.5x the heartbeat timeout), scales up and
 down, updates the weights (with the same values, so tokens stay comparable), pauses and resumes, joins a
 weight-sync group at an address where nothing listens (it must fail fast, naming the address, while traffic
-goes on), and writes garbage frames to the front end's socket. Every good request must finish exactly once
+goes on), and writes garbage frames to the front end's socket; with HTTP clients it also drives the RL routes
+under that load (a reload from disk, a join at a bad address, an in-place pause and continue). Every good
+request must finish exactly once
 with the tokens of an undisturbed run of the same request; every bad input must get a clear error; memory
 and open descriptors must stay bounded; and after shutdown no worker process, placement group, private
 folder or socket may be left.
+
+``--restart-budget default`` runs the engine's own restart budget (``max_replica_restarts`` per
+``restart_window_s``, with backoff) instead of an unlimited one: a group that spends it stays down until the
+window refills it, so the injector then takes no replica whose loss would leave none serving (the faults
+that kill every replica at once are left to the unlimited runs), waits for ``serving()`` rather than
+``healthy()``, and now and then scales to the current size (which restarts a dead group at once). The report
+adds the restarts, how long the engine ran degraded, and the faults skipped for want of a spare replica.
 
 It prints a table (requests, faults, completed, lost, duplicated tokens, errors by kind) and writes JSON.
 Exit code 0 only when lost == 0, failed == 0, duplicated == 0, wrong == 0, every bad input and the bad join
@@ -125,9 +134,10 @@ class Soak:
         from flotilla.tools.tiny import tiny_model_path
 
         self.path = str(tiny_model_path("llama"))
-        opts = dict(device="cpu", dtype="float32", dp_size=2, max_replica_restarts=1000,
-                    heartbeat_timeout_s=self.args.heartbeat_timeout_s, failover_timeout_s=120.0,
-                    enable_overlap_schedule=self.args.overlap_schedule)
+        opts = dict(device="cpu", dtype="float32", dp_size=2, heartbeat_timeout_s=self.args.heartbeat_timeout_s,
+                    failover_timeout_s=120.0, enable_overlap_schedule=self.args.overlap_schedule)
+        if self.args.restart_budget == "unlimited":
+            opts["max_replica_restarts"] = 1000
         if self.args.launcher == "ray":
             import ray
 
@@ -267,19 +277,33 @@ class Soak:
             self.tally.add("completed")
 
     # -------------------------------------------------------------------------------------- faults
-    def inject(self, engine) -> None:
+    def inject(self, engine, base: str | None) -> None:
         rng = random.Random(self.args.seed + 1)
+        budgeted = self.args.restart_budget == "default"
+        # faults that take replicas down; under the engine's own budget only one that leaves another serving
+        process_faults = {"kill_one", "kill_both", "kill_staggered", "sigstop_one", "sigstop_cont_short",
+                          "sigstop_cont_long"}
         faults = ["kill_one", "kill_both", "kill_staggered", "sigstop_one", "sigstop_cont_short",
                   "sigstop_cont_long", "scale", "update_weights", "pause", "garbage", "join_bad_address"]
+        if budgeted:  # every replica at once: left to the unlimited runs
+            faults = [f for f in faults if f not in ("kill_both", "kill_staggered")]
+        if budgeted:
+            faults.append("scale_same")
+        if base is not None:
+            faults += ["http_update_from_disk", "http_join_bad_address", "http_pause"]
         state = None
         while not self.stop.wait(self.args.fault_every_s):
-            if not self._wait_healthy(engine, 120):
+            ready = engine.serving if budgeted else engine.healthy
+            if not self._wait_for(ready, 120):
                 self.tally.error("not_healthy", "the engine did not come back within 120 s")
                 continue
             kind = rng.choice(faults)
+            pids = [r["pids"] for r in engine.stats()["replicas"] if r["alive"]]
+            if budgeted and kind in process_faults and len(pids) < 2:
+                self.tally.add("faults_skipped")  # the only live replica: its loss would leave none serving
+                continue
             self.tally.fault(kind)
             try:
-                pids = [r["pids"] for r in engine.stats()["replicas"] if r["alive"]]
                 if kind == "kill_one":
                     for pid in rng.choice(pids):
                         os.kill(pid, signal.SIGKILL)
@@ -320,6 +344,10 @@ class Soak:
                 elif kind == "scale":
                     engine.scale(3)
                     engine.scale(2, drain_timeout_s=rng.choice([0.0, 5.0]))
+                elif kind == "scale_same":  # an operator's way to bring back a group whose budget is spent
+                    engine.scale(engine.stats()["dp_size"])
+                elif kind.startswith("http_"):
+                    self.http_fault(kind, base)
                 elif kind == "update_weights":
                     if state is None:
                         from safetensors.torch import load_file
@@ -344,10 +372,35 @@ class Soak:
             except Exception as e:
                 self.tally.error(f"fault_{kind}", f"{type(e).__name__}: {e}")
 
+    def http_fault(self, kind: str, base: str) -> None:
+        """The RL routes under load, as a trainer drives them: each must answer 200, or for the bad join a
+        failure that names the address, while the clients' requests go on."""
+        import httpx
+
+        with httpx.Client(base_url=base, timeout=120.0) as http:
+            if kind == "http_update_from_disk":  # the checkpoint the engine serves: tokens stay comparable
+                calls = [("/update_weights_from_disk", {"model_path": self.path})]
+            elif kind == "http_pause":
+                calls = [("/pause_generation", {"mode": "in_place"}), ("/continue_generation", {})]
+            else:
+                body = {"master_address": "127.0.0.1", "master_port": _closed_port(), "rank_offset": 1,
+                        "world_size": 2 + len(self.sync_ranks), "group_name": "soak-http", "backend": "gloo",
+                        "connect_timeout_s": 2.0}
+                resp = http.post("/init_weights_update_group", json=body)
+                if resp.status_code == 200 and resp.json().get("success", True):
+                    self.tally.error("fault_join_bad_address", f"an HTTP join with no master succeeded: {resp.text}")
+                elif "master_address" not in resp.text:
+                    self.tally.error("unclear_error", f"http_join_bad_address: {resp.status_code} {resp.text}")
+                return
+            for path, body in calls:
+                resp = http.post(path, json=body)
+                if resp.status_code != 200 or not resp.json().get("success", True):
+                    raise RuntimeError(f"{path}: HTTP {resp.status_code} {resp.text[:200]}")
+
     @staticmethod
-    def _wait_healthy(engine, timeout: float) -> bool:
+    def _wait_for(ready, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not engine.healthy():
+        while not ready():
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
@@ -374,13 +427,18 @@ class Soak:
                        for i in range(self.args.python_clients)]
             threads += [threading.Thread(target=self.http_client, args=(server.url, self.args.seed * 1000 + i),
                                          daemon=True) for i in range(self.args.http_clients)]
-            threads.append(threading.Thread(target=self.inject, args=(engine,), daemon=True))
+            self.sync_ranks = engine.weight_sync_ranks(1)
+            threads.append(threading.Thread(target=self.inject, args=(engine, server.url if server else None),
+                                            daemon=True))
             for t in threads:
                 t.start()
             deadline = time.monotonic() + self.args.seconds
+            degraded_s = 0.0
             while time.monotonic() < deadline:
                 for r in engine.stats()["replicas"]:
                     worker_pids.update(r["pids"])
+                if not engine.healthy():
+                    degraded_s += 0.5
                 time.sleep(0.5)
             self.stop.set()
             for t in threads:
@@ -388,7 +446,10 @@ class Soak:
             hung = sum(t.is_alive() for t in threads)
             if hung:
                 self.tally.add("lost", hung)  # a client thread still waiting: its request never ended
-            self._wait_healthy(engine, 120)
+            # every group back: under the default budget a spent group returns when its window refills, or now
+            self._wait_for(engine.healthy, 15) or engine.scale(engine.stats()["dp_size"])
+            self._wait_for(engine.healthy, 120)
+            restarts = engine.stats()["replica_restarts"]
             for r in engine.stats()["replicas"]:
                 worker_pids.update(r["pids"])
             rss1, fds1 = me.memory_info().rss, me.num_fds()
@@ -414,6 +475,9 @@ class Soak:
                   "duplicated_tokens": c["duplicated_or_missing"], "wrong": c["wrong"],
                   "bad_inputs": c["bad_inputs"], "bad_inputs_refused": c["bad_inputs_refused"],
                   "errors": dict(self.tally.errors), "examples": self.tally.examples,
+                  "restart_budget": self.args.restart_budget, "replica_restarts": restarts,
+                  "degraded_s": degraded_s, "faults_skipped": c["faults_skipped"],
+                  "rss0_mb": round(rss0 / 2**20, 1), "rss1_mb": round(rss1 / 2**20, 1), "fds0": fds0, "fds1": fds1,
                   "rss_growth_mb": round((rss1 - rss0) / 2**20, 1), "fd_growth": fds1 - fds0, "leaks": leaks}
         bounded = report["rss_growth_mb"] < self.args.max_rss_growth_mb and report["fd_growth"] < 64
         report["ok"] = (report["lost"] == 0 and report["failed"] == 0 and report["duplicated_tokens"] == 0 and
@@ -426,12 +490,16 @@ class Soak:
 def print_table(report: dict[str, Any]) -> None:
     rows = [("launcher", report["launcher"]), ("seconds", report["seconds"]), ("requests", report["requests"]),
             ("faults injected", f"{report['faults_injected']} {report['faults']}"),
+            ("restart budget", report["restart_budget"]), ("replica restarts", report["replica_restarts"]),
+            ("degraded (s)", report["degraded_s"]), ("faults skipped (no spare replica)", report["faults_skipped"]),
             ("completed (tokens checked)", report["completed"]), ("left early", report["left_early"]),
             ("failed with an error", report["failed"]), ("lost", report["lost"]),
             ("duplicated/missing tokens", report["duplicated_tokens"]), ("wrong tokens", report["wrong"]),
             ("bad inputs refused", f"{report['bad_inputs_refused']}/{report['bad_inputs']}"),
-            ("errors by kind", report["errors"] or "-"), ("rss growth (MB)", report["rss_growth_mb"]),
-            ("fd growth", report["fd_growth"]), ("leaks after shutdown", report["leaks"]), ("ok", report["ok"])]
+            ("errors by kind", report["errors"] or "-"),
+            ("rss (MB) before -> after", f"{report['rss0_mb']} -> {report['rss1_mb']}"),
+            ("fds before -> after", f"{report['fds0']} -> {report['fds1']}"),
+            ("leaks after shutdown", report["leaks"]), ("ok", report["ok"])]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -445,6 +513,9 @@ def add_soak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-clients", type=int, default=2)
     p.add_argument("--fault-every-s", type=float, default=4.0, help="pause between faults (after health returns)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=4.0)
+    p.add_argument("--restart-budget", choices=["unlimited", "default"], default="unlimited",
+                   help="unlimited restarts (every fault, at any rate), or the engine's own max_replica_restarts "
+                        "per restart_window_s with backoff (faults never take the last serving replica)")
     p.add_argument("--max-rss-growth-mb", type=float, default=300.0)
     p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=True,
                    help="the replicas plan step N+1 while N runs (the engine's default)")
