@@ -333,21 +333,20 @@ class Soak:
                     for pid in victim:
                         _signal(pid, signal.SIGCONT)
                 elif kind == "join_bad_address":  # a trainer's typo: must fail fast and name the address
-                    port, world = _closed_port(), 1 + len(engine.weight_sync_ranks(1))
                     try:
-                        engine.init_weights_update_group("127.0.0.1", port, 1, world, "soak", "gloo",
+                        world = 1 + len(engine.weight_sync_ranks(1))
+                        engine.init_weights_update_group("127.0.0.1", _closed_port(), 1, world, "soak", "gloo",
                                                          connect_timeout_s=2.0)
                         self.tally.error("fault_join_bad_address", "a join with no master succeeded")
                     except RuntimeError as e:
-                        if "master_address" not in str(e):
-                            self.tally.error("unclear_error", f"join_bad_address: {e}")
+                        self.judge_join_refusal(kind, str(e))
                 elif kind == "scale":
                     engine.scale(3)
                     engine.scale(2, drain_timeout_s=rng.choice([0.0, 5.0]))
                 elif kind == "scale_same":  # an operator's way to bring back a group whose budget is spent
                     engine.scale(engine.stats()["dp_size"])
                 elif kind.startswith("http_"):
-                    self.http_fault(kind, base)
+                    self.http_fault(kind, base, engine)
                 elif kind == "update_weights":
                     if state is None:
                         from safetensors.torch import load_file
@@ -372,7 +371,17 @@ class Soak:
             except Exception as e:
                 self.tally.error(f"fault_{kind}", f"{type(e).__name__}: {e}")
 
-    def http_fault(self, kind: str, base: str) -> None:
+    def judge_join_refusal(self, kind: str, message: str) -> None:
+        """A join at a closed port must fail naming the address; while a group is down (its restart budget spent)
+        the engine refuses any join up front, naming the group, which is as clear (counted apart)."""
+        if "master_address" in message:
+            return
+        if "is down; retry once every replica" in message:
+            self.tally.add("joins_refused_degraded")
+        else:
+            self.tally.error("unclear_error", f"{kind}: {message}")
+
+    def http_fault(self, kind: str, base: str, engine) -> None:
         """The RL routes under load, as a trainer drives them: each must answer 200, or for the bad join a
         failure that names the address, while the clients' requests go on."""
         import httpx
@@ -383,14 +392,20 @@ class Soak:
             elif kind == "http_pause":
                 calls = [("/pause_generation", {"mode": "in_place"}), ("/continue_generation", {})]
             else:
+                try:
+                    world = 1 + len(engine.weight_sync_ranks(1))
+                except RuntimeError as e:  # a group is down: the route would refuse the same way
+                    self.judge_join_refusal(kind, str(e))
+                    return
                 body = {"master_address": "127.0.0.1", "master_port": _closed_port(), "rank_offset": 1,
-                        "world_size": 2 + len(self.sync_ranks), "group_name": "soak-http", "backend": "gloo",
-                        "connect_timeout_s": 2.0}
+                        "world_size": world, "group_name": "soak-http", "backend": "gloo", "connect_timeout_s": 2.0}
                 resp = http.post("/init_weights_update_group", json=body)
                 if resp.status_code == 200 and resp.json().get("success", True):
                     self.tally.error("fault_join_bad_address", f"an HTTP join with no master succeeded: {resp.text}")
-                elif "master_address" not in resp.text:
-                    self.tally.error("unclear_error", f"http_join_bad_address: {resp.status_code} {resp.text}")
+                elif resp.status_code == 200 or resp.status_code >= 500:
+                    self.tally.error("unclear_error", f"{kind}: HTTP {resp.status_code} {resp.text[:200]}")
+                else:
+                    self.judge_join_refusal(kind, resp.text)
                 return
             for path, body in calls:
                 resp = http.post(path, json=body)
@@ -427,7 +442,6 @@ class Soak:
                        for i in range(self.args.python_clients)]
             threads += [threading.Thread(target=self.http_client, args=(server.url, self.args.seed * 1000 + i),
                                          daemon=True) for i in range(self.args.http_clients)]
-            self.sync_ranks = engine.weight_sync_ranks(1)
             threads.append(threading.Thread(target=self.inject, args=(engine, server.url if server else None),
                                             daemon=True))
             for t in threads:
@@ -477,6 +491,7 @@ class Soak:
                   "errors": dict(self.tally.errors), "examples": self.tally.examples,
                   "restart_budget": self.args.restart_budget, "replica_restarts": restarts,
                   "degraded_s": degraded_s, "faults_skipped": c["faults_skipped"],
+                  "joins_refused_degraded": c["joins_refused_degraded"],
                   "rss0_mb": round(rss0 / 2**20, 1), "rss1_mb": round(rss1 / 2**20, 1), "fds0": fds0, "fds1": fds1,
                   "rss_growth_mb": round((rss1 - rss0) / 2**20, 1), "fd_growth": fds1 - fds0, "leaks": leaks}
         bounded = report["rss_growth_mb"] < self.args.max_rss_growth_mb and report["fd_growth"] < 64
@@ -492,6 +507,7 @@ def print_table(report: dict[str, Any]) -> None:
             ("faults injected", f"{report['faults_injected']} {report['faults']}"),
             ("restart budget", report["restart_budget"]), ("replica restarts", report["replica_restarts"]),
             ("degraded (s)", report["degraded_s"]), ("faults skipped (no spare replica)", report["faults_skipped"]),
+            ("joins refused (a group down)", report["joins_refused_degraded"]),
             ("completed (tokens checked)", report["completed"]), ("left early", report["left_early"]),
             ("failed with an error", report["failed"]), ("lost", report["lost"]),
             ("duplicated/missing tokens", report["duplicated_tokens"]), ("wrong tokens", report["wrong"]),
