@@ -31,14 +31,14 @@ demo: setup
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # fast unit tests only: fakes, no processes, no engines (tests/conftest.py marks the rest `e2e`)
 test-unit: setup
 	$(VPY) -m pytest -q -m "not e2e" tests
 
 test-e2e: setup
-	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m e2e tests
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m e2e tests
 
 # ruff and mypy over the package, configured in pyproject.toml
 lint: setup

@@ -114,23 +114,7 @@ E2E_TESTS = {
 }
 
 
-# ============================================================================ order under pytest-xdist
-# `make test` hands whole modules to two workers (--dist loadfile --no-loadscope-reorder), in collection order, each
-# to the first worker that is free. xdist's own order (most tests first) left the slowest modules, which have few
-# tests (a soak, a Ray job, Ray Serve apps), for the end, where one worker ran them alone while the other idled.
-# Longest first (the LPT rule) fills both workers to the end: these modules lead, slowest first (seconds
-# measured on the 2-core CI class of machine, `pytest --durations=0`, summed per module); the rest keep their order.
-SLOW_FIRST = [
-    "test_ray_data", "test_ray_engine", "test_ray_serve", "test_ray_serve_run", "test_soak", "test_failover",
-    "test_ray_job_example", "test_weight_update", "test_rl_example", "test_rolling_faults", "test_ray_multinode",
-    "test_pipeline", "test_bench", "test_worker_lifeline", "test_worker_heartbeat", "test_server",
-    "test_front_end_faults", "test_rl_weight_sync",
-]
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {m: i for i, m in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
     for item in items:
         module = item.path.stem
         name = f"{item.path.name}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
