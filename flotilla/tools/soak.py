@@ -285,10 +285,8 @@ class Soak:
                           "sigstop_cont_long"}
         faults = ["kill_one", "kill_both", "kill_staggered", "sigstop_one", "sigstop_cont_short",
                   "sigstop_cont_long", "scale", "update_weights", "pause", "garbage", "join_bad_address"]
-        if budgeted:  # every replica at once: left to the unlimited runs
-            faults = [f for f in faults if f not in ("kill_both", "kill_staggered")]
-        if budgeted:
-            faults.append("scale_same")
+        if budgeted:  # every replica at once is left to the unlimited runs; a same-size scale restarts a spent group
+            faults = [f for f in faults if f not in ("kill_both", "kill_staggered")] + ["scale_same"]
         if base is not None:
             faults += ["http_update_from_disk", "http_join_bad_address", "http_pause"]
         state = None
