@@ -8,6 +8,8 @@
 #   bash scripts/device_issue25.sh split     # mixed-batch attention: split vs unified (kernels, profile, sglang)
 #   bash scripts/device_issue25.sh moe       # attention kernels re-checked; qwen3-30b-a3b decode bs=1 roofline and
 #                                            # sglang-random (1,000 prompts)
+#   bash scripts/device_issue25.sh moe_mem   # qwen3-30b-a3b sglang-random 1,000 at gpu_memory_utilization 0.85 and
+#                                            # 0.$MEM (default 92): KV room, not kernels, bounds its rows
 #   bash scripts/device_issue25.sh moe_cb    # qwen3-30b-a3b nanovllm (16 prompts): Flotilla, then transformers CB
 #   bash scripts/device_issue25.sh ratio     # qwen3-0.6b nanovllm: Flotilla, then transformers CB (the 40x row)
 # Every step has a timeout; logs and JSON go to $RES and are packed into $OUT/results.tgz after each step.
@@ -77,6 +79,11 @@ case "$stage" in
     TAIL=30 bench moe_decode_bs1 150 --model-shape qwen3-30b-a3b --workload random --num-prompts 1 --input-len 1024 \
       --output-len 256 --warmup-requests 2 --roofline --cuda-graph-max-bs 16 --max-num-seqs 16
     bench moe_sglang1000 240 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000
+    ;;
+  moe_mem)  # qwen3-30b-a3b sglang-random 1,000: the KV room lever (gpu_memory_utilization) beside the default 0.85
+    bench moe_sg_mem085 270 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000
+    bench moe_sg_mem${MEM:-92} 270 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000 \
+      --gpu-memory-utilization "0.${MEM:-92}"
     ;;
   moe_cb)  # both sides finished in one call: 16 prompts, transformers given what the call has left
     CB=(--model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 16 --warmup-requests 2)
