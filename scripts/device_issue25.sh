@@ -10,6 +10,8 @@
 #                                            # sglang-random (1,000 prompts)
 #   bash scripts/device_issue25.sh moe_mem   # qwen3-30b-a3b sglang-random 1,000 at gpu_memory_utilization 0.85 and
 #                                            # 0.$MEM (default 92): KV room, not kernels, bounds its rows
+#   bash scripts/device_issue25.sh fp8       # FP8 KV cache: kernels on FP8 pools; 8B sglang-random auto vs fp8
+#   bash scripts/device_issue25.sh moe_fp8   # qwen3-30b-a3b sglang-random 1,000: auto, then the FP8 KV cache (same call)
 #   bash scripts/device_issue25.sh moe_cb    # qwen3-30b-a3b nanovllm (16 prompts): Flotilla, then transformers CB
 #   bash scripts/device_issue25.sh ratio     # qwen3-0.6b nanovllm: Flotilla, then transformers CB (the 40x row)
 # Every step has a timeout; logs and JSON go to $RES and are packed into $OUT/results.tgz after each step.
@@ -85,6 +87,15 @@ case "$stage" in
     bench moe_sg_mem085 270 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000
     bench moe_sg_mem${MEM:-92} 270 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000 \
       --gpu-memory-utilization "0.${MEM:-92}"
+    ;;
+  fp8)  # the FP8 KV cache: kernels against the torch reference on FP8 pools, then 8B sglang-random auto vs fp8
+    TAIL=8 step attention 200 python3 scripts/gpu_check.py attention --out "$OUT"
+    bench sg_kv_auto 150 "${SG[@]}"
+    bench sg_kv_fp8 150 "${SG[@]}" --kv-cache-dtype fp8
+    ;;
+  moe_fp8)  # qwen3-30b-a3b sglang-random 1,000: auto beside the FP8 KV cache (twice the sequences in the same room)
+    bench moe_sg_auto 270 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000
+    bench moe_sg_fp8 270 --model-shape qwen3-30b-a3b --workload sglang-random --num-prompts 1000 --kv-cache-dtype fp8
     ;;
   moe_cb)  # both sides finished in one call: 16 prompts, transformers given what the call has left
     CB=(--model-shape qwen3-30b-a3b --workload nanovllm --num-prompts 16 --warmup-requests 2)

@@ -41,7 +41,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from flotilla.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS
+from flotilla.config import ATTENTION_BACKENDS, DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS
 
 WARMUP_INPUT, WARMUP_OUTPUT = 256, 16
 
@@ -176,6 +176,8 @@ def run_flotilla(args: argparse.Namespace, model: str, wl: Workload) -> tuple[li
         kwargs["max_model_len"] = args.max_model_len
     if args.kv_cache_tokens:
         kwargs["kv_cache_tokens"] = args.kv_cache_tokens
+    if args.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
     prefix = wl.enable_prefix_caching if args.prefix_caching is None else args.prefix_caching == "on"
     if prefix is not None:
         kwargs["enable_prefix_caching"] = prefix
@@ -300,11 +302,13 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 2 << 30, iters: int = 20)
     return 2 * nbytes / statistics.median(times)
 
 
-def roofline(cfg: dict[str, Any], wl: Workload, result: dict[str, Any], bandwidth: float) -> dict[str, Any]:
+def roofline(cfg: dict[str, Any], wl: Workload, result: dict[str, Any], bandwidth: float,
+             kv_cache_dtype: str = "auto") -> dict[str, Any]:
     from flotilla.model.shapes import kv_bytes, step_weight_bytes
 
     ctx = len(wl.prompts[0]) + wl.output_lens[0] // 2  # the median decode step's context
-    w, kv = step_weight_bytes(cfg), kv_bytes(cfg, ctx)  # MoE: the routed experts' weights only
+    per_elem = 2 if kv_cache_dtype == "auto" else 1  # bf16, or an FP8 cache
+    w, kv = step_weight_bytes(cfg), kv_bytes(cfg, ctx, per_elem)  # MoE: the routed experts' weights only
     floor_ms = (w + kv) / bandwidth * 1e3
     step_ms = result["itl_ms"]["p50"]
     return {"copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes_GB": w / 1e9, "kv_bytes_GB": kv / 1e9,
@@ -346,6 +350,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "graph (raise it with --max-num-seqs)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="kv_cache_dtype: fp8 stores K/V in FP8 (half of bf16's bytes, twice the tokens)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--roofline", action="store_true", help="measure copy bandwidth and report %% of the decode "
                    "roofline (CUDA; MoE counts the routed experts only; meant for --num-prompts 1)")
@@ -385,7 +391,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       load_format=args.load_format, **info)
         result["env"] = _env()
         if bandwidth is not None:
-            result["roofline"] = roofline(cfg, wl, result, bandwidth)
+            result["roofline"] = roofline(cfg, wl, result, bandwidth, args.kv_cache_dtype)
         print(format_result(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -21,6 +21,7 @@ from flotilla.worker.feed import feed_input_ids
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 CPU_DEFAULT_KV_TOKENS = 16384
 
 
@@ -39,6 +40,7 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         self.dtype = _DTYPES[cfg.dtype]
+        self.kv_dtype = _KV_DTYPES.get(cfg.kv_cache_dtype, self.dtype)  # "auto": the model's dtype
         self.hf_config = AutoConfig.from_pretrained(cfg.model)
         self.block_size = cfg.block_size
         cls = model_class(cfg.hf_config)
@@ -92,7 +94,7 @@ class ModelRunner:
     def _kv_bytes_per_block(self) -> int:
         layers = self.model.attention_layers()
         a = layers[0]
-        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.kv_dtype).bits // 8
 
     def plan_kv_blocks(self) -> int:
         """Pages this rank could hold; the worker takes the minimum over its TP group."""
@@ -166,8 +168,8 @@ class ModelRunner:
     def _allocate_kv(self, num_blocks: int) -> None:
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             attn.backend = self.backend
 
     def _free_kv(self) -> None:

@@ -10,9 +10,14 @@ from flotilla.model.attention.metadata import AttentionMetadata
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' K and V. Caches are [num_blocks, block_size, kv_heads, head_dim]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    """Store the new tokens' K and V. Caches are [num_blocks, block_size, kv_heads, head_dim], in the model's
+    dtype or an FP8 one (``kv_cache_dtype``): values are cast on the way in (unscaled; e4m3 saturates at +-448)."""
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        flat = cache.view(-1, *cache.shape[2:])
+        if cache.dtype == new.dtype:
+            flat.index_copy_(0, slot_mapping, new)
+        else:  # index_copy_ has no FP8 kernels: copy the bytes
+            flat.view(torch.uint8).index_copy_(0, slot_mapping, new.to(cache.dtype).view(torch.uint8))
 
 
 class TorchAttention:
@@ -30,8 +35,8 @@ class TorchAttention:
                 continue
             n_blocks = (ctx + bs - 1) // bs
             blocks = meta.block_tables[i, :n_blocks].long()
-            k = k_cache[blocks].flatten(0, 1)[:ctx]
-            v = v_cache[blocks].flatten(0, 1)[:ctx]
+            k = k_cache[blocks].flatten(0, 1)[:ctx].to(q.dtype)  # an FP8 cache is read back in q's dtype
+            v = v_cache[blocks].flatten(0, 1)[:ctx].to(q.dtype)
             qi = q[q_start:q_start + q_len]
             if kv_heads != heads:
                 k = k.repeat_interleave(heads // kv_heads, dim=1)

@@ -19,6 +19,9 @@ against the torch reference backend (``torch_backend.py``), which stays the orac
   the host once per forward (``plan``). Each row at position p attends keys 0..p of its sequence: the cached
   prefix and the causal part of this chunk. The single-token rows of a mixed batch (its decodes) go to the
   decode kernel instead, which finds each one's query row through ``cu_q`` (see ``TritonAttention``).
+* An FP8 pool (``kv_cache_dtype``): the store casts K/V to the pool's type and both kernels cast each loaded
+  tile back to the query's dtype before the dot products, so FP8 halves the bytes the KV-bound decode reads
+  and the math stays in bf16/fp32; the torch backend does the same casts and stays the oracle.
 """
 
 from __future__ import annotations
@@ -63,9 +66,9 @@ if HAS_TRITON:
         d = tl.arange(0, BD)[None, :]
         m = (h < KVH) & (d < D) & (slot >= 0)
         k = tl.load(K + t.to(tl.int64) * stride_kt + h * stride_kh + d, mask=m)
-        tl.store(KC + slot * stride_cslot + h * stride_ch + d, k, mask=m)
+        tl.store(KC + slot * stride_cslot + h * stride_ch + d, k.to(KC.dtype.element_ty), mask=m)
         v = tl.load(V + t.to(tl.int64) * stride_vt + h * stride_vh + d, mask=m)
-        tl.store(VC + slot * stride_cslot + h * stride_ch + d, v, mask=m)
+        tl.store(VC + slot * stride_cslot + h * stride_ch + d, v.to(VC.dtype.element_ty), mask=m)
 
     @triton.jit
     def _decode_kernel(Q, KC, VC, BT, CTX, O, PACC, PM, PL, SEQS, CUQ, scale_log2,
@@ -103,14 +106,14 @@ if HAS_TRITON:
             page = tl.load(bt_row + toks // PAGE, mask=tm, other=0).to(tl.int64)
             off = page * stride_cpage + (toks % PAGE) * stride_cslot + kvh * stride_ch
             kv_mask = tm[:, None] & dm[None, :]
-            k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             s = tl.where(tm[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         if SPLITS == 1:
@@ -179,14 +182,14 @@ if HAS_TRITON:
             page = tl.load(bt_row + toks // PAGE, mask=tm, other=0).to(tl.int64)
             off = page * stride_cpage + (toks % PAGE) * stride_cslot + kvh * stride_ch
             kv_mask = tm[:, None] & dm[None, :]
-            k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             s = tl.where(tm[None, :] & (toks[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
