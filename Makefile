@@ -26,7 +26,7 @@ demo: setup
 	$(VPY) -m flotilla demo
 
 # the whole suite, unit and end-to-end (the README's one command). Two pytest-xdist workers even on the 2-core CI
-# machine: most end-to-end time is waiting (process starts, heartbeats, Ray), not CPU (560 s on a 2-core machine,
+# machine: most end-to-end time is waiting (process starts, heartbeats, Ray), not CPU (560-580 s on a 2-core machine,
 # 2026-12-07; three workers took 599 s). --dist loadfile keeps each module in one worker, so its module-scoped
 # engines and Ray cluster are built once. The slowest tests are listed at the end, so a slower run says where.
 # TEST_WORKERS=0 runs it in one process.
