@@ -67,8 +67,9 @@ def test_kv_cache_dtype_is_validated_naming_the_field(value):
     assert "fp8_e4m3" in str(info.value)  # the allowed values are named
 
 
-def _hf_greedy_fp8_kv(path: str, ids: list[int], n: int) -> list[int]:
-    """transformers' greedy tokens with K (after rotary, as the cache holds it) and V rounded through FP8."""
+def _hf_greedy_fp8_kv(path: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' greedy tokens with K (after rotary, as the cache holds it) and V rounded through FP8: one
+    model, patched once, for every prompt."""
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
 
@@ -83,15 +84,18 @@ def _hf_greedy_fp8_kv(path: str, ids: list[int], n: int) -> list[int]:
              for layer in model.model.layers]
     modeling_llama.apply_rotary_pos_emb = rounded_rotary
     try:
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=None,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        tokens = []
+        for ids in prompts:
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=None,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+            tokens.append(out[0, len(ids):].tolist())
     finally:
         modeling_llama.apply_rotary_pos_emb = rotary
         for hook in hooks:
             hook.remove()
-    return out[0, len(ids):].tolist()
+    return tokens
 
 
 def test_engine_with_an_fp8_cache_gives_transformers_tokens_with_fp8_rounded_kv():
@@ -103,7 +107,7 @@ def test_engine_with_an_fp8_cache_gives_transformers_tokens_with_fp8_rounded_kv(
     with Engine(model=path, device="cpu", dtype="float32", kv_cache_dtype="fp8") as engine:
         got = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n, "temperature": 0.0,
                                                                   "ignore_eos": True}, use_tqdm=False)
-    want = [_hf_greedy_fp8_kv(path, ids, n) for ids in prompts]
+    want = _hf_greedy_fp8_kv(path, prompts, n)
     assert [out["token_ids"] for out in got] == want
     # the rounding shows (random weights leave near-ties): the engine did not keep a full-precision cache
     assert any(w != hf_greedy(path, ids, n) for w, ids in zip(want, prompts))
