@@ -77,6 +77,15 @@ class EngineConfig:
     enable_cuda_graph: bool = field(default=True, metadata={"help": "replay decode steps from CUDA graphs"})
     cuda_graph_max_bs: int = field(default=256, metadata={
         "help": "largest decode batch replayed from a CUDA graph"})
+    # LoRA adapters (docs/lora.md)
+    enable_lora: bool = field(default=False, metadata={
+        "help": "serve LoRA adapters (PEFT folders) beside the base model; a request names its adapter"})
+    max_loras: int = field(default=4, metadata={
+        "help": "most adapters one batch of a replica mixes (device slots); requests of further adapters wait"})
+    max_lora_rank: int = field(default=16, metadata={"help": "largest adapter rank r accepted"})
+    lora_modules: dict[str, str] | None = field(default=None, metadata={
+        "help": "adapters loaded at start, name -> PEFT folder (JSON on the command line: '{\"sql\": \"/a\"}'; "
+                "`flotilla serve --lora-modules name=path ...` also takes vLLM's form)"})
     # data parallel routing
     load_balance: str = field(default="round_robin", metadata={
         "help": "how requests are routed across data-parallel replicas", "choices": LOAD_BALANCE})
@@ -162,6 +171,7 @@ class EngineConfig:
         if self.restart_backoff_max_s < self.restart_backoff_s:
             raise InvalidParameter("restart_backoff_max_s", f"must be >= restart_backoff_s ({self.restart_backoff_s}), "
                                    f"got {self.restart_backoff_max_s!r}")
+        self._check_lora()
         if self.kv_cache_tokens is not None:
             _positive_int("kv_cache_tokens", self.kv_cache_tokens)
         if self.max_model_len is not None:
@@ -172,6 +182,26 @@ class EngineConfig:
                 "address) or set allow_wildcard_host=True")
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise InvalidParameter("model", "must be a path to a Hugging Face checkpoint folder")
+
+    def _check_lora(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise InvalidParameter("enable_lora", f"must be a bool, got {self.enable_lora!r}")
+        if isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int) or not 1 <= self.max_loras <= 64:
+            raise InvalidParameter("max_loras", f"must be an int in [1, 64], got {self.max_loras!r}")
+        if isinstance(self.max_lora_rank, bool) or not isinstance(self.max_lora_rank, int) or \
+                not 1 <= self.max_lora_rank <= 512:
+            raise InvalidParameter("max_lora_rank", f"must be an int in [1, 512], got {self.max_lora_rank!r}")
+        if self.lora_modules is not None:
+            mods = self.lora_modules
+            if not isinstance(mods, dict) or not all(isinstance(k, str) and k and isinstance(v, (str, os.PathLike))
+                                                     for k, v in mods.items()):
+                raise InvalidParameter("lora_modules", f"must be a dict of adapter name -> PEFT folder, got {mods!r}")
+            if mods and not self.enable_lora:
+                raise InvalidParameter("lora_modules", "adapters need enable_lora=True")
+            self.lora_modules = {k: str(v) for k, v in mods.items()}
+        if self.enable_lora and self.enable_dp_attention:
+            raise InvalidParameter("enable_lora", "LoRA adapters are not supported with enable_dp_attention "
+                                                  "(use dp_size replicas without DP attention)")
 
     def resolve(self) -> "EngineConfig":
         """Read config.json (raising ValueError on a missing or malformed checkpoint) and fill derived fields."""

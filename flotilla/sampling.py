@@ -85,6 +85,9 @@ class SamplingParams:
     # several completions of one prompt (``generate`` returns them under "outputs"); they run on one replica,
     # share the prompt's KV through the prefix cache, and choice i draws with seed + i when a seed is set
     n: int = 1
+    # the LoRA adapter this request runs with (its name as loaded: ``Engine.load_lora_adapter``); None = the base
+    # model. The engine checks the name against its adapters when the request is submitted.
+    lora_name: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -121,6 +124,10 @@ class SamplingParams:
         _check_int("n", self.n, lo=1, hi=128, hint="in [1, 128]")
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=20, hint="in [0, 20] (or None)")
+        if self.lora_name is not None and (not isinstance(self.lora_name, str) or not self.lora_name
+                                           or len(self.lora_name) > 256):
+            raise InvalidParameter("lora_name", f"must be a non-empty str of at most 256 characters (an adapter's "
+                                                f"name) or None, got {self.lora_name!r}")
         if self.structured_output is not None:
             self.structured_output = StructuredOutput.from_any(self.structured_output)
 
