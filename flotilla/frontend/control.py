@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from flotilla.ipc.messages import ControlDone, Pause, ReleaseMemory, Resume, ResumeMemory
 from flotilla.frontend.request import wake_all
 from flotilla.frontend.timeouts import MAX_TIMEOUT_S, check_timeout  # noqa: F401  (check_timeout: imported from here too)
+from flotilla.weights.adapters import AdapterUpdater
 from flotilla.weights.updater import DEFAULT_TIMEOUT_S, WeightUpdater
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class ControlPlane:
         self._op: tuple[str, bool, float] | None = None  # (name, on the ranks, since): what /health reports
         # weight updates, their version ledger and weight-sync groups (flotilla/weights/)
         self.weights = WeightUpdater(config, self, fleet, private_dir, stager, files_shared)
+        # LoRA adapters: loaded, replaced and unloaded through the same op round trip (flotilla/weights/adapters.py)
+        self.adapters = AdapterUpdater(config, self, private_dir, files_shared,
+                                       inflight=lambda name: self.dispatcher.using_adapter(name)
+                                       if self.dispatcher is not None else 0)
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -267,8 +272,8 @@ class ControlPlane:
             self._cv.notify_all()
 
     def replay_args(self) -> dict[str, Any]:
-        """WorkerArgs fields for a replica that starts now: the updates to replay, and their version."""
-        return self.weights.replay_args()
+        """WorkerArgs fields for a replica that starts now: the updates to replay, their version, the adapters."""
+        return {**self.weights.replay_args(), **self.adapters.registry.replay_args()}
 
     # ------------------------------------------------------------------------------------------ internals
     def _control(self, make: Callable[[int], Any] | None, name: str, timeout: float, check: bool = True, *,

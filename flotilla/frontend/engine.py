@@ -25,7 +25,7 @@ from typing import Any
 from flotilla.errors import InvalidParameter
 from flotilla.config import EngineConfig
 from flotilla.frontend.choices import choices_of, follow_choices
-from flotilla.frontend.control import DEFAULT_TIMEOUT_S, ControlPlane
+from flotilla.frontend.control import DEFAULT_TIMEOUT_S, ControlPlane, check_timeout
 from flotilla.ipc.channel import ChannelHub
 from flotilla.ipc.links import HubLinks
 from flotilla.ipc.messages import (ControlDone, FlushCache, Heartbeat, Shutdown, StepOutput, StepStarted,
@@ -109,9 +109,12 @@ class Engine:
                                     files_shared=not tcp)
         self.rl = RLControl(self.control, self.abort)
         try:
+            if config.lora_modules:
+                self.control.adapters.preload(config.lora_modules)  # checked here; every rank loads them at start
             self.fleet.start(layout(config.tp_size, config.dp_size, config.enable_dp_attention, config.pp_size))
             self.max_model_len = self._wait_ready()
-            self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
+            self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len,
+                                         check_adapter=self.control.adapters.registry.check)
         except BaseException:
             self._finalizer()
             raise
@@ -364,7 +367,7 @@ class Engine:
                            dp_size=self.fleet.dp_size(), replica_restarts=self.fleet.restarts(),
                            weight_version=self.control.weight_version, paused=self.control.paused,
                            control_op=self.control.current_op(), engine_loop_alive=self._loop_alive(),
-                           dropped_frames=self._out_ch.dropped)
+                           dropped_frames=self._out_ch.dropped, lora_adapters=self.list_lora_adapters())
 
     def _loop_alive(self) -> bool:
         return self._thread.is_alive() and time.monotonic() - self._loop_tick < LOOP_STALL_S
@@ -416,6 +419,31 @@ class Engine:
     def resume_memory(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Re-take what ``release_memory`` freed, and resume if that paused (``ControlPlane.resume_memory``)."""
         self.control.resume_memory(timeout)
+
+    # ---------------------------------------------------------------- LoRA adapters (weights/adapters.py)
+    def load_lora_adapter(self, name: str, path: str | os.PathLike, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Load the PEFT adapter folder ``path`` as ``name`` on every replica and rank (checked first; all or
+        none); requests submitted afterwards may name it (``SamplingParams(lora_name=name)``)."""
+        check_timeout("timeout", timeout)
+        self.control.adapters.load(name, path, timeout)
+
+    def unload_lora_adapter(self, name: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Stop serving adapter ``name``: new requests naming it are refused at once, the ones in flight finish
+        (up to ``timeout``), then every replica drops it."""
+        check_timeout("timeout", timeout)
+        self.control.adapters.unload(name, timeout)
+
+    def list_lora_adapters(self) -> list[dict[str, Any]]:
+        """The loaded adapters: name, path, version, rank, id, target_modules, created."""
+        return self.control.adapters.registry.rows()
+
+    def update_lora_weights(self, name: str, named_tensors: Any, *, version: int | None = None,
+                            timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Replace every weight of adapter ``name`` ((PEFT name, tensor) pairs or a dict, the names and shapes it
+        was loaded with), staged on every rank and committed all or none, the base weights untouched; returns
+        the adapter's new version. Its running requests recompute their KV with the new weights."""
+        check_timeout("timeout", timeout)
+        return self.control.adapters.update(name, named_tensors, version, timeout)
 
     # ---------------------------------------------------------------------- RL, sglang's names (rl/api.py)
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -52,8 +52,12 @@ def batch_inputs(prompts: str | list[str] | None, input_ids: list[list[int]] | N
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int):
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int,
+                 check_adapter: Callable[[str], None] | None = None):
+        """``check_adapter(name)``: raises unless a request may run with LoRA adapter ``name`` (the engine's
+        adapter registry); None: requests naming an adapter are refused."""
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
+        self.check_adapter = check_adapter
         self._ids = itertools.count()
 
     def make_choices(self, prompt: str | None, input_ids: Sequence[int] | None, sampling: SamplingLike,
@@ -84,6 +88,10 @@ class InputProcessor:
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise InvalidParameter("request_id", f"must be a non-empty str, got {request_id!r}")
         self.check_token_ids(sp)
+        if sp.lora_name is not None:
+            if self.check_adapter is None:
+                raise InvalidParameter("lora_name", "this engine serves no LoRA adapters")
+            self.check_adapter(sp.lora_name)
         ids = self.prompt_ids(prompt) if input_ids is None else self.check_ids(input_ids, sp.max_new_tokens)
         self.check_length(len(ids), sp.max_new_tokens)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"

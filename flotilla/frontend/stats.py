@@ -108,6 +108,8 @@ class EngineStats(_ReadsAsDict):
     control_op: dict[str, Any] | None  # name, on_ranks, for_s (ControlPlane.current_op)
     engine_loop_alive: bool
     dropped_frames: int
+    # LoRA adapters served (Engine.list_lora_adapters: name, path, version, rank, id, ...)
+    lora_adapters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

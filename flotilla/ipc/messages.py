@@ -162,13 +162,52 @@ class DestroyWeightSyncGroup(msgspec.Struct, tag=True):
     group_name: str = "weight_update_group"
 
 
+# LoRA adapters (flotilla/lora/, flotilla/weights/adapters.py): model ops too, staged then committed like weights.
+class LoadLora(msgspec.Struct, tag=True):
+    """Phase one of loading (or replacing) adapter ``name``: every rank reads the PEFT folder ``path`` and stages
+    its shards; the live adapters are untouched. ``lora_id``: never reused, it keys the adapter's prefix-cache
+    entries (a replaced adapter gets a new one, so no KV of its old weights is matched). Phase two is
+    ``CommitLora`` (or ``DiscardLora``) of this ``op_id``."""
+
+    op_id: int
+    name: str
+    path: str
+    lora_id: int
+    version: int = 1
+
+
+class CommitLora(msgspec.Struct, tag=True):
+    """Serve what ``LoadLora`` ``stage_id`` staged as adapter ``name`` (replacing an older one of that name: its
+    running requests recompute their KV with the new weights)."""
+
+    op_id: int
+    stage_id: int
+    name: str
+    lora_id: int
+
+
+class DiscardLora(msgspec.Struct, tag=True):
+    op_id: int
+    stage_id: int
+
+
+class UnloadLora(msgspec.Struct, tag=True):
+    """Forget adapter ``name`` (the front end first waits until no request of it is in flight)."""
+
+    op_id: int
+    name: str
+
+
+LORA_OPS = (LoadLora, CommitLora, DiscardLora, UnloadLora)
+
 ModelOp = (UpdateWeights | CommitWeights | DiscardWeights | ReleaseMemory | ResumeMemory | InitWeightSyncGroup |
-           DestroyWeightSyncGroup)
+           DestroyWeightSyncGroup | LoadLora | CommitLora | DiscardLora | UnloadLora)
 MODEL_OPS = (UpdateWeights, CommitWeights, DiscardWeights, ReleaseMemory, ResumeMemory, InitWeightSyncGroup,
-             DestroyWeightSyncGroup)
+             DestroyWeightSyncGroup, *LORA_OPS)
 
 ToWorker = (AddRequest | AbortRequest | FlushCache | Shutdown | UpdateWeights | CommitWeights | DiscardWeights |
-            Pause | Resume | ReleaseMemory | ResumeMemory | InitWeightSyncGroup | DestroyWeightSyncGroup)
+            Pause | Resume | ReleaseMemory | ResumeMemory | InitWeightSyncGroup | DestroyWeightSyncGroup |
+            LoadLora | CommitLora | DiscardLora | UnloadLora)
 
 
 # ----------------------------------------------------------------------------------- worker -> front end
@@ -282,12 +321,17 @@ class SeqPlan(msgspec.Struct, array_like=True):
     # overlap scheduling: >= 0 when the slice's one token is not known on the host yet: it is row ``prev_row``
     # of the token ids the previous step sampled (still on the device); ``token_ids`` then holds a placeholder
     prev_row: int = -1
+    # LoRA: the device slot of the adapter this sequence runs (``BatchPlan.lora_map``), -1 for the base model
+    lora_slot: int = -1
 
 
 class BatchPlan(msgspec.Struct, tag=True):
     seqs: list[SeqPlan]
     kind: str = "forward"  # "forward" | "idle" | "stop"
     op: ModelOp | None = None  # a control operation the leader holds, applied once every rank has it
+    # LoRA: the adapter each device slot must hold for this step ("" = none needed), by slot index; every rank
+    # loads a slot that holds another adapter before the forward
+    lora_map: list[str] = []
 
 
 encoder = msgspec.msgpack.Encoder()

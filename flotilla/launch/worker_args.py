@@ -25,6 +25,8 @@ class WorkerArgs:
     # on top of the checkpoint, and the version they amount to
     weights_sources: list[str] = field(default_factory=list)
     weight_version: int = 0
+    # LoRA adapters loaded before this rank started: [name, PEFT folder, lora_id, version] each
+    lora_adapters: list[list] = field(default_factory=list)
     # Dying with the front end (flotilla/worker/lifeline.py). ``parent_pid``: the front end's pid; when set,
     # the rank exits as soon as that process is gone (polled every 0.5 s), first removing ``private_dir``
     # (the engine's private directory) if given. ``pdeathsig``: also have the kernel SIGKILL the rank when

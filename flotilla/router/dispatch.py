@@ -260,6 +260,11 @@ class Dispatcher:
         with self.lock:
             return len(self.requests)
 
+    def using_adapter(self, name: str) -> int:
+        """Requests in flight (queued, held or on a replica) that run LoRA adapter ``name``."""
+        with self.lock:
+            return sum(1 for s in self.requests.values() if s.sampling.lora_name == name and not s.finished)
+
     def pending(self) -> list[tuple[RequestState, float | None]]:
         """(request, deadline) of the requests waiting for a replica (not those held while paused)."""
         with self.lock:

@@ -90,6 +90,9 @@ class CudaGraphRunner:
         self._copied.record()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
+        self.lora = runner.lora  # LoRA: its kernels are captured, reading static segment buffers
+        if self.lora is not None:
+            self.lora.batch.graph_buffers(self.max_bs)
 
     # ------------------------------------------------------------------------------------------ capture
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -114,6 +117,8 @@ class CudaGraphRunner:
         t0 = time.perf_counter()
         self.scalars.zero_()
         self.scalars[2].fill_(-1)  # capture runs must not write the KV cache
+        if self.lora is not None:
+            self.lora.batch.use_graph()  # every block empty: captured, computing nothing
         side = torch.cuda.Stream(self.device)
         for bs in reversed(self.sizes):
             meta = self._meta(bs)
@@ -128,6 +133,8 @@ class CudaGraphRunner:
             self.pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
+        if self.lora is not None:
+            self.lora.batch.clear()
         log.info("captured %d CUDA graphs (batch sizes %s) in %.1fs", len(self.sizes), self.sizes,
                  time.perf_counter() - t0)
 
@@ -178,6 +185,8 @@ class CudaGraphRunner:
             feed_input_ids(self.scalars[0, :n], plans, fed)
         if n:
             self.block_tables[:n, :w].copy_(self.bt_stage[: n * w].view(n, w))
+        if self.lora is not None:
+            self.lora.graph_rows(plans, bs)
         self.graphs[bs].replay()
         out = self.logits[:n]
         if not all(p.sample for p in plans):

@@ -63,20 +63,21 @@ class KVBlockManager:
         return self._ref[block]
 
     # ------------------------------------------------------------------------------------------ sequences
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+    def match_prefix(self, token_ids: Sequence[int], space: int = 0) -> tuple[list[int], int]:
         """Reuse the longest cached run of full pages that starts ``token_ids``.
 
         At most ``(len(token_ids) - 1) // block_size`` pages are returned, so at least one token is
         left to compute (the model must run on something to produce the next token's logits). The
         returned blocks become the sequence's first blocks: their refcounts go up, which also keeps
-        them (and their ancestors) from being evicted while the sequence lives.
+        them (and their ancestors) from being evicted while the sequence lives. ``space``: the prefix-cache
+        space (a LoRA adapter's id, 0 for the base model): only pages cached in the same space match.
         """
         if not self.enable_prefix_cache:
             return [], 0
         max_pages = (len(token_ids) - 1) // self.block_size
         if max_pages <= 0:
             return [], 0
-        nodes = self._tree.match(token_ids, max_pages)
+        nodes = self._tree.match(token_ids, max_pages, space)
         if not nodes:
             return [], 0
         self._tree.tick()
@@ -116,7 +117,7 @@ class KVBlockManager:
         self._num_referenced += n
         return out
 
-    def cache_pages(self, token_ids: Sequence[int], blocks: Sequence[int]) -> None:
+    def cache_pages(self, token_ids: Sequence[int], blocks: Sequence[int], space: int = 0) -> None:
         """Publish the sequence's computed full pages (``blocks[i]`` holds ``token_ids[i*bs:(i+1)*bs]``).
 
         Idempotent and O(new pages): the last full page is looked up by its block first, and when it is
@@ -134,7 +135,7 @@ class KVBlockManager:
         i = n - 1
         parent: RadixNode | None = None
         while i >= 0:
-            parent = self._placed(blocks[i], i, token_ids)
+            parent = self._placed(blocks[i], i, token_ids, space)
             if parent is not None:
                 break
             i -= 1
@@ -145,7 +146,7 @@ class KVBlockManager:
         tree = self._tree
         tree.tick()
         for j in range(i + 1, n):
-            key = tree.page_key(token_ids, j)
+            key = tree.page_key(token_ids, j, space)
             b = blocks[j]
             child = parent.children.get(key)
             if child is None:
@@ -161,7 +162,7 @@ class KVBlockManager:
                 tree.touch(child)
             parent = child
 
-    def _placed(self, block: int, page: int, token_ids: Sequence[int]) -> RadixNode | None:
+    def _placed(self, block: int, page: int, token_ids: Sequence[int], space: int = 0) -> RadixNode | None:
         """The live tree node standing for page ``page`` of ``token_ids`` that ``block`` is known to hold.
 
         Depth and key are checked (O(block_size)) so a stale or misused hint can only cost a longer walk,
@@ -170,7 +171,7 @@ class KVBlockManager:
         node = self._tree.node_of(block) or self._alias.get(block)
         if node is None or not node.alive or node.depth != page + 1:
             return None
-        if node.key != self._tree.page_key(token_ids, page):
+        if node.key != self._tree.page_key(token_ids, page, space):
             return None
         return node
 

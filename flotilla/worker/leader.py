@@ -19,11 +19,13 @@ import torch
 from flotilla.config import EngineConfig
 from flotilla.distributed import get_group
 from flotilla.ipc.channel import connect
-from flotilla.ipc.messages import (MODEL_OPS, AbortRequest, AddRequest, BatchPlan, CommitWeights, ControlDone,
-                                   DestroyWeightSyncGroup, DiscardWeights, FlushCache, InitWeightSyncGroup, Pause,
-                                   ReleaseMemory, Resume, ResumeMemory, Shutdown, StepOutput, StepStarted, TokenOutput,
+from flotilla.ipc.messages import (LORA_OPS, MODEL_OPS, AbortRequest, AddRequest, BatchPlan, CommitLora,
+                                   CommitWeights, ControlDone, DestroyWeightSyncGroup, DiscardLora, DiscardWeights,
+                                   FlushCache, InitWeightSyncGroup, LoadLora, Pause, ReleaseMemory, Resume,
+                                   ResumeMemory, Shutdown, StepOutput, StepStarted, TokenOutput, UnloadLora,
                                    UpdateWeights, WorkerReady, to_worker_decoder)
 from flotilla.launch.worker_args import WorkerArgs
+from flotilla.lora.slots import AdapterSlots
 from flotilla.sampling import SamplingParams
 from flotilla.worker.faults import StepFaults
 from flotilla.worker.grammar import Grammars
@@ -68,7 +70,11 @@ class Leader:
         max_len = min(cfg.max_model_len, runner.num_blocks * cfg.block_size)
         kv = KVBlockManager(runner.num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_caching)
         eos = eos_ids(cfg.model, cfg.hf_config)
-        self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len, eos), kv)
+        adapters = AdapterSlots(cfg.max_loras) if cfg.enable_lora else None
+        for name, _path, lora_id, _version in args.lora_adapters if adapters is not None else ():
+            adapters.register(name, lora_id)  # loaded before this replica started (replayed by every rank)
+        self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len, eos), kv,
+                               adapters)
         self.grammars = Grammars(cfg.tokenizer or cfg.model, runner.vocab_size, eos)  # structured output
         self.in_ch = connect("pull", args.in_addr, to_worker_decoder, args.keys, on_bad_frame=self._bad_frame)
         self.sampler = Sampler()
@@ -121,7 +127,7 @@ class Leader:
         if batch is None:
             return BatchPlan([], kind="idle", op=op), None
         self._announce(batch.seqs)
-        return BatchPlan(batch.plans, op=op), batch
+        return BatchPlan(batch.plans, op=op, lora_map=self.sched.lora_map(batch)), batch
 
     def _announce(self, seqs) -> None:
         """Tell the front end, before the forward, which requests run in a batch here for the first time: if
@@ -279,6 +285,9 @@ class Leader:
         if isinstance(op, DiscardWeights):
             self.reply(op.op_id, "discard_weights", error)
             return
+        if isinstance(op, LORA_OPS):
+            self._lora_done(op, error)
+            return
         if isinstance(op, CommitWeights):
             name = "update_weights"
             if op.flush_cache:  # even after a failure: a commit that failed may have written some parameters
@@ -295,6 +304,25 @@ class Leader:
                 self.released = False
         outputs, self.sched.finished_outputs = self.sched.finished_outputs, []
         self.report(outputs)  # the new weight version reaches stats() before the answer does
+        self.reply(op.op_id, name, error)
+
+    def _lora_done(self, op, error: str | None) -> None:
+        """A LoRA op every rank applied (or failed): the scheduler's registry follows the ranks' adapters."""
+        adapters = self.sched.adapters
+        if error is None and adapters is not None:
+            if isinstance(op, CommitLora):
+                replaced = op.name in adapters.ids
+                adapters.register(op.name, op.lora_id)
+                if replaced:  # new weights: its running requests recompute their KV with them
+                    self.sched.replace_adapter(op.name, op.lora_id)
+            elif isinstance(op, UnloadLora):
+                # the front end unloads once none of its requests is in flight; should one remain here, it ends
+                # now, before a step could ask the ranks for the adapter they dropped
+                for seq in [s for s in self.sched.by_rid.values() if s.lora == op.name]:
+                    self.sched.fail(seq.rid, f"lora_name: adapter {op.name!r} was unloaded")
+                adapters.unregister(op.name)
+        name = {LoadLora: "load_lora_adapter", CommitLora: "load_lora_adapter", DiscardLora: "load_lora_adapter",
+                UnloadLora: "unload_lora_adapter"}[type(op)]
         self.reply(op.op_id, name, error)
 
     def _mask(self, logits, rids: list[str]) -> list:
@@ -358,6 +386,10 @@ def apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: Leader | N
     try:
         if weights_rank.handles(op):
             weights_rank.run(op, runner, args.rank, args.replica_id, progress=leader.heartbeat if leader else None)
+        elif isinstance(op, LORA_OPS):
+            if runner.lora is None:
+                raise RuntimeError("LoRA is off (enable_lora=False)")
+            runner.lora.run(op)
         elif isinstance(op, ReleaseMemory):
             runner.release_memory(op.weights)
         elif isinstance(op, ResumeMemory):
@@ -368,6 +400,8 @@ def apply_model_op(args: WorkerArgs, runner: ModelRunner, op, leader: Leader | N
     failed = [r for r, (f,) in enumerate(get_group("world").all_gather_ints([int(error is not None)])) if f]
     if failed and weights_rank.handles(op):
         weights_rank.undo(op)
+    if failed and isinstance(op, LORA_OPS) and runner.lora is not None:
+        runner.lora.undo(op)
     if leader is not None:
         if failed and error is None:
             error = f"rank(s) {failed} failed (see their logs)"

@@ -56,6 +56,11 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, cfg.model)
         self.model.eval()
+        self.lora = None  # LoRA adapters: slots on every targeted layer (allocated before the KV cache is sized)
+        if cfg.enable_lora:
+            from flotilla.lora.store import LoraStore
+
+            self.lora = LoraStore(self.model, cfg.max_loras, cfg.max_lora_rank, self.dtype, device)
         self.vocab_size = self.hf_config.vocab_size
         self.backend = make_backend(cfg.attention_backend, device)
         self.num_blocks = 0  # set by allocate_kv once the TP group agreed on a size
@@ -81,9 +86,12 @@ class ModelRunner:
         return torch.zeros((n, self.hf_config.hidden_size), dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward_stage(self, plans: list[SeqPlan], hidden_in: torch.Tensor | None) -> torch.Tensor:
+    def forward_stage(self, plans: list[SeqPlan], hidden_in: torch.Tensor | None,
+                      lora_map: list[str] | None = None) -> torch.Tensor:
         """One pipeline stage's forward: the hidden states to pass on (a stage other than the last), or the
         float32 logits of the sampled rows (the last). ``hidden_in``: the previous stage's (None on the first)."""
+        if self.lora is not None:
+            self.lora.bind(lora_map or [])
         inp = self.prepare(plans)
         hidden = self.model(inp.input_ids, inp.positions, inp.meta, hidden_in=hidden_in)
         if not self.pp_stage.is_last:
@@ -154,6 +162,9 @@ class ModelRunner:
             log.info("CUDA graphs off: attention backend %r cannot be captured", self.backend.name)
             return False
         dp_graphs = get_group("attn_dp").size > 1 and os.environ.get("FLOTILLA_DP_ATTENTION_GRAPHS") == "1"
+        if self.lora is not None and not self.lora.batch.use_triton:
+            log.info("CUDA graphs off: the torch LoRA reference cannot be captured")
+            return False
         if get_group("pp").size > 1 or (not dp_graphs and (get_group("tp").size > 1 or get_group("attn_tp").size > 1
                                                           or get_group("attn_dp").size > 1)):
             log.info("CUDA graphs off: only single-rank replicas (and, with FLOTILLA_DP_ATTENTION_GRAPHS=1, "
@@ -244,6 +255,8 @@ class ModelRunner:
         plan = getattr(self.backend, "plan", None)
         if plan is not None:
             plan(meta)  # per-forward work a backend would otherwise redo in every layer
+        if self.lora is not None:
+            self.lora.set_rows(plans, q_lens)
         return ForwardInputs(torch.from_numpy(ids).to(dev, non_blocking=True),
                              torch.from_numpy(pos).to(dev, non_blocking=True), meta,
                              torch.tensor(sample_rows, dtype=torch.long).to(dev, non_blocking=True))
@@ -259,15 +272,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, plans: list[SeqPlan], dp_counts: list[int] | None = None,
-                fed: torch.Tensor | None = None) -> torch.Tensor:
+                fed: torch.Tensor | None = None, lora_map: list[str] | None = None) -> torch.Tensor:
         """Logits [num sampled sequences, vocab] in float32 (every rank of the attention group gets them).
 
         ``dp_counts``: with DP attention, the token count of every attention-DP group in this step.
         ``fed``: the token ids the previous step sampled, on this device (overlap scheduling): a plan with
         ``prev_row`` >= 0 computes ``fed[prev_row]`` in place of its placeholder.
+        ``lora_map``: the adapter each LoRA slot must hold for this step (``BatchPlan.lora_map``).
         A decode batch that fits a captured CUDA graph replays it; the logits are then a view of the graph's
         output buffer, valid until the next forward.
         """
+        if self.lora is not None:
+            self.lora.bind(lora_map or [])
         if self.graphs is not None and dp_counts is None and self.graphs.can_run(plans):
             return self.graphs.run(plans, fed=fed)
         if self.graphs is not None and dp_counts is not None and self.graphs.dp_size > 1:

@@ -61,7 +61,7 @@ def _lead(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch, link
             tp.broadcast_bytes(payload)
         hidden = None
         if plan.kind == "forward":
-            hidden = runner.forward_stage(plan.seqs, None)
+            hidden = runner.forward_stage(plan.seqs, None, plan.lora_map)
             link.own_forwards += 1
         link.send_next(payload, hidden)
         last_sent = time.monotonic()
@@ -115,7 +115,7 @@ def _follow(args: WorkerArgs, runner: ModelRunner, link: StageLink) -> None:
         plan = batch_plan_decoder.decode(payload)
         out = None
         if plan.kind == "forward":
-            out = runner.forward_stage(plan.seqs, hidden_in)
+            out = runner.forward_stage(plan.seqs, hidden_in, plan.lora_map)
             link.own_forwards += 1
         if not last:
             link.send_next(payload, out)

@@ -77,23 +77,27 @@ class RadixCache:
         """Pages that eviction could give back right now, counting parents exposed by evicting children."""
         return self._num_unlocked
 
-    def page_key(self, token_ids: Sequence[int], i: int) -> Page:
-        """The key of page ``i`` of ``token_ids`` (the caller makes sure the page is full)."""
+    def page_key(self, token_ids: Sequence[int], i: int, space: int = 0) -> Page:
+        """The key of page ``i`` of ``token_ids`` (the caller makes sure the page is full). ``space``: the
+        prefix-cache space (a LoRA adapter's id; 0 for the base model). The first page of a space other than 0
+        leads with ``-space`` (never a token id), so each adapter's prefixes form a subtree of their own and no
+        KV is ever shared across adapters; the pages below it follow from their parents."""
         bs = self.block_size
-        return tuple(token_ids[i * bs:(i + 1) * bs])
+        page = tuple(token_ids[i * bs:(i + 1) * bs])
+        return (-space, *page) if space and i == 0 else page
 
     def node_of(self, block: int) -> RadixNode | None:
         """The node that holds ``block``, if the tree holds it."""
         return self._by_block.get(block)
 
-    def match(self, token_ids: Sequence[int], max_pages: int) -> list[RadixNode]:
+    def match(self, token_ids: Sequence[int], max_pages: int, space: int = 0) -> list[RadixNode]:
         """The nodes along the longest cached path spelling ``token_ids``, at most ``max_pages`` of them.
 
         Pure lookup: nothing is pinned or touched, so a caller can decide what to do with the hit.
         """
         node, out = self.root, []
         for i in range(max_pages):
-            child = node.children.get(self.page_key(token_ids, i))
+            child = node.children.get(self.page_key(token_ids, i, space))
             if child is None:
                 break
             out.append(child)
@@ -116,7 +120,8 @@ class RadixCache:
 
     def insert(self, parent: RadixNode, key: Page, block: int, pinned: bool) -> RadixNode:
         """Add a child page under ``parent``; the caller has checked that neither key nor block is taken."""
-        if len(key) != self.block_size:
+        spaced = parent is self.root and len(key) == self.block_size + 1 and key[0] < 0
+        if len(key) != self.block_size and not spaced:
             raise ValueError(f"a page holds {self.block_size} tokens, got {len(key)}")
         if key in parent.children or block in self._by_block or not parent.alive:
             raise ValueError(f"cannot insert block {block}: page or block already cached, or parent evicted")
@@ -210,7 +215,8 @@ class RadixCache:
             order.append(node)
             for key, child in node.children.items():
                 assert child.parent is node, f"{child} has a wrong parent"
-                assert child.key == key and len(key) == self.block_size, f"{child} has a bad key"
+                assert child.key == key and (len(key) == self.block_size or (
+                    node is self.root and len(key) == self.block_size + 1 and key[0] < 0)), f"{child} has a bad key"
                 assert child.depth == node.depth + 1, f"{child} has a bad depth"
                 assert child.block not in found, f"block {child.block} is in two nodes"
                 found[child.block] = child

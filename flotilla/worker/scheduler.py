@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from flotilla.ipc.messages import ReplicaLoad, SeqPlan, TokenOutput
+from flotilla.lora.slots import AdapterSlots
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.sequence import Sequence
 
@@ -45,9 +46,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVBlockManager):
+    def __init__(self, cfg: SchedulerConfig, kv: KVBlockManager, adapters: AdapterSlots | None = None):
         self.cfg = cfg
         self.kv = kv
+        self.adapters = adapters  # LoRA: loaded adapters and device slots (None: LoRA off)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.by_rid: dict[str, Sequence] = {}
@@ -72,6 +74,13 @@ class Scheduler:
                 error=f"prompt: {len(tokens)} tokens exceed this replica's limit of {self.cfg.max_model_len}"))
             return
         seq = Sequence(rid, tokens, len(prompt_ids), sampling, self._arrivals, num_outputs_at_start=len(output_ids))
+        lora = getattr(sampling, "lora_name", None)
+        if lora is not None:
+            if self.adapters is None or lora not in self.adapters.ids:
+                self.finished_outputs.append(TokenOutput(
+                    rid, [], True, "error", error=f"lora_name: adapter {lora!r} is not loaded on this replica"))
+                return
+            seq.lora, seq.cache_id = lora, self.adapters.cache_id(lora)
         self._arrivals += 1
         self.by_rid[rid] = seq
         self.waiting.append(seq)
@@ -108,6 +117,23 @@ class Scheduler:
                 self.kv.release(seq.block_table)
                 seq.block_table, seq.num_computed = [], 0
         self.kv.reset_prefix_cache()
+
+    def replace_adapter(self, name: str, lora_id: int) -> None:
+        """Adapter ``name`` now has new weights (prefix-cache space ``lora_id``): its running sequences go back
+        to the queue to recompute their KV with them, and every sequence of it caches in the new space."""
+        for seq in sorted(self.running, key=lambda s: s.arrival, reverse=True):
+            if seq.lora == name and not seq.pending:
+                self._preempt(seq)
+        for seq in list(self.running) + list(self.waiting):
+            if seq.lora != name:
+                continue
+            if seq in self.waiting and seq.block_table:
+                self.kv.release(seq.block_table)
+                seq.block_table, seq.num_computed = [], 0
+            seq.cache_id = lora_id
+
+    def uses_adapter(self, name: str) -> bool:
+        return any(s.lora == name for s in self.by_rid.values())
 
     # ------------------------------------------------------------------------------------------ schedule
     def schedule(self, exclude: set[str] | None = None, max_seqs: int | None = None) -> ScheduledBatch | None:
@@ -147,19 +173,26 @@ class Scheduler:
         # published its pages, it takes them from the prefix cache instead of computing them again.
         page = self.kv.block_size
         share = self.kv.enable_prefix_cache
-        prefilling = {tuple(s.tokens[:page]) for s, p in zip(seqs, plans)
+        prefilling = {(s.cache_id, tuple(s.tokens[:page])) for s, p in zip(seqs, plans)
                       if share and p.start < page and len(s.tokens) > page}
         deferred: list[Sequence] = []
+        # LoRA: once a request's adapter finds no free slot, no further adapter request is admitted this step
+        # (base-model ones still are), so the slots in use drain and the waiting adapter gets one
+        slots_full = False
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and len(seqs) < limit:
             seq = self.waiting[0]
-            if prefilling and len(seq.tokens) > page and tuple(seq.tokens[:page]) in prefilling \
+            if prefilling and len(seq.tokens) > page and (seq.cache_id, tuple(seq.tokens[:page])) in prefilling \
                     and seq.sampling.prompt_logprobs is None:
+                deferred.append(self.waiting.popleft())
+                continue
+            if seq.lora is not None and (slots_full or not self.adapters.can_take(seq.lora)):
+                slots_full = True
                 deferred.append(self.waiting.popleft())
                 continue
             if not seq.block_table:
                 # prompt logprobs are computed by the forward, so such a prompt is computed whole
                 blocks, cached = ([], 0) if seq.sampling.prompt_logprobs is not None else \
-                    self.kv.match_prefix(seq.tokens)
+                    self.kv.match_prefix(seq.tokens, seq.cache_id)
                 seq.block_table, seq.num_computed = blocks, cached
                 if seq.cached_tokens < 0:
                     seq.cached_tokens = cached
@@ -170,11 +203,13 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            if seq.lora is not None:
+                seq.lora_slot = self.adapters.acquire(seq.lora)
             seqs.append(seq)
             plans.append(self._plan(seq, n))
             budget -= n
             if share and plans[-1].start < page and len(seq.tokens) > page:
-                prefilling.add(tuple(seq.tokens[:page]))
+                prefilling.add((seq.cache_id, tuple(seq.tokens[:page])))
         self.waiting.extendleft(reversed(deferred))
         if not seqs:
             return None
@@ -185,6 +220,8 @@ class Scheduler:
         plan = SeqPlan(seq.tokens[start:start + n], start, list(seq.block_table), start + n == len(seq.tokens))
         if seq.pending:  # its one token to compute is the previous step's sampled id, still on the device
             plan.prev_row = seq.feed_row
+        if seq.lora_slot >= 0:
+            plan.lora_slot = seq.lora_slot
         k = seq.sampling.prompt_logprobs
         if k is not None and start + 1 < seq.prompt_len:  # positions whose next token is still in the prompt
             plan.prompt_targets = seq.tokens[start + 1:min(start + n, seq.prompt_len - 1) + 1]
@@ -205,7 +242,8 @@ class Scheduler:
         assert not seq.pending, "a sequence whose token is still on the device cannot be preempted"
         self.num_preemptions += 1
         self.running.remove(seq)
-        self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table)
+        self._release_slot(seq)
+        self.kv.cache_pages(seq.tokens[: seq.num_computed], seq.block_table, seq.cache_id)
         self.kv.release(seq.block_table)
         seq.block_table, seq.num_computed = [], 0
         self.waiting.appendleft(seq)
@@ -236,7 +274,7 @@ class Scheduler:
             # published once its tokens are known: one holding a placeholder waits for ``record``.
             known = min(seq.num_computed, len(seq.tokens) - seq.pending)
             if known // page > (seq.num_computed - n) // page:
-                self.kv.cache_pages(seq.tokens[:known], seq.block_table)
+                self.kv.cache_pages(seq.tokens[:known], seq.block_table, seq.cache_id)
             if plan.sample:
                 seq.tokens.append(PLACEHOLDER)
                 seq.pending += 1
@@ -273,7 +311,7 @@ class Scheduler:
             seq.tokens[at] = token
             seq.pending -= 1
             if (at + 1) % self.kv.block_size == 0 and at < seq.num_computed:  # a computed page is known now
-                self.kv.cache_pages(seq.tokens[: at + 1], seq.block_table)
+                self.kv.cache_pages(seq.tokens[: at + 1], seq.block_table, seq.cache_id)
             if not seq.reported_cached:
                 out.cached_tokens, seq.reported_cached = max(seq.cached_tokens, 0), True
             reason = "stop" if grammar_done and seq.rid in grammar_done else self._stop_reason(seq, token, at + 1)
@@ -298,6 +336,7 @@ class Scheduler:
         seq.finished, seq.finish_reason = True, reason
         if seq in self.running:
             self.running.remove(seq)
+            self._release_slot(seq)
         else:
             try:
                 self.waiting.remove(seq)
@@ -307,6 +346,17 @@ class Scheduler:
             self.kv.release(seq.block_table)
             seq.block_table = []
         self.by_rid.pop(seq.rid, None)
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.adapters.release(seq.lora_slot)
+            seq.lora_slot = -1
+
+    def lora_map(self, batch: ScheduledBatch) -> list[str]:
+        """The adapter each slot must hold for ``batch`` ([] when it runs the base model only)."""
+        if self.adapters is None or all(p.lora_slot < 0 for p in batch.plans):
+            return []
+        return self.adapters.slot_map()
 
     def load(self) -> ReplicaLoad:
         seqs = list(self.running) + list(self.waiting)

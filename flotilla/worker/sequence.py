@@ -27,6 +27,11 @@ class Sequence:
     # the sampled rows of the last launched step (where the next step takes its input token from).
     pending: int = 0
     feed_row: int = -1
+    # LoRA: the adapter (None: the base model), the device slot it holds while this sequence runs, and the
+    # prefix-cache space its KV lives in (0: the base model's; each adapter load has its own)
+    lora: str | None = None
+    lora_slot: int = -1
+    cache_id: int = 0
 
     @property
     def prompt_ids(self) -> list[int]:

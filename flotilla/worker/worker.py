@@ -55,6 +55,9 @@ def run_worker(args: WorkerArgs, store=None) -> None:
             out_ch = connect("push", args.out_addr, from_worker_decoder, args.keys)
         runner = ModelRunner(cfg, device)
         weights_rank.load_files(runner, args.weights_sources)  # updates made since the checkpoint
+        if runner.lora is not None:
+            for name, path, lora_id, version in args.lora_adapters:  # adapters loaded before this rank started
+                runner.lora.load_now(name, path, lora_id, version)
         world = get_group("world")  # every rank of the group (all TP ranks; with pp, all stages) agrees
         num_blocks = min(v[0] for v in world.all_gather_ints([runner.plan_kv_blocks()]))
         runner.allocate_kv(num_blocks)
@@ -127,7 +130,7 @@ def _rank_loop(args: WorkerArgs, cfg: EngineConfig, runner: ModelRunner, out_ch)
                 apply_op = op_id != 0
             # An exception in forward ends the worker (run_worker reports it): a rank cannot tell whether its
             # model, KV cache or collectives are still sane, nor whether its peers finished the same step.
-            logits = runner.forward(plan.seqs, dp_counts=counts, fed=fed) if run else None
+            logits = runner.forward(plan.seqs, dp_counts=counts, fed=fed, lora_map=plan.lora_map) if run else None
             if trace:
                 trace.mark()
             launched = leader.launch(batch, logits) if leader else None

@@ -29,7 +29,10 @@ def _expect_rows(loaded: torch.Tensor, rows: int, dim: int = 0) -> None:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T, with W's output rows split across the group; the output stays sharded."""
+    """y = x W^T, with W's output rows split across the group; the output stays sharded. ``lora``: the layer's
+    LoRA slots when adapters are enabled (``flotilla.lora.layers``), added to the output."""
+
+    lora = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group: ParallelGroup | None = None):
         super().__init__()
@@ -49,7 +52,8 @@ class ColumnParallelLinear(nn.Module):
         default_weight_loader(param, loaded.narrow(0, self.group.rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -117,7 +121,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split: each rank holds a partial sum, all-reduced across the group."""
+    """y = x W^T with W's input columns split: each rank holds a partial sum, all-reduced across the group.
+    ``lora``: the layer's LoRA slots (``flotilla.lora.layers``); each rank adds its partial update before the
+    reduce, which sums both."""
+
+    lora = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group: ParallelGroup | None = None):
         super().__init__()
@@ -138,6 +146,8 @@ class RowParallelLinear(nn.Module):
         """``reduce=False``: this rank's partial sum, for a caller that reduces it itself (DP attention's
         reduce-scatter); the bias is then added on group rank 0 only, so the sum holds it once."""
         y = F.linear(x, self.weight)
+        if self.lora is not None:
+            y = self.lora(x, y)
         if reduce:
             y = self.group.all_reduce(y)
         if self.bias is not None and (reduce or self.group.rank == 0):
