@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flotilla.launch.factory import add_engine_args, make_engine, model_of
+from flotilla.launch.factory import MappingAction, add_engine_args, make_engine, model_of, parse_mapping
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -44,6 +44,18 @@ def _convert(key: str, value: Any, action: argparse.Action) -> Any:
         if not isinstance(value, bool):
             raise ConfigFileError(f"{key}: must be true or false, got {value!r}")
         return value
+    if isinstance(action, MappingAction):  # a mapping ({name: path}), or the command line's items as a list
+        if isinstance(value, dict) and value and all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                     for k, v in value.items()):
+            return dict(value)
+        try:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"must be a mapping of names to paths ({{sql: /adapters/sql}}), got {value!r}")
+            return parse_mapping(value)
+        except ValueError as e:
+            raise ConfigFileError(f"{key}: {e}") from None
     kind: Any = action.type or str
     what = {int: "an int", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
     values = value if action.nargs in ("+", "*") else [value]
@@ -162,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flotilla import SamplingParams
 
     sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, seed=args.seed)
+                        top_k=args.top_k, seed=args.seed, lora_name=args.lora_name)
     try:
         engine = make_engine(args)
     except ValueError as e:  # a bad option, named by the engine's validation
@@ -229,6 +241,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--seed", type=int, default=None, help="sampling seed (the engine's seed is --engine-seed)")
+    g.add_argument("--lora-name", default=None, help="generate with this LoRA adapter (one of --lora-modules)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -301,7 +314,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             subs[args.cmd].error(str(e))
     if rest and args.cmd != "make-tiny-model":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _imply_lora(args)
     return args, rest
+
+
+def _imply_lora(args: argparse.Namespace) -> None:
+    """``--lora-modules`` turns LoRA on by itself (vLLM asks for ``--enable-lora`` too; here one flag is enough);
+    an explicit ``--no-enable-lora`` with adapters stays a conflict, which the engine's validation names."""
+    if getattr(args, "lora_modules", None) and not hasattr(args, "enable_lora"):
+        args.enable_lora = True
 
 
 def main(argv: list[str] | None = None) -> int:

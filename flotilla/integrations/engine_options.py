@@ -22,6 +22,14 @@ def check_engine_options(model_source: Any, engine_kwargs: Any) -> EngineConfig:
         raise InvalidParameter("engine_kwargs", f"{e}") from None
 
 
+def imply_lora(engine_kwargs: Any) -> Any:
+    """``lora_modules`` without ``enable_lora`` turns LoRA on (as ``flotilla serve --lora-modules`` does); an
+    explicit ``enable_lora=False`` with adapters is left for the engine's validation to refuse, naming them."""
+    if isinstance(engine_kwargs, dict) and engine_kwargs.get("lora_modules") and "enable_lora" not in engine_kwargs:
+        return {**engine_kwargs, "enable_lora": True}
+    return engine_kwargs
+
+
 def rank_count(cfg: EngineConfig) -> int:
     """Rank processes of one engine."""
     return world_size(cfg.tp_size, cfg.dp_size, cfg.enable_dp_attention, cfg.pp_size)

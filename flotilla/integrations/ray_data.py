@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flotilla.errors import InvalidParameter, type_name
-from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
+from flotilla.integrations.engine_options import (check_engine_options, imply_lora, positive_int, rank_count,
+                                                  with_device)
 
 if TYPE_CHECKING:
     import pyarrow
@@ -57,6 +58,10 @@ class FlotillaProcessorConfig:
 
     ``should_continue_on_error``: a row whose request fails gets ``__inference_error__`` (its error) and None
     outputs instead of failing the dataset. ``runtime_env``: the actors' Ray runtime environment.
+
+    LoRA: ``engine_kwargs={"lora_modules": {name: folder}}`` (folders visible on every node; ``enable_lora`` is
+    implied) loads the adapters in every engine; a row runs with the adapter its ``lora_name`` column names (or
+    ``sampling_params["lora_name"]``; None: the base model), so one batch mixes adapters.
     """
 
     model_source: str
@@ -71,6 +76,7 @@ class FlotillaProcessorConfig:
     should_continue_on_error: bool = False
 
     def __post_init__(self) -> None:
+        self.engine_kwargs = imply_lora(self.engine_kwargs)
         self.engine_config = check_engine_options(self.model_source, self.engine_kwargs)
         self.concurrency = _check_concurrency(self.concurrency)
         for name in ("batch_size", "max_concurrent_batches"):
@@ -145,7 +151,19 @@ def _check_concurrency(value: Any) -> int | tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- one row
 def sampling_of(row: Row) -> dict[str, Any]:
     """A row's ``sampling_params`` as engine fields. Arrow fills a key that other rows have and this one lacks
-    with None, so None means "not set"; OpenAI/vLLM names (``max_tokens``) are accepted."""
+    with None, so None means "not set"; OpenAI/vLLM names (``max_tokens``) are accepted. A ``lora_name`` column
+    (the row's LoRA adapter) goes in as ``lora_name``; it must agree with one inside ``sampling_params``."""
+    out = _sampling_fields(row)
+    lora = row.get("lora_name")
+    if lora is not None:
+        if out.get("lora_name") not in (None, lora):
+            raise InvalidParameter("lora_name", f"the column says {lora!r} but sampling_params says "
+                                                f"{out['lora_name']!r}")
+        out["lora_name"] = lora
+    return out
+
+
+def _sampling_fields(row: Row) -> dict[str, Any]:
     raw = row.get("sampling_params")
     if raw is None:
         return {}
@@ -332,7 +350,8 @@ def build_processor(config: FlotillaProcessorConfig, preprocess: Callable[[Row],
                     postprocess_map_kwargs: dict[str, Any] | None = None) -> Processor:
     """Like ``ray.data.llm.build_processor``. ``preprocess(row)`` returns the row the engine sees: one of
     ``prompt``, ``messages`` or ``input_ids``, and optionally ``sampling_params`` (a dict; ``max_tokens`` or
-    ``max_new_tokens``...), merged over the input row: every input column reaches ``postprocess`` unchanged
+    ``max_new_tokens``...) and ``lora_name`` (the row's LoRA adapter; None: the base model), merged over the input
+    row: every input column reaches ``postprocess`` unchanged
     (lists and dicts included), and ``preprocess``'s columns win on a name clash. The engine stage adds
     ``generated_text``, ``generated_token_ids``, ``num_input_tokens`` and ``num_generated_tokens``; then
     ``postprocess(row)``. ``*_map_kwargs`` go to those two ``Dataset.map`` calls (``num_cpus=0.25``...)."""

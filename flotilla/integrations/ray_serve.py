@@ -13,6 +13,15 @@ Two deployments, the shape of ``ray.serve.llm``'s OpenAI app:
 deployment: a request goes to the replica that rendezvous hashing assigns to its prompt's first whole KV blocks,
 so requests sharing a prefix find it in that replica's prefix cache; unless that replica is busier than the least
 busy by ``affinity_imbalance`` requests, or full, when Serve's usual least-loaded choice applies.
+
+LoRA adapters: ``engine_kwargs={"lora_modules": {name: folder}}`` (``enable_lora`` is implied) loads them on every
+engine replica at start; a request's ``model`` naming one runs with it, as under ``flotilla serve``, and
+``/v1/models`` lists them. ``POST /v1/load_lora_adapter`` through the ingress loads the adapter on one engine
+replica (which checks it: a bad folder is a 400) and records it in the ingress; the other replicas load it the first
+time a request for it reaches them (the ingress sends the folder along), so every replica serves every adapter
+without the ingress having to reach each one. ``/v1/unload_lora_adapter`` forgets it in the ingress (requests for
+it are then 404s) and unloads it on one replica; the others drop it when it is loaded again under that name.
+Adapters loaded at run time live in the ingress replica that loaded them: keep ``ingress_replicas=1`` for them.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +40,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from flotilla.errors import InvalidParameter
 from flotilla.integrations.config_args import config_from_args
-from flotilla.integrations.engine_options import check_engine_options, positive_int, rank_count, with_device
+from flotilla.integrations.engine_options import (check_engine_options, imply_lora, positive_int, rank_count,
+                                                  with_device)
 from flotilla.frontend.request import RequestFailed
 
 log = logging.getLogger(__name__)
@@ -80,6 +91,7 @@ class FlotillaServeConfig:
     ingress_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.engine_kwargs = imply_lora(self.engine_kwargs)
         self.engine_config = check_engine_options(self.model_source, self.engine_kwargs)
         for name in ("served_model_name", "api_key", "accelerator_type"):
             value = getattr(self, name)
@@ -226,15 +238,49 @@ class FlotillaEngineReplica:
             from flotilla.frontend.engine import Engine
 
             self.engine = Engine(model=config.model_source, **kwargs)  # type: ignore[assignment]
+        # adapters loaded at run time through the ingress: name -> the load's token (a new load of a name, even
+        # from the same folder, replaces what this replica holds)
+        self._lora_tokens: dict[str, str] = {}
+        self._lora_lock = asyncio.Lock()
 
     async def stream(self, input_ids: list[int] | None, params: dict[str, Any] | None, request_id: str | None,
-                     prompt: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """The engine's deltas; Serve cancelling the call (the ingress aborted) closes this, which aborts it."""
+                     prompt: str | None = None, lora: tuple[str, str, str] | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """The engine's deltas; Serve cancelling the call (the ingress aborted) closes this, which aborts it.
+        ``lora``: (name, folder, token) of an adapter the ingress loaded at run time, loaded here first if this
+        replica does not hold that load of it yet."""
+        if lora is not None:
+            await self._ensure_lora(*lora)
         async for delta in self.engine.stream_async(prompt, params, input_ids=input_ids, request_id=request_id):
             yield delta
 
+    async def _ensure_lora(self, name: str, path: str, token: str) -> None:
+        async with self._lora_lock:
+            if self._lora_tokens.get(name) == token:
+                return
+            loaded = {a["name"] for a in await asyncio.to_thread(self.engine.list_lora_adapters)}  # type: ignore[attr-defined]
+            if name in loaded:
+                await asyncio.to_thread(self.engine.unload_lora_adapter, name)  # type: ignore[attr-defined]
+            await asyncio.to_thread(self.engine.load_lora_adapter, name, path)  # type: ignore[attr-defined]
+            self._lora_tokens[name] = token
+
+    async def load_lora_adapter(self, name: str, path: str, token: str) -> dict[str, Any]:
+        """Load (and so check) an adapter for the ingress; returns its entry of ``list_lora_adapters``. A copy
+        this replica still holds under that name (the ingress unloaded it on another replica) is replaced."""
+        await self._ensure_lora(name, path, token)
+        async with self._lora_lock:
+            adapters = await asyncio.to_thread(self.engine.list_lora_adapters)  # type: ignore[attr-defined]
+        return next((a for a in adapters if a["name"] == name), {"name": name, "path": path})
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        async with self._lora_lock:
+            self._lora_tokens.pop(name, None)
+            await asyncio.to_thread(self.engine.unload_lora_adapter, name)  # type: ignore[attr-defined]
+
     def info(self) -> dict[str, Any]:
-        return {"max_model_len": self.engine.max_model_len}
+        """What the ingress needs at start: the context length and the adapters every replica loaded."""
+        adapters = self.engine.list_lora_adapters() if hasattr(self.engine, "list_lora_adapters") else []
+        return {"max_model_len": self.engine.max_model_len, "lora_adapters": adapters}
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats().to_dict()
@@ -263,20 +309,31 @@ class ServeEngineClient:
     request becomes ``RequestFailed`` (a 503 before the first token, an error event in the stream after it).
     ``stats()`` is synchronous in the protocol (``/health`` calls it on the event loop), so it returns the last
     answer of a poll every ``STATS_PERIOD_S`` instead of waiting on a replica.
+
+    LoRA: the adapters every engine replica loaded at start (``lora_adapters``), plus those loaded through this
+    client at run time, which travel with each request naming them (``lora``: name, folder, the load's token) so
+    that a replica that lacks them loads them first. ``load_lora_adapter`` / ``unload_lora_adapter`` are
+    coroutines (the server awaits them): each reaches one engine replica.
     """
 
-    def __init__(self, handle: Any, tokenizer: Any, max_model_len: int):
+    def __init__(self, handle: Any, tokenizer: Any, max_model_len: int,
+                 lora_adapters: Sequence[Mapping[str, Any]] = ()):
         self._handle = handle
         self._stream = handle.options(method_name="stream", stream=True)
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._stats: dict[str, Any] | None = None
+        self._adapters: dict[str, dict[str, Any]] = {str(a["name"]): dict(a) for a in lora_adapters}
+        self._runtime: dict[str, tuple[str, str, str]] = {}  # adapters loaded here at run time: name -> lora
 
     async def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
                            input_ids: list[int] | None = None,
                            request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
         params = dict(sampling_params) if sampling_params is not None else None
-        gen = self._stream.remote(list(input_ids) if input_ids is not None else None, params, request_id, prompt)
+        lora = self._runtime.get(params.get("lora_name")) if params else None  # type: ignore[arg-type]
+        extra = {"lora": lora} if lora is not None else {}
+        gen = self._stream.remote(list(input_ids) if input_ids is not None else None, params, request_id, prompt,
+                                  **extra)
         finished = False
         try:
             async for delta in gen:
@@ -311,6 +368,29 @@ class ServeEngineClient:
         raise InvalidParameter("dp_size", "under Ray Serve the number of engines is Serve's: set num_replicas or "
                                           "autoscaling_config on the application")
 
+    def list_lora_adapters(self) -> list[dict[str, Any]]:
+        return [dict(a) for a in self._adapters.values()]
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        if name in self._adapters:
+            raise InvalidParameter("lora_name", f"LoRA adapter {name!r} is already loaded")
+        token = uuid.uuid4().hex
+        try:
+            entry = await self._handle.load_lora_adapter.remote(name, path, token)
+        except Exception as e:
+            raise translate_error(e) from None
+        self._adapters[name] = dict(entry)
+        self._runtime[name] = (name, path, token)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        if self._adapters.pop(name, None) is None:
+            raise InvalidParameter("lora_name", f"unknown LoRA adapter {name!r}; loaded: {sorted(self._adapters)}")
+        self._runtime.pop(name, None)
+        try:  # best effort: the replica reached may be one that never loaded it
+            await self._handle.unload_lora_adapter.remote(name)
+        except Exception as e:
+            log.info("unloading LoRA adapter %r on one engine replica: %s", name, translate_error(e))
+
 
 def translate_error(e: BaseException) -> BaseException:
     """What a handle raised, as the server's error types."""
@@ -343,7 +423,7 @@ class FlotillaIngress:
 
         tokenizer = AutoTokenizer.from_pretrained(config.engine_config.tokenizer or config.model_source)
         info = await engine.info.remote()
-        self._client = ServeEngineClient(engine, tokenizer, int(info["max_model_len"]))
+        self._client = ServeEngineClient(engine, tokenizer, int(info["max_model_len"]), info.get("lora_adapters", ()))
         await self._client.refresh_stats()
         self._poller = asyncio.get_running_loop().create_task(self._client.poll_stats())
         self._app = build_app(self._client, config.model_name, config.api_key)  # type: ignore[arg-type]

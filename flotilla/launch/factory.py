@@ -55,9 +55,59 @@ def _scalar_type(hint: Any) -> tuple[type, bool]:
         return _scalar_type(non_none[0])
     if typing.get_origin(hint) is list:
         return args[0], True
+    if typing.get_origin(hint) is dict:
+        return dict, False
     if hint in (bool, int, float, str):
         return hint, False
     raise TypeError(f"EngineConfig field type {hint!r} has no command-line form")
+
+
+def parse_mapping(values: list[str] | str) -> dict[str, str]:
+    """A dict option's values as ``{name: value}``. Each item is ``NAME=VALUE``, a JSON object of names to values
+    (``'{"sql": "/a", "chat": "/b"}'``), or vLLM's LoRA form ``'{"name": "sql", "path": "/a"}'`` (an object whose
+    keys are ``name`` and ``path``, and optionally ``base_model_name``). Raises ValueError saying what is wrong."""
+    import json
+
+    out: dict[str, str] = {}
+    for item in [values] if isinstance(values, str) else values:
+        text = item.strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{item!r} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{item!r} must be a JSON object")
+            if set(obj) & {"name", "path"} and set(obj) <= {"name", "path", "base_model_name"}:  # vLLM's form
+                if not isinstance(obj.get("name"), str) or not isinstance(obj.get("path"), str):
+                    raise ValueError(f"{item!r} needs both \"name\" and \"path\" (strings)")
+                obj = {obj["name"]: obj["path"]}
+            pairs = list(obj.items())
+        else:
+            name, sep, value = text.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} must be NAME=PATH, or a JSON object such as "
+                                 "'{\"name\": \"sql\", \"path\": \"/adapters/sql\"}'")
+            pairs = [(name.strip(), value.strip())]
+        for name, value in pairs:
+            if not isinstance(name, str) or not name or not isinstance(value, str) or not value:
+                raise ValueError(f"{item!r}: names and values must be non-empty strings")
+            if name in out:
+                raise ValueError(f"{name!r} is given twice")
+            out[name] = value
+    return out
+
+
+class MappingAction(argparse.Action):
+    """A ``dict[str, str]`` EngineConfig field on the command line (``--lora-modules sql=/a chat=/b``): one or
+    more items, parsed by ``parse_mapping``; a bad item is a usage error naming the option."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, parse_mapping(values))
+        except ValueError as e:
+            parser.error(f"{option_string or self.dest}: {e}")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, required_model: bool = False) -> None:
@@ -75,6 +125,8 @@ def add_engine_args(parser: argparse.ArgumentParser, required_model: bool = Fals
         kwargs: dict[str, Any] = {"dest": opt.dest, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:  # NAME=VALUE items or JSON objects (MappingAction)
+            kwargs.update(action=MappingAction, nargs="+", metavar="NAME=VALUE")
         else:
             kwargs["type"] = kind
             if is_list:

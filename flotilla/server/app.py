@@ -19,6 +19,7 @@ from flotilla.server.chat import add_chat_route
 from flotilla.server.completions import add_completion_route
 from flotilla.server.engine_client import EngineClient
 from flotilla.server.errors import CatchAllMiddleware, install_error_handlers
+from flotilla.server.lora import adapter_card, adapters, add_lora_routes
 from flotilla.server.metrics import render, safe_stats
 from flotilla.server.rl_routes import add_rl_routes
 from flotilla.server.state import ServerState
@@ -40,6 +41,7 @@ def build_app(engine: EngineClient | None, model_name: str, api_key: str | None 
     add_chat_route(app, state)
     add_tokenization_routes(app, state)
     add_admin_routes(app, state)
+    add_lora_routes(app, state)
     add_rl_routes(app, lambda: state.engine, api_key)  # type: ignore[arg-type,return-value]
     return app
 
@@ -106,9 +108,16 @@ def _add_model_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [card()]}
+        """The base model, then every loaded LoRA adapter (``parent``: the base model; ``root``: its folder)."""
+        base = card()
+        return {"object": "list", "data": [base] + [adapter_card(a, base) for a in adapters(state.engine)]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
-        state.check_model(model)
-        return card()
+        lora = state.check_model(model)
+        if lora is None:
+            return card()
+        found = [adapter_card(a, card()) for a in adapters(state.engine) if a["name"] == lora]
+        if not found:  # unloaded a moment ago: now a 404
+            state.check_model(model)
+        return found[0]

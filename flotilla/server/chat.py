@@ -27,18 +27,18 @@ from flotilla.server.usage import usage
 def add_chat_route(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine = state.accept("/v1/chat/completions", body)
+        engine, lora = state.accept_generation("/v1/chat/completions", body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         forced = check_chat(body)
         check_text_size(message_chars(body.messages), engine.max_model_len, "messages")
         tools = body.tools if body.tools and body.tool_choice != "none" else None
         fmt = tool_format(getattr(engine.tokenizer, "chat_template", None)) if tools else None
         ids = await off_loop(chat_prompt_ids, body.messages, engine.tokenizer, tools=tools)
-        jobs, aliases = chat_jobs(body, ids, engine.max_model_len, rid, forced, fmt)
+        jobs, aliases = chat_jobs(body, ids, engine.max_model_len, rid, forced, fmt, lora.lora_name)
         run = Run(engine, state.metrics, jobs)
-        await start_or_error(request, run, aliases)
+        await start_or_error(request, run, lora.aliases(aliases))
         strings = TokenStrings(engine.tokenizer)
-        base = {"id": rid, "created": int(time.time()), "model": state.model_name, "system_fingerprint": None}
+        base = {"id": rid, "created": int(time.time()), "model": lora.model, "system_fingerprint": None}
         if body.stream:
             return SSEResponse(_stream(run, body, base, strings, fmt))
         results = await collect_or_error(request, run)
@@ -125,7 +125,7 @@ def chat_prompt_ids(messages: list[ChatMessage], tokenizer: Tokenizer, add_gener
 
 
 def chat_jobs(body: ChatCompletionRequest, ids: list[int], max_model_len: int, rid: str, forced: str | None,
-              fmt: str) -> tuple[list[Job], dict[str, str]]:
+              fmt: str, lora_name: str | None = None) -> tuple[list[Job], dict[str, str]]:
     limit_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if limit is None:  # OpenAI's chat default: as much as the context allows
@@ -135,6 +135,8 @@ def chat_jobs(body: ChatCompletionRequest, ids: list[int], max_model_len: int, r
         params["structured_output"] = tool_constraint(body.tools, forced, fmt)
     if body.logprobs:
         params["logprobs"], params["top_logprobs"] = True, body.top_logprobs or 0
+    if lora_name is not None:
+        params["lora_name"] = lora_name
     aliases = {"max_new_tokens": limit_name, "input_ids": "messages", "prompt": "messages",
                "sampling_params": "body"}
     return choice_jobs(rid, [ids], params, body.n), aliases

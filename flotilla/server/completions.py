@@ -30,18 +30,18 @@ _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 def add_completion_route(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        engine = state.accept("/v1/completions", body)
+        engine, lora = state.accept_generation("/v1/completions", body)
         rid = f"cmpl-{uuid.uuid4().hex}"
         check_completion(body)
         check_prompt_sizes(body, engine.max_model_len)
         prompts = await off_loop(prompt_ids, body, engine.tokenizer)
         best_of = body.best_of or body.n
-        jobs = choice_jobs(rid, prompts, completion_params(body, ranked=best_of > body.n), best_of)
+        jobs = choice_jobs(rid, prompts, lora.apply(completion_params(body, ranked=best_of > body.n)), best_of)
         heads = await off_loop(prompt_texts, body, prompts, engine.tokenizer) if body.echo else []
         run = Run(engine, state.metrics, jobs)
-        await start_or_error(request, run, ALIASES)
+        await start_or_error(request, run, lora.aliases(ALIASES))
         strings = TokenStrings(engine.tokenizer)
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": lora.model}
         if body.stream:
             return SSEResponse(_stream(run, body, base, strings, heads))
         results = await collect_or_error(request, run)

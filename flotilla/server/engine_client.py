@@ -61,3 +61,20 @@ class EngineClient(Protocol):
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
         """Blocking; the server calls it in a worker thread."""
         ...
+
+    # LoRA adapters (flotilla/server/lora.py). An engine without them (enable_lora off, or a stand-in that lacks
+    # these methods) lists none: the server reads the list through ``lora.adapters`` and treats a RuntimeError
+    # or a missing method as "no adapters".
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Blocking (the server calls it in a worker thread); ``InvalidParameter`` naming ``lora_name`` or
+        ``lora_path`` for bad input, ``RuntimeError`` when the engine was started without LoRA."""
+        ...
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Blocking; ``InvalidParameter("lora_name", ...)`` for an adapter that is not loaded."""
+        ...
+
+    def list_lora_adapters(self) -> list[dict[str, Any]]:
+        """``[{"name", "path", "version", "rank", "id"}, ...]``; cheap (read on the event loop by /v1/models and
+        by every request whose ``model`` is not the base model's name)."""
+        ...

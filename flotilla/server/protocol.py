@@ -67,6 +67,9 @@ class SamplingFields(_Lenient):
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
+    # the LoRA adapter by name, besides ``model`` naming it (server/lora.py); sglang calls it lora_path
+    lora_name: str | None = None
+    lora_path: str | None = None
 
 
 class CompletionRequest(SamplingFields):

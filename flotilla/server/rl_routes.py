@@ -5,6 +5,12 @@ mode call, each behind the API key.
 sglang's ``{"success": bool, "message": str}`` (plus the route's own fields), 200 on success and 400 with
 the reason on failure; 401 without the key, 503 while the engine loads.
 
+LoRA: sglang's ``/load_lora_adapter`` and ``/unload_lora_adapter`` (``{lora_name, lora_path}``; vLLM's
+``/v1/...`` routes are in ``lora.py``), and ``/update_lora_weights``: one adapter's weights replaced in place (the
+engine stages and commits them all-or-none; the base weights are untouched), from ``serialized_named_tensors`` (as
+``/update_weights_from_tensor`` carries plain tensors) or from ``path``, a safetensors file (or a PEFT folder's
+``adapter_model.safetensors``) that the server process reads; it answers the adapter's new ``version``.
+
 One deliberate difference: ``/update_weights_from_tensor`` never unpickles. sglang's body carries pickled
 tensors (unpickling a request body runs whatever code it names); here each entry of
 ``serialized_named_tensors`` is JSON, built by ``flotilla.rl.weight_sync.encode_tensors`` (plain tensors)
@@ -57,11 +63,17 @@ class RLEngineClient(Protocol):
 
     def abort_request(self, rid: str = ..., abort_all: bool = ...) -> int: ...
 
+    def load_lora_adapter(self, name: str, path: str) -> None: ...
+
+    def unload_lora_adapter(self, name: str) -> None: ...
+
+    def update_lora_weights(self, name: str, named_tensors: Any, *, version: int | None = ...) -> int: ...
+
 
 RL_PATHS = ("/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_tensor",
             "/destroy_weights_update_group", "/update_weights_from_disk", "/pause_generation", "/continue_generation",
             "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation", "/get_weight_version",
-            "/abort_request")
+            "/abort_request", "/load_lora_adapter", "/unload_lora_adapter", "/update_lora_weights")
 """Every route here: the server's auth middleware checks the key on these before any body is read."""
 
 
@@ -132,6 +144,19 @@ class AbortBody(_Body):
     abort_all: bool = False
 
 
+class LoraAdapterBody(_Body):
+    lora_name: str
+    lora_path: str | None = None
+
+
+class LoraWeightsBody(_Body):
+    lora_name: str
+    serialized_named_tensors: list[Any] | None = None
+    load_format: str | None = None
+    path: str | None = None
+    weight_version: int | str | None = None
+
+
 def _ok(message: str = "", **extra: Any) -> dict[str, Any]:
     return {"success": True, "message": message, **extra}
 
@@ -176,6 +201,31 @@ def _tensors(body: TensorBody) -> tuple[Any, str | None]:
     if len(entries) > 1 and any(e != entries[0] for e in entries[1:]):
         raise InvalidParameter("serialized_named_tensors", "plain tensors are the same for every rank; send one entry")
     return decode_tensors(entries[0]), body.load_format
+
+
+def _lora_tensors(body: LoraWeightsBody) -> Any:
+    """The adapter's new tensors: from ``serialized_named_tensors`` (plain tensors, JSON; one entry) or read from
+    ``path`` (a ``.safetensors`` file, or a folder holding ``adapter_model.safetensors``), exactly one of them."""
+    import os
+
+    if (body.serialized_named_tensors is None) == (body.path is None):
+        raise InvalidParameter("serialized_named_tensors", "give exactly one of serialized_named_tensors or path")
+    if body.path is None:
+        if body.load_format not in (None, "direct"):
+            raise InvalidParameter("load_format", f"adapter tensors travel as plain tensors only (no CUDA IPC), got "
+                                                  f"{body.load_format!r}")
+        tensors, _ = _tensors(TensorBody(serialized_named_tensors=body.serialized_named_tensors))
+        return tensors
+    path = os.path.join(body.path, "adapter_model.safetensors") if os.path.isdir(body.path) else body.path
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        raise InvalidParameter("path", f"must be a .safetensors file or a PEFT folder holding "
+                                       f"adapter_model.safetensors, got {body.path!r}")
+    from safetensors.torch import load_file
+
+    try:
+        return list(load_file(path).items())
+    except Exception as e:  # a truncated or foreign file
+        raise InvalidParameter("path", f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 def add_rl_routes(app: FastAPI, get_engine: Callable[[], RLEngineClient | None],
@@ -284,5 +334,44 @@ def add_rl_routes(app: FastAPI, get_engine: Callable[[], RLEngineClient | None],
         e = engine()
         return call(lambda: e.abort_request(body.rid, body.abort_all), "aborted", num_aborted=lambda n: n)
 
+    @router.post("/load_lora_adapter")
+    def load_lora_adapter(body: LoraAdapterBody) -> Any:
+        e = engine()
+
+        def run() -> list[str]:
+            if not body.lora_path:
+                raise InvalidParameter("lora_path", "is required")
+            e.load_lora_adapter(body.lora_name, body.lora_path)
+            return _names(e)
+
+        return call(run, f"LoRA adapter {body.lora_name!r} loaded", loaded_adapters=lambda names: names)
+
+    @router.post("/unload_lora_adapter")
+    def unload_lora_adapter(body: LoraAdapterBody) -> Any:
+        e = engine()
+
+        def run() -> list[str]:
+            e.unload_lora_adapter(body.lora_name)
+            return _names(e)
+
+        return call(run, f"LoRA adapter {body.lora_name!r} unloaded", loaded_adapters=lambda names: names)
+
+    @router.post("/update_lora_weights")
+    def update_lora_weights(body: LoraWeightsBody) -> Any:
+        e = engine()
+
+        def run() -> int:
+            tensors = _lora_tensors(body)
+            return e.update_lora_weights(body.lora_name, tensors, version=_version(body.weight_version))
+
+        return call(run, f"LoRA adapter {body.lora_name!r} updated", lora_name=lambda _: body.lora_name,
+                    version=lambda v: v)
+
     app.include_router(router)
     return router
+
+
+def _names(engine: Any) -> list[str]:
+    """The loaded adapters' names (sglang answers them after a load or unload)."""
+    fn = getattr(engine, "list_lora_adapters", None)
+    return [a["name"] for a in fn()] if fn is not None else []

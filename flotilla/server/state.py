@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from flotilla.server.engine_client import EngineClient
-from flotilla.server.errors import APIError, unavailable
+from flotilla.server.errors import unavailable
+from flotilla.server.lora import Choice, choose, model_adapter
 from flotilla.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,19 @@ class ServerState:
             raise unavailable("the engine is still loading")
         return self.engine
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The base model's name (or none): None; a loaded LoRA adapter's name: that adapter (``lora.py``);
+        anything else: a 404 naming it."""
+        return model_adapter(self.model_name, self.engine, name)
 
     def accept(self, endpoint: str, body: BaseModel) -> EngineClient:
-        """The checks every generation endpoint starts with: the model name, ignored fields, a ready engine."""
+        """The checks every endpoint that takes a ``model`` starts with: the model name (the base model or one
+        of its adapters), ignored fields, a ready engine."""
         self.check_model(getattr(body, "model", None))
         self.ignored.note(endpoint, body)
         return self.ready_engine()
+
+    def accept_generation(self, endpoint: str, body: BaseModel) -> tuple[EngineClient, Choice]:
+        """``accept`` for the generation endpoints, plus the LoRA adapter the request runs with."""
+        engine = self.accept(endpoint, body)
+        return engine, choose(self.model_name, engine, body)

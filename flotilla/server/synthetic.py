@@ -7,20 +7,27 @@ per-token path: msgpack-encoded ``StepOutput`` frames decoded again, ``Dispatche
 detokenization and stop strings in ``RequestState.apply``), and one batched ``wake_all`` per step. What the
 HTTP server adds on top of that is what a profile of this process attributes to the server.
 
-It satisfies ``EngineClient`` (``stream_async``, ``stats``, ``scale``, ``tokenizer``, ``max_model_len``) plus
-``abort`` and ``shutdown``. Token ids are random (seeded per request id), so texts are plausible but
-meaningless; ``ignore_eos`` is implied (a request ends at ``max_new_tokens`` or on a stop string).
+It satisfies ``EngineClient`` (``stream_async``, ``stats``, ``scale``, ``tokenizer``, ``max_model_len``, and the LoRA
+methods) plus ``abort``, ``shutdown`` and ``update_lora_weights``. Adapters are bookkeeping only (a dict: name,
+folder, rank from its ``adapter_config.json``, version): tokens do not depend on them, but an unknown
+``lora_name`` is refused at submit with ``InvalidParameter("lora_name", ...)``, as the real engine refuses it, and
+``lora_requests`` records which adapter each request asked for (the tests read it). Token ids are random (seeded
+per request id), so texts are plausible but meaningless; ``ignore_eos`` is implied (a request ends at
+``max_new_tokens`` or on a stop string).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import queue
 import random
 import shutil
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +64,7 @@ class SyntheticEngine:
     """
 
     def __init__(self, tokenizer: Any, dp_size: int = 1, step_ms: float = 5.0, max_num_seqs: int = 256,
-                 max_model_len: int = 32768):
+                 max_model_len: int = 32768, lora_modules: dict[str, str] | None = None, max_lora_rank: int = 16):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         vocab = len(tokenizer)
@@ -75,6 +82,14 @@ class SyntheticEngine:
         self._aborted: list[tuple[int, str, str]] = []  # (replica, rid, reason): reported in its next step
         self._closed = False
         self.tokens_emitted = 0
+        self.max_lora_rank = max_lora_rank
+        self._adapters: dict[str, dict[str, Any]] = {}
+        self._lora_lock = threading.Lock()
+        self._lora_ids = 0
+        self.lora_requests: deque[tuple[str, str | None]] = deque(maxlen=4096)  # (request id, lora_name)
+        self.last_lora_update: tuple[str, list[str]] | None = None
+        for name, path in (lora_modules or {}).items():
+            self.load_lora_adapter(name, path)
         self._thread = threading.Thread(target=self._loop, name="synthetic-engine", daemon=True)
         self._thread.start()
 
@@ -165,6 +180,10 @@ class SyntheticEngine:
         """As ``Engine.stream_async`` (``n`` choices included): validate, submit, yield deltas cut from the
         requests' states; closing the iterator aborts."""
         states = self.inputs.make_choices(prompt, input_ids, sampling_params, request_id, affinity)
+        lora = states[0].sampling.lora_name
+        if lora is not None and lora not in self._adapters:
+            raise InvalidParameter("lora_name", f"unknown LoRA adapter {lora!r}; loaded: {sorted(self._adapters)}")
+        self.lora_requests.extend((s.rid, lora) for s in states)
         if self._closed:
             raise RequestFailed("the engine is shut down")
         ev = asyncio.Event()
@@ -190,6 +209,52 @@ class SyntheticEngine:
 
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
         raise InvalidParameter("dp_size", "the synthetic engine cannot scale")
+
+    # ------------------------------------------------------------------------------------------ LoRA adapters
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Checks what the real engine checks that needs no model: the name, the folder and its rank."""
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise InvalidParameter("lora_name", f"must be a non-empty str of at most 256 characters, got {name!r}")
+        config = os.path.join(str(path), "adapter_config.json")
+        if not os.path.isfile(config):
+            raise InvalidParameter("lora_path", f"{path!r} is not a PEFT adapter folder (no adapter_config.json)")
+        try:
+            with open(config) as f:
+                rank = json.load(f).get("r")
+        except (OSError, ValueError, AttributeError) as e:
+            raise InvalidParameter("lora_path", f"cannot read {config}: {e}") from None
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise InvalidParameter("lora_path", f"{config}: r must be an int >= 1, got {rank!r}")
+        if rank > self.max_lora_rank:
+            raise InvalidParameter("lora_path", f"rank {rank} is above max_lora_rank {self.max_lora_rank}")
+        with self._lora_lock:
+            if name in self._adapters:
+                raise InvalidParameter("lora_name", f"LoRA adapter {name!r} is already loaded")
+            self._lora_ids += 1
+            self._adapters[name] = {"name": name, "path": str(path), "version": 0, "rank": rank,
+                                    "id": self._lora_ids}
+
+    def unload_lora_adapter(self, name: str) -> None:
+        with self._lora_lock:
+            if self._adapters.pop(name, None) is None:
+                raise InvalidParameter("lora_name", f"unknown LoRA adapter {name!r}; loaded: {sorted(self._adapters)}")
+
+    def list_lora_adapters(self) -> list[dict[str, Any]]:
+        with self._lora_lock:
+            return [dict(a) for a in self._adapters.values()]
+
+    def update_lora_weights(self, name: str, named_tensors: Any, *, version: int | None = None) -> int:
+        """Counts the tensors (``last_lora_update``: (name, tensor names)) and bumps the adapter's version."""
+        tensors = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        if not tensors:
+            raise InvalidParameter("named_tensors", "must hold at least one (name, tensor) pair")
+        with self._lora_lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise InvalidParameter("lora_name", f"unknown LoRA adapter {name!r}; loaded: {sorted(self._adapters)}")
+            adapter["version"] = adapter["version"] + 1 if version is None else version
+            self.last_lora_update = (name, [n for n, _ in tensors])
+            return int(adapter["version"])
 
     def healthy(self) -> bool:
         return self._thread.is_alive()
