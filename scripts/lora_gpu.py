@@ -150,9 +150,11 @@ def engine(shape: str, out: Path, batch: int, adapters: int, rank: int) -> dict:
             e.load_lora_adapter(f"a{i}", str(p))
             loads.append(time.perf_counter() - t0)
         res["load_s"] = loads
-        print(f"adapter load: median {statistics.median(loads) * 1e3:.0f} ms ({loads[0] * 1e3:.0f} ms first)", flush=True)
+        print(f"adapter load: median {statistics.median(loads) * 1e3:.0f} ms ({loads[0] * 1e3:.0f} ms first)",
+              flush=True)
         res["lora_engine_base_rows"] = _decode_step_ms(e, batch, [None], 128, 160, 32)
-        print(f"LoRA engine, base rows: {res['lora_engine_base_rows']['step_ms']:.3f} ms/step", flush=True)
+        print(f"LoRA engine, base rows: {res['lora_engine_base_rows']['step_ms']:.3f} ms/step",
+              flush=True)
         names = [f"a{i}" for i in range(adapters)]
         res["lora_engine_mixed"] = _decode_step_ms(e, batch, names, 128, 160, 32)
         print(f"LoRA engine, {adapters} adapters mixed: {res['lora_engine_mixed']['step_ms']:.3f} ms/step", flush=True)
@@ -176,8 +178,8 @@ def engine(shape: str, out: Path, batch: int, adapters: int, rank: int) -> dict:
         res["update_s"] = time.perf_counter() - t0
         res["update_version"] = version
         res["update_bytes"] = sum(v.numel() * 2 for v in tensors.values())
-        print(f"update_lora_weights (rank {rank}, {res['update_bytes'] / 1e6:.0f} MB bf16): {res['update_s'] * 1e3:.0f} ms",
-              flush=True)
+        mb = res["update_bytes"] / 1e6
+        print(f"update_lora_weights (rank {rank}, {mb:.0f} MB bf16): {res['update_s'] * 1e3:.0f} ms", flush=True)
     base = res["base_engine"]["step_ms"]
     res["mixed_over_base"] = res["lora_engine_mixed"]["step_ms"] / base
     res["lora_base_rows_over_base"] = res["lora_engine_base_rows"]["step_ms"] / base

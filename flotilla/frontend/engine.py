@@ -425,7 +425,7 @@ class Engine:
         """Load the PEFT adapter folder ``path`` as ``name`` on every replica and rank (checked first; all or
         none); requests submitted afterwards may name it (``SamplingParams(lora_name=name)``)."""
         check_timeout("timeout", timeout)
-        self.control.adapters.load(name, path, timeout)
+        self.control.adapters.load(name, os.fspath(path), timeout)
 
     def unload_lora_adapter(self, name: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Stop serving adapter ``name``: new requests naming it are refused at once, the ones in flight finish

@@ -258,10 +258,10 @@ class FlotillaEngineReplica:
         async with self._lora_lock:
             if self._lora_tokens.get(name) == token:
                 return
-            loaded = {a["name"] for a in await asyncio.to_thread(self.engine.list_lora_adapters)}  # type: ignore[attr-defined]
+            loaded = {a["name"] for a in await asyncio.to_thread(self.engine.list_lora_adapters)}
             if name in loaded:
-                await asyncio.to_thread(self.engine.unload_lora_adapter, name)  # type: ignore[attr-defined]
-            await asyncio.to_thread(self.engine.load_lora_adapter, name, path)  # type: ignore[attr-defined]
+                await asyncio.to_thread(self.engine.unload_lora_adapter, name)
+            await asyncio.to_thread(self.engine.load_lora_adapter, name, path)
             self._lora_tokens[name] = token
 
     async def load_lora_adapter(self, name: str, path: str, token: str) -> dict[str, Any]:
@@ -269,13 +269,13 @@ class FlotillaEngineReplica:
         this replica still holds under that name (the ingress unloaded it on another replica) is replaced."""
         await self._ensure_lora(name, path, token)
         async with self._lora_lock:
-            adapters = await asyncio.to_thread(self.engine.list_lora_adapters)  # type: ignore[attr-defined]
+            adapters = await asyncio.to_thread(self.engine.list_lora_adapters)
         return next((a for a in adapters if a["name"] == name), {"name": name, "path": path})
 
     async def unload_lora_adapter(self, name: str) -> None:
         async with self._lora_lock:
             self._lora_tokens.pop(name, None)
-            await asyncio.to_thread(self.engine.unload_lora_adapter, name)  # type: ignore[attr-defined]
+            await asyncio.to_thread(self.engine.unload_lora_adapter, name)
 
     def info(self) -> dict[str, Any]:
         """What the ingress needs at start: the context length and the adapters every replica loaded."""

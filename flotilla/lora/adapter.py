@@ -103,7 +103,8 @@ def read_config(path: str | Path, max_rank: int, supported: Iterable[str] = TARG
         targets = [t for t in TARGETS if pattern.search(f"model.layers.0.self_attn.{t}")
                    or pattern.search(f"model.layers.0.mlp.{t}")]
     if not isinstance(targets, (list, tuple)) or not targets:
-        raise InvalidParameter("lora_path", f"target_modules must name the projections, got {raw.get('target_modules')!r}")
+        raise InvalidParameter("lora_path",
+                               f"target_modules must name the projections, got {raw.get('target_modules')!r}")
     names = sorted({str(t).rsplit(".", 1)[-1] for t in targets})
     supported = tuple(supported)
     unknown = [t for t in names if t not in supported]

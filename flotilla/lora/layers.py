@@ -20,10 +20,10 @@ is set once per forward (``set_rows``); CUDA graphs read it from static buffers 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from flotilla.lora.kernels import BLOCK_M, Segments, apply_reference, apply_triton, max_blocks, segments
 
@@ -101,7 +101,7 @@ class LoraLinear:
     """The slots of one base layer. ``kind``: "column" or "row" (how the base layer is split). A plain object, not
     a module: its buffers are not parameters (weight updates, offloading and the checkpoint loader skip them)."""
 
-    def __init__(self, base: nn.Module, module: str, kind: str, max_loras: int, max_rank: int, batch: LoraBatch,
+    def __init__(self, base: Any, module: str, kind: str, max_loras: int, max_rank: int, batch: LoraBatch,
                  dtype: torch.dtype, device: torch.device):
         self.module, self.kind, self.batch = module, kind, batch
         self.parts, self.targets = FUSED[module]
@@ -158,7 +158,8 @@ class LoraLinear:
         if not batch.active:
             return y
         if batch.use_triton:
-            return apply_triton(x, y, self.a, self.b, *batch.meta, rank=self.rank_width)
+            perm, bslot, bstart, blen = batch.meta
+            return apply_triton(x, y, self.a, self.b, perm, bslot, bstart, blen, rank=self.rank_width)
         return apply_reference(x, y, self.a, self.b, batch.groups)
 
 
@@ -173,7 +174,7 @@ def kernel_choice(device: torch.device) -> bool:
     return True
 
 
-def attach(model: nn.Module, max_loras: int, max_rank: int, batch: LoraBatch, dtype: torch.dtype,
+def attach(model: Any, max_loras: int, max_rank: int, batch: LoraBatch, dtype: torch.dtype,
            device: torch.device) -> dict[tuple[int, str], LoraLinear]:
     """A ``LoraLinear`` on every attention and dense-MLP projection of the model's own layers (a pipeline stage:
     its layers only), set as the base layer's ``lora``; by (layer index, our module name)."""
@@ -194,7 +195,7 @@ def attach(model: nn.Module, max_loras: int, max_rank: int, batch: LoraBatch, dt
     return out
 
 
-def supported_targets(model: nn.Module) -> tuple[str, ...]:
+def supported_targets(model: Any) -> tuple[str, ...]:
     """The PEFT targets this model serves: the attention projections, and the MLP's where every layer is dense."""
     from flotilla.lora.adapter import ATTENTION_TARGETS, TARGETS
 

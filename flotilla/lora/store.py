@@ -42,7 +42,7 @@ class LoraStore:
     """Owned by the ModelRunner; ``bind`` and ``set_rows`` are called by its forward, ``run`` by the model-op
     step (every rank of the group in the same step)."""
 
-    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype,
+    def __init__(self, model: Any, max_loras: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
         self.max_loras, self.max_rank, self.dtype, self.device = max_loras, max_rank, dtype, device
         self.batch = LoraBatch(max_loras, device, kernel_choice(device))

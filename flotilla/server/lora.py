@@ -135,12 +135,9 @@ def add_lora_routes(app: FastAPI, state: Any) -> None:
                 await fn(*args)
             else:
                 await off_loop(fn, *args)
-        except ValueError as e:  # InvalidParameter names lora_name / lora_path
+        except ValueError as e:  # InvalidParameter names lora_name / lora_path (enable_lora: LoRA is off)
             raise from_value_error(e, {}) from None
         except RuntimeError as e:
-            if "enable_lora" in str(e):  # the engine was started without LoRA
-                raise APIError(400, f"{e}; start the server with --enable-lora", param="enable_lora",
-                               code="lora_not_enabled") from None
             raise unavailable(f"{e}") from None
         except TimeoutError as e:
             raise unavailable(f"{e}") from None

@@ -71,7 +71,7 @@ class SyntheticEngine:
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._ids = [i for i in range(vocab) if i not in special]
         self.vocab_size = vocab
-        self.inputs = InputProcessor(tokenizer, vocab, max_model_len)
+        self.inputs = InputProcessor(tokenizer, vocab, max_model_len, check_adapter=self._check_adapter)
         self.dispatcher = Dispatcher(DPController("round_robin"))
         self.step_s = step_ms / 1e3
         self.max_num_seqs = max_num_seqs
@@ -181,8 +181,6 @@ class SyntheticEngine:
         requests' states; closing the iterator aborts."""
         states = self.inputs.make_choices(prompt, input_ids, sampling_params, request_id, affinity)
         lora = states[0].sampling.lora_name
-        if lora is not None and lora not in self._adapters:
-            raise InvalidParameter("lora_name", f"unknown LoRA adapter {lora!r}; loaded: {sorted(self._adapters)}")
         self.lora_requests.extend((s.rid, lora) for s in states)
         if self._closed:
             raise RequestFailed("the engine is shut down")
@@ -211,6 +209,12 @@ class SyntheticEngine:
         raise InvalidParameter("dp_size", "the synthetic engine cannot scale")
 
     # ------------------------------------------------------------------------------------------ LoRA adapters
+    def _check_adapter(self, lora: str) -> None:
+        """Refused at submit as the real engine refuses it (InputProcessor calls this)."""
+        with self._lora_lock:
+            if lora not in self._adapters:
+                raise InvalidParameter("lora_name", f"unknown LoRA adapter {lora!r}; loaded: {sorted(self._adapters)}")
+
     def load_lora_adapter(self, name: str, path: str) -> None:
         """Checks what the real engine checks that needs no model: the name, the folder and its rank."""
         if not isinstance(name, str) or not name or len(name) > 256:

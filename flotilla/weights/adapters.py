@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DISCARD_TIMEOUT_S = 30.0
+Shapes = tuple[tuple[int, ...], tuple[int, ...]]  # an adapter weight's (A shape, B shape)
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+")
 
 
@@ -134,7 +135,7 @@ class AdapterRegistry:
             return self.adapters.pop(name, None)
 
     # ------------------------------------------------------------------------------------------ checks
-    def inspect(self, path: str) -> tuple[AdapterConfig, dict[tuple[int, str], tuple[tuple[int, ...], tuple[int, ...]]]]:
+    def inspect(self, path: str) -> tuple[AdapterConfig, dict[tuple[int, str], Shapes]]:
         """Config and tensor shapes of the folder, checked against the model (nothing is loaded anywhere)."""
         from safetensors import safe_open
 
@@ -194,7 +195,7 @@ class AdapterUpdater:
 
     def _require_enabled(self, what: str) -> None:
         if not self.config.enable_lora:
-            raise RuntimeError(f"{what}: this engine was started without enable_lora=True")
+            raise InvalidParameter("enable_lora", f"{what}: this engine was started without enable_lora=True")
 
     def load(self, name: str, path: str, timeout: float) -> LoadedAdapter:
         """Check the folder, then stage it on every rank and commit it everywhere (or nowhere)."""

@@ -20,8 +20,8 @@ from flotilla.config import EngineConfig
 from flotilla.distributed import get_group
 from flotilla.ipc.channel import connect
 from flotilla.ipc.messages import (LORA_OPS, MODEL_OPS, AbortRequest, AddRequest, BatchPlan, CommitLora,
-                                   CommitWeights, ControlDone, DestroyWeightSyncGroup, DiscardLora, DiscardWeights,
-                                   FlushCache, InitWeightSyncGroup, LoadLora, Pause, ReleaseMemory, Resume,
+                                   CommitWeights, ControlDone, DestroyWeightSyncGroup, DiscardWeights,
+                                   FlushCache, InitWeightSyncGroup, Pause, ReleaseMemory, Resume,
                                    ResumeMemory, Shutdown, StepOutput, StepStarted, TokenOutput, UnloadLora,
                                    UpdateWeights, WorkerReady, to_worker_decoder)
 from flotilla.launch.worker_args import WorkerArgs
@@ -321,9 +321,7 @@ class Leader:
                 for seq in [s for s in self.sched.by_rid.values() if s.lora == op.name]:
                     self.sched.fail(seq.rid, f"lora_name: adapter {op.name!r} was unloaded")
                 adapters.unregister(op.name)
-        name = {LoadLora: "load_lora_adapter", CommitLora: "load_lora_adapter", DiscardLora: "load_lora_adapter",
-                UnloadLora: "unload_lora_adapter"}[type(op)]
-        self.reply(op.op_id, name, error)
+        self.reply(op.op_id, "unload_lora_adapter" if isinstance(op, UnloadLora) else "load_lora_adapter", error)
 
     def _mask(self, logits, rids: list[str]) -> list:
         """Apply the structured-output masks; a failure fails the constrained requests, never the worker."""
