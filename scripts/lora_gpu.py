@@ -110,7 +110,8 @@ def _decode_step_ms(engine, batch: int, loras: list[str | None], in_len: int, lo
     """Per-step decode time at ``batch`` rows: (time of ``long`` output tokens - time of ``short``) / difference
     (prefill and ramp cancel out). Request i runs adapter ``loras[i % len(loras)]``."""
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(100, 5000, size=in_len).tolist() for _ in range(batch)]
+    vocab = int(engine.vocab_size)
+    prompts = [rng.integers(0, vocab, size=in_len).tolist() for _ in range(batch)]
 
     def run(n: int) -> float:
         sps = [{"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True, "lora_name": loras[i % len(loras)]}
