@@ -164,10 +164,10 @@ def test_cache_pages_is_idempotent_and_incremental(monkeypatch):
     calls = 0
     real = RadixCache.page_key
 
-    def counting(self, token_ids, i):
+    def counting(self, token_ids, i, space=0):
         nonlocal calls
         calls += 1
-        return real(self, token_ids, i)
+        return real(self, token_ids, i, space)
 
     monkeypatch.setattr(RadixCache, "page_key", counting)
     kv.cache_pages(t, blocks)  # nothing new

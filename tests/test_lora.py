@@ -247,3 +247,18 @@ def test_an_engine_without_lora_refuses_adapters_naming_the_field(llama_dp1_engi
     with pytest.raises(InvalidParameter, match="enable_lora"):
         llama_dp1_engine.load_lora_adapter("full", adapter("llama", "full"))
     assert llama_dp1_engine.list_lora_adapters() == []
+
+
+def test_pipeline_stages_each_hold_their_layers_of_the_adapters():
+    """pp_size=2: each stage reads and serves the adapter's tensors of its own layers only."""
+    from flotilla import Engine
+
+    prompts = _prompts("llama")
+    with Engine(model=tiny("llama"), device="cpu", dtype="float32", pp_size=2, enable_lora=True, max_lora_rank=16,
+                lora_modules={"full": adapter("llama", "full")}) as e:
+        e.load_lora_adapter("rs", adapter("llama", "rs"))
+        items = [(ids, lora) for ids in prompts for lora in (None, "full", "rs")]
+        outs = e.generate(input_ids=[i for i, _ in items], sampling_params=[_sp(lo) for _, lo in items],
+                          use_tqdm=False)
+        for (ids, lora), out in zip(items, outs):
+            assert out["token_ids"] == _expected("llama", lora, ids), lora
