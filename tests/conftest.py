@@ -106,6 +106,7 @@ E2E_TESTS = {
     "test_bench.py::test_frontend_bench_streams_every_token",
     "test_bench.py::test_triton_kernels_in_interpreter",
     "test_bench_serve.py::test_bench_serve_starts_a_server_and_runs_offline_too",
+    "test_lora_units.py::test_the_triton_kernels_equal_the_reference_in_the_interpreter",
     "test_bench_serve.py::test_bench_serve_synthetic_engine_text_and_sampled_lengths",
     "test_bench_serve.py::test_bench_serve_against_a_running_server",
     "test_channel.py::test_ipc_round_trip_between_processes",

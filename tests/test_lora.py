@@ -262,3 +262,27 @@ def test_pipeline_stages_each_hold_their_layers_of_the_adapters():
                           use_tqdm=False)
         for (ids, lora), out in zip(items, outs):
             assert out["token_ids"] == _expected("llama", lora, ids), lora
+
+
+def test_a_replica_started_later_replays_every_adapter_at_its_latest_weights(tmp_path):
+    """dp 1 -> 2 after a load and an update: the new replica serves both adapters (the updated one with its new
+    weights) exactly as the first one does."""
+    from flotilla import Engine
+
+    prompts = _prompts("llama")
+    with Engine(model=tiny("llama"), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=16) as e:
+        e.load_lora_adapter("full", adapter("llama", "full"))
+        e.load_lora_adapter("qv", adapter("llama", "full"))  # loaded as a copy of "full", then given qv's weights
+        with pytest.raises(InvalidParameter, match="named_tensors"):  # qv's tensors do not fit full's targets
+            e.update_lora_weights("qv", _adapter_tensors(adapter("llama", "qv")))
+        e.unload_lora_adapter("qv")
+        e.load_lora_adapter("qv", adapter("llama", "qv"))
+        assert e.update_lora_weights("qv", _adapter_tensors(adapter("llama", "qv")), version=5) == 5
+        e.scale(2)
+        assert len(e.stats().replicas) == 2
+        items = [(ids, lora) for ids in prompts for lora in ("full", "qv", None)] * 2  # round robin: both replicas
+        outs = e.generate(input_ids=[i for i, _ in items], sampling_params=[_sp(lo) for _, lo in items],
+                          use_tqdm=False)
+        assert {r["num_steps"] > 0 for r in e.stats().to_dict()["replicas"]} == {True}
+    for (ids, lora), out in zip(items, outs):
+        assert out["token_ids"] == _expected("llama", lora, ids), lora

@@ -149,3 +149,43 @@ def test_lora_fields_are_validated_at_the_edge():
         with pytest.raises(InvalidParameter, match="lora_name"):
             SamplingParams(lora_name=bad)
     assert SamplingParams.from_any({"lora_name": "sql"}).lora_name == "sql"
+
+
+_INTERPRETED = """
+import numpy as np, torch
+from flotilla.lora.kernels import apply_triton, apply_reference, segments
+from flotilla.lora.layers import LoraBatch
+g = torch.Generator().manual_seed(0)
+for t, k, n, r, ns in ((40, 64, 96, 16, 3), (5, 128, 64, 48, 2), (33, 200, 70, 20, 4)):
+    x, a = torch.randn(t, k, generator=g), torch.randn(4, r, k, generator=g)
+    b, y = torch.randn(4, n, r, generator=g), torch.randn(t, n, generator=g)
+    slots = np.random.default_rng(t).integers(-1, ns, size=t)
+    groups = [(s, torch.from_numpy(ix.astype(np.int64))) for s, ix in segments(slots).groups]
+    ref = apply_reference(x, y.clone(), a, b, groups)
+    batch = LoraBatch(4, torch.device("cpu"), True)
+    batch.set_rows(slots)
+    got = apply_triton(x, y.clone(), a, b, *batch.meta, rank=r)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-3), (got - ref).abs().max()
+    assert torch.equal(got[slots < 0], y[slots < 0])
+    batch.graph_buffers(64)  # the graph path: static buffers, padded rows on the base model
+    batch.fill_graph(np.concatenate([slots, -np.ones(64 - t, dtype=np.int64)]))
+    xg, yg = torch.cat([x, torch.zeros(64 - t, k)]), torch.cat([y, torch.zeros(64 - t, n)])
+    assert torch.allclose(apply_triton(xg, yg, a, b, *batch.meta, rank=r)[:t], ref, rtol=1e-4, atol=1e-3)
+print("ok")
+"""
+
+
+def test_the_triton_kernels_equal_the_reference_in_the_interpreter():
+    """apply_triton == apply_reference under TRITON_INTERPRET=1 (where Triton is installed), eager and through the
+    graph buffers; base rows untouched. The same check on the GPU: scripts/lora_gpu.py kernels."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

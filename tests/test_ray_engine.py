@@ -140,3 +140,20 @@ def test_plan_slots_packs_in_order():
     for bad in ([0, 0], [3], [-1], "0"):
         with pytest.raises(ValueError, match="bundle_indices"):
             check_bundle_indices(bad, 3)
+
+
+def test_lora_adapters_on_every_ray_rank(ray_cluster):
+    """RayEngine, tp=2 x dp=2 rank actors: an adapter from lora_modules (loaded as the actors start) and one loaded
+    while serving give transformers' tokens on PEFT's merged model, mixed with base-model requests."""
+    pytest.importorskip("peft")
+    from test_lora import _expected, _prompts, _sp, adapter
+
+    with RayEngine(model=tiny("llama"), **OPTS, tp_size=2, dp_size=2, enable_lora=True, max_lora_rank=16,
+                   lora_modules={"full": adapter("llama", "full")}) as engine:
+        engine.load_lora_adapter("qv", adapter("llama", "qv"))
+        items = [(ids, lora) for ids in _prompts("llama") for lora in (None, "full", "qv")]
+        outs = engine.generate(input_ids=[i for i, _ in items], sampling_params=[_sp(lo) for _, lo in items],
+                               use_tqdm=False)
+        assert [r["name"] for r in engine.list_lora_adapters()] == ["full", "qv"]
+    for (ids, lora), out in zip(items, outs):
+        assert out["token_ids"] == _expected("llama", lora, ids), lora

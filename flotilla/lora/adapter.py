@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,16 +118,33 @@ def read_adapter(path: str | Path, max_rank: int, num_layers: int, supported: It
                  layers: range | None = None) -> Adapter:
     """Config and tensors of the adapter in ``path``, every tensor's name and shape checked (``layers``: only
     these decoder layers' tensors are kept, for a pipeline stage)."""
+    cfg = read_config(path, max_rank, supported)
+    adapter = Adapter(cfg)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for (layer, target, side), tensor in iter_weights(path, cfg, num_layers, layers):
+        parts.setdefault((layer, target), {})[side] = tensor
+    for key, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise InvalidParameter("lora_path", f"layer {key[0]} {key[1]}: lora_A and lora_B must both be present")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
+            raise InvalidParameter("lora_path", f"layer {key[0]} {key[1]}: expected A [r={cfg.rank}, in] and "
+                                                f"B [out, r={cfg.rank}], got {tuple(a.shape)} and {tuple(b.shape)}")
+        adapter.tensors[key] = (a, b)
+    return adapter
+
+
+def iter_weights(path: str | Path, cfg: AdapterConfig, num_layers: int, layers: range | None = None,
+                 shapes_only: bool = False) -> Iterator[tuple[tuple[int, str, str], Any]]:
+    """((layer, target, "A"|"B"), tensor, or its shape with ``shapes_only``) for every weight of the adapter in
+    ``path``, each name checked (a LoRA weight of a target the config names, in a layer the model has)."""
     from safetensors import safe_open
 
-    cfg = read_config(path, max_rank, supported)
     wfile = Path(path) / WEIGHTS_FILE
     if not wfile.is_file():
         bin_file = Path(path) / "adapter_model.bin"
         hint = " (adapter_model.bin is not read: save it with safe_serialization=True)" if bin_file.is_file() else ""
         raise InvalidParameter("lora_path", f"{str(path)!r} has no {WEIGHTS_FILE}{hint}")
-    adapter = Adapter(cfg)
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(wfile), framework="pt", device="cpu") as st:
             for name in st.keys():
@@ -144,20 +161,12 @@ def read_adapter(path: str | Path, max_rank: int, num_layers: int, supported: It
                                                         f"{num_layers} layers")
                 if layers is not None and layer not in layers:
                     continue
-                parts.setdefault((layer, target), {})[ab] = st.get_tensor(name)
+                value = tuple(st.get_slice(name).get_shape()) if shapes_only else st.get_tensor(name)
+                yield (layer, target, ab), value
     except InvalidParameter:
         raise
     except Exception as e:  # safetensors raises its own types for truncated or bad headers
         raise InvalidParameter("lora_path", f"cannot read {wfile}: {e}") from None
-    for key, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise InvalidParameter("lora_path", f"layer {key[0]} {key[1]}: lora_A and lora_B must both be present")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
-            raise InvalidParameter("lora_path", f"layer {key[0]} {key[1]}: expected A [r={cfg.rank}, in] and "
-                                                f"B [out, r={cfg.rank}], got {tuple(a.shape)} and {tuple(b.shape)}")
-        adapter.tensors[key] = (a, b)
-    return adapter
 
 
 def peft_name(layer: int, target: str, ab: str) -> str:

@@ -29,8 +29,8 @@ import torch
 
 from flotilla.errors import InvalidParameter
 from flotilla.ipc.messages import CommitLora, DiscardLora, LoadLora, UnloadLora
-from flotilla.lora.adapter import ATTENTION_TARGETS, TARGETS, AdapterConfig, parse_tensor_names, read_config, \
-    write_adapter
+from flotilla.lora.adapter import (ATTENTION_TARGETS, TARGETS, AdapterConfig, iter_weights, parse_tensor_names,
+                                   read_config, write_adapter)
 from flotilla.weights.check import collect_named_tensors
 
 if TYPE_CHECKING:
@@ -137,35 +137,17 @@ class AdapterRegistry:
     # ------------------------------------------------------------------------------------------ checks
     def inspect(self, path: str) -> tuple[AdapterConfig, dict[tuple[int, str], Shapes]]:
         """Config and tensor shapes of the folder, checked against the model (nothing is loaded anywhere)."""
-        from safetensors import safe_open
-
-        from flotilla.lora.adapter import WEIGHTS_FILE, _NAME
-
         cfg = read_config(path, self.max_rank, self.targets)
-        wfile = Path(path) / WEIGHTS_FILE
-        if not wfile.is_file():
-            raise InvalidParameter("lora_path", f"{str(path)!r} has no {WEIGHTS_FILE}")
         found: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
-        try:
-            with safe_open(str(wfile), framework="pt", device="cpu") as st:
-                for tname in st.keys():
-                    m = _NAME.search(tname)
-                    if m is None:
-                        raise InvalidParameter("lora_path", f"tensor {tname!r} is not a LoRA A/B weight of a "
-                                                            "decoder projection")
-                    found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = \
-                        tuple(st.get_slice(tname).get_shape())
-        except InvalidParameter:
-            raise
-        except Exception as e:
-            raise InvalidParameter("lora_path", f"cannot read {wfile}: {e}") from None
+        for (layer, target, side), shape in iter_weights(path, cfg, self.num_layers, shapes_only=True):
+            found.setdefault((layer, target), {})[side] = shape
         shapes = {}
         for (layer, target), ab in found.items():
             a_shape, b_shape = ab.get("A"), ab.get("B")
             self.check_shapes(layer, target, a_shape, b_shape, cfg.rank, cfg.target_modules, "lora_path")
             shapes[(layer, target)] = (a_shape, b_shape)
         if not shapes:
-            raise InvalidParameter("lora_path", f"{wfile} holds no LoRA weights")
+            raise InvalidParameter("lora_path", f"{path!r} holds no LoRA weights")
         return cfg, shapes
 
     def check_shapes(self, layer: int, target: str, a_shape, b_shape, rank: int, targets: list[str],
@@ -219,10 +201,7 @@ class AdapterUpdater:
         folder (every rank on this node reads it)."""
         self._require_enabled("update_lora_weights")
         with self.port.lock:
-            old = self.registry.get(name)
-            if old is None:
-                raise InvalidParameter("lora_name", f"unknown adapter {name!r}; loaded: "
-                                                    f"{[r['name'] for r in self.registry.rows()]}")
+            old = self._known(name)
             if version is not None and (isinstance(version, bool) or not isinstance(version, int) or
                                         version <= old.version):
                 raise InvalidParameter("version", f"must be an int above the adapter's version {old.version}, "
@@ -264,10 +243,7 @@ class AdapterUpdater:
         every replica. An adapter still in use after ``timeout`` stays loaded (RuntimeError)."""
         self._require_enabled("unload_lora_adapter")
         with self.port.lock:
-            adapter = self.registry.get(name)
-            if adapter is None:
-                raise InvalidParameter("lora_name", f"unknown adapter {name!r}; loaded: "
-                                                    f"{[r['name'] for r in self.registry.rows()]}")
+            adapter = self._known(name)
             self.registry.closing.add(name)
             deadline = time.monotonic() + timeout
             while (n := self.inflight(name)) and time.monotonic() < deadline:
@@ -280,6 +256,13 @@ class AdapterUpdater:
             self.registry.remove(name)
             if adapter.path != adapter.source:
                 shutil.rmtree(adapter.path, ignore_errors=True)
+
+    def _known(self, name: str) -> LoadedAdapter:
+        adapter = self.registry.get(name)
+        if adapter is None:
+            raise InvalidParameter("lora_name", f"unknown adapter {name!r}; loaded: "
+                                                f"{[r['name'] for r in self.registry.rows()]}")
+        return adapter
 
     def _stage_and_commit(self, adapter: LoadedAdapter, timeout: float, what: str) -> None:
         stage_ids: list[int] = []
