@@ -151,7 +151,8 @@ def test_serve_engine_replica_loads_a_runtime_adapter_once_per_load() -> None:
             self.calls.append(("unload", name))
             del self.adapters[name]
 
-        async def stream_async(self, prompt: Any, params: Any, *, input_ids: Any, request_id: Any) -> Any:
+        async def stream_async(self, prompt: Any, params: Any, *, input_ids: Any, request_id: Any,
+                               accepted: bool = False) -> Any:
             yield {"finished": True, "lora_name": params.get("lora_name")}
 
     replica = FlotillaEngineReplica.__new__(FlotillaEngineReplica)  # no engine started

@@ -180,7 +180,7 @@ class _RefusingEngine:
     def scale(self, dp_size: int, drain_timeout_s: float = 60.0) -> None:
         raise self.error
 
-    async def stream_async(self, prompt=None, sampling_params=None, *, input_ids=None, request_id=None):
+    async def stream_async(self, prompt=None, sampling_params=None, *, input_ids=None, request_id=None, accepted=False):
         raise self.error
         yield  # pragma: no cover
 
@@ -299,7 +299,7 @@ def test_the_server_opens_one_engine_stream_per_prompt_with_n() -> None:
     calls: list[tuple[Any, str | None]] = []
 
     class Engine2:
-        async def stream_async(self, prompt=None, sampling_params=None, *, input_ids=None, request_id=None):
+        async def stream_async(self, prompt=None, sampling_params=None, *, input_ids=None, request_id=None, accepted=False):
             calls.append((dict(sampling_params), request_id))
             n = sampling_params.get("n", 1)
             for i in reversed(range(n)):

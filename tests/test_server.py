@@ -333,7 +333,7 @@ class _DeadEngine:
     def stats(self) -> dict[str, Any]:
         return {"replicas": [{"id": 0, "alive": False, "running": 0, "waiting": 0}], "num_requests_inflight": 0}
 
-    async def stream_async(self, prompt=None, sampling_params=None, *, input_ids=None, request_id=None):
+    async def stream_async(self, prompt=None, sampling_params=None, *, input_ids=None, request_id=None, accepted=False):
         raise RequestFailed("no replica can take the request: replica 0 died")
         yield  # pragma: no cover  (makes this an async generator, like the engine's)
 

@@ -50,7 +50,8 @@ class ScriptedEngine:
         raise NotImplementedError
 
     async def stream_async(self, prompt: str | None = None, sampling_params: Any = None, *,
-                           input_ids: list[int] | None = None, request_id: str | None = None) -> AsyncIterator[dict]:
+                           input_ids: list[int] | None = None, request_id: str | None = None,
+                           accepted: bool = False) -> AsyncIterator[dict]:
         try:
             if self.first_error is not None:
                 raise self.first_error

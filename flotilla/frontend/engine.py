@@ -35,7 +35,7 @@ from flotilla.launch.topology import GroupSpec, check_scale, layout
 from flotilla.launch.worker_args import WorkerArgs
 from flotilla.frontend.inputs import InputProcessor, SamplingLike, batch_inputs
 from flotilla.frontend.private_dir import make_private_dir
-from flotilla.frontend.request import RequestFailed, RequestState, StreamCursor, follow, wake_all
+from flotilla.frontend.request import ACCEPTED, RequestFailed, RequestState, StreamCursor, follow, wake_all
 from flotilla.rl.api import RLControl
 from flotilla.router.controller import DPController
 from flotilla.router.dispatch import Dispatcher
@@ -287,7 +287,7 @@ class Engine:
 
     async def stream_async(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                            input_ids: list[int] | None = None, request_id: str | None = None,
-                           affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                           affinity: str | None = None, accepted: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Async deltas for servers; cancelling the consumer aborts the request in its replica. Tokenizing
         runs off the event loop (a long prompt must not stall the other requests' streams). Requests with
         the same ``affinity`` key go to one replica.
@@ -296,7 +296,11 @@ class Engine:
         named ``<request_id>-i``, all under one affinity key: one replica, which shares the prompt's KV) and their
         deltas come interleaved, each with ``"index"`` (the choice); the stream ends once every choice has
         finished. With n == 1 the deltas have no ``"index"``. Everything is validated before any request is
-        queued."""
+        queued.
+
+        ``accepted``: first yield ``ACCEPTED`` (no text, no tokens, ``"accepted": True``) as soon as every request is
+        queued: a server sends its response status then, not at the first token (a client whose read timeout is
+        below the time to first token does not give up)."""
         args = (prompt, input_ids, sampling_params, request_id, affinity)
         if len(prompt or "") > 4096 or len(input_ids or ()) > 4096:
             states = await asyncio.to_thread(self.inputs.make_choices, *args)
@@ -319,8 +323,16 @@ class Engine:
             raise
         follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
             follow_choices(states, ev, self.abort)
-        async for delta in follower:
-            yield delta
+        try:
+            if accepted:
+                yield dict(ACCEPTED)
+            async for delta in follower:
+                yield delta
+        finally:  # a consumer that left before the follower started (after ACCEPTED): abort here
+            for state in states:
+                if not state.finished:
+                    state.remove_async_waiter(ev)
+                    self.abort(state.rid)
 
     async def generate_async(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                              input_ids: list[int] | None = None, request_id: str | None = None) -> dict[str, Any]:

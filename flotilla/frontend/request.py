@@ -206,6 +206,10 @@ class StreamCursor:
         return delta
 
 
+# What ``stream_async(..., accepted=True)`` yields first, once the request is queued (validated and submitted)
+ACCEPTED: dict[str, Any] = {"text": "", "token_ids": [], "finished": False, "accepted": True}
+
+
 async def follow(state: RequestState, ev: asyncio.Event, abort: Callable[[str], Any]) -> AsyncIterator[dict[str, Any]]:
     """Deltas of a submitted request as its waiter ``ev`` is woken; closing the iterator before the end aborts
     the request (a client that left)."""

@@ -244,14 +244,15 @@ class FlotillaEngineReplica:
         self._lora_lock = asyncio.Lock()
 
     async def stream(self, input_ids: list[int] | None, params: dict[str, Any] | None, request_id: str | None,
-                     prompt: str | None = None, lora: tuple[str, str, str] | None = None
+                     prompt: str | None = None, lora: tuple[str, str, str] | None = None, accepted: bool = False
                      ) -> AsyncIterator[dict[str, Any]]:
         """The engine's deltas; Serve cancelling the call (the ingress aborted) closes this, which aborts it.
         ``lora``: (name, folder, token) of an adapter the ingress loaded at run time, loaded here first if this
         replica does not hold that load of it yet."""
         if lora is not None:
             await self._ensure_lora(*lora)
-        async for delta in self.engine.stream_async(prompt, params, input_ids=input_ids, request_id=request_id):
+        async for delta in self.engine.stream_async(prompt, params, input_ids=input_ids, request_id=request_id,
+                                                    accepted=accepted):
             yield delta
 
     async def _ensure_lora(self, name: str, path: str, token: str) -> None:
@@ -327,11 +328,13 @@ class ServeEngineClient:
         self._runtime: dict[str, tuple[str, str, str]] = {}  # adapters loaded here at run time: name -> lora
 
     async def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
-                           input_ids: list[int] | None = None,
-                           request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                           input_ids: list[int] | None = None, request_id: str | None = None,
+                           accepted: bool = False) -> AsyncIterator[dict[str, Any]]:
         params = dict(sampling_params) if sampling_params is not None else None
         lora = self._runtime.get(params.get("lora_name")) if params else None  # type: ignore[arg-type]
-        extra = {"lora": lora} if lora is not None else {}
+        extra: dict[str, Any] = {"lora": lora} if lora is not None else {}
+        if accepted:
+            extra["accepted"] = True
         gen = self._stream.remote(list(input_ids) if input_ids is not None else None, params, request_id, prompt,
                                   **extra)
         finished = False

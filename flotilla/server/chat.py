@@ -35,7 +35,7 @@ def add_chat_route(app: FastAPI, state: ServerState) -> None:
         fmt = tool_format(getattr(engine.tokenizer, "chat_template", None)) if tools else None
         ids = await off_loop(chat_prompt_ids, body.messages, engine.tokenizer, tools=tools)
         jobs, aliases = chat_jobs(body, ids, engine.max_model_len, rid, forced, fmt, lora.lora_name)
-        run = Run(engine, state.metrics, jobs)
+        run = Run(engine, state.metrics, jobs, accepted=bool(body.stream))
         await start_or_error(request, run, lora.aliases(aliases))
         strings = TokenStrings(engine.tokenizer)
         base = {"id": rid, "created": int(time.time()), "model": lora.model, "system_fingerprint": None}

@@ -38,7 +38,7 @@ def add_completion_route(app: FastAPI, state: ServerState) -> None:
         best_of = body.best_of or body.n
         jobs = choice_jobs(rid, prompts, lora.apply(completion_params(body, ranked=best_of > body.n)), best_of)
         heads = await off_loop(prompt_texts, body, prompts, engine.tokenizer) if body.echo else []
-        run = Run(engine, state.metrics, jobs)
+        run = Run(engine, state.metrics, jobs, accepted=bool(body.stream))
         await start_or_error(request, run, lora.aliases(ALIASES))
         strings = TokenStrings(engine.tokenizer)
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": lora.model}

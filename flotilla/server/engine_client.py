@@ -45,11 +45,13 @@ class EngineClient(Protocol):
     max_model_len: int
 
     def stream_async(self, prompt: str | None = None, sampling_params: Mapping[str, Any] | None = None, *,
-                     input_ids: list[int] | None = None,
-                     request_id: str | None = None) -> AsyncIterator[Delta]:
+                     input_ids: list[int] | None = None, request_id: str | None = None,
+                     accepted: bool = False) -> AsyncIterator[Delta]:
         """With ``"n"`` > 1 in ``sampling_params``: the prompt's n choices (the engine seeds choice i with seed + i
         and keeps them on one replica), their deltas interleaved, each with ``"index"``, the choice; the stream
-        ends once every choice has finished. Without it (n == 1), one request whose deltas have no index."""
+        ends once every choice has finished. Without it (n == 1), one request whose deltas have no index.
+        ``accepted``: the first delta is ``{"accepted": True, "text": "", "token_ids": [], "finished": False}``,
+        yielded once the requests are queued (validation passed), so a streaming response's status goes out then."""
         ...
 
     def stats(self) -> Mapping[str, Any]:

@@ -48,7 +48,9 @@ class Run:
     The jobs of one prompt are one engine stream: ``stream_async`` with their number as ``n`` (the engine seeds
     and places the choices); its deltas carry ``"index"``, the choice, when there are several."""
 
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, jobs: list[Job]):
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, jobs: list[Job], accepted: bool = False):
+        """``accepted``: ``start`` returns once the engine queued every request (its ``accepted`` delta), not at
+        the first token: a streaming response sends its status line then."""
         self.jobs = jobs
         self._metrics = metrics
         groups: dict[int, list[int]] = {}
@@ -56,7 +58,8 @@ class Run:
             groups.setdefault(job.prompt, []).append(pos)
         self._groups = list(groups.values())  # per engine stream: the positions in ``jobs`` of its choices
         self._gens = [engine.stream_async(sampling_params=_with_n(jobs[g[0]].params, len(g)),
-                                          input_ids=jobs[g[0]].input_ids, request_id=jobs[g[0]].request_id)
+                                          input_ids=jobs[g[0]].input_ids, request_id=jobs[g[0]].request_id,
+                                          accepted=accepted)
                       for g in self._groups]
         self._timers = [RequestTimer(metrics) for _ in jobs]
         self._firsts: list[tuple[int, Delta]] = []
@@ -80,8 +83,8 @@ class Run:
             self._timers[pos].on_end(reason)
 
     async def start(self) -> None:
-        """Submit every request and wait for each stream's first delta. The engine validates at submission, so a
-        bad parameter raises here, before the HTTP status line is sent."""
+        """Submit every request and wait for each stream's first delta (with ``accepted``: its acceptance). The
+        engine validates at submission, so a bad parameter raises here, before the HTTP status line is sent."""
         tasks = [asyncio.ensure_future(self._first(k)) for k in range(len(self._gens))]
         try:
             await asyncio.wait(tasks)
@@ -113,6 +116,8 @@ class Run:
         except Exception:
             self._end_group(k, "error")
             raise
+        if delta.get("accepted"):
+            return self._groups[k][0], delta  # nothing to count or show: ``events`` skips it
         return self._on_delta(k, delta), delta
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
@@ -126,7 +131,8 @@ class Run:
         self._pumps = [asyncio.ensure_future(self._pump(k, queue))
                        for k in range(len(self._gens)) if self._left[k]]
         for item in self._firsts:
-            yield item
+            if not item[1].get("accepted"):
+                yield item
         pending = len(self._pumps)
         while pending:
             i, got = await queue.get()
@@ -140,7 +146,8 @@ class Run:
     async def _single(self) -> AsyncIterator[tuple[int, Delta]]:
         """One stream (every chat request, most completions): read in the consumer's own task. Merging needs a
         pump task and a queue per stream, which cost a task switch per delta; one stream needs no merging."""
-        yield self._firsts[0]
+        if not self._firsts[0][1].get("accepted"):
+            yield self._firsts[0]
         if not self._left[0]:
             return
         gen = self._gens[0]

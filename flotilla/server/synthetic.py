@@ -37,7 +37,7 @@ from flotilla.errors import InvalidParameter
 from flotilla.frontend.inputs import InputProcessor, SamplingLike
 from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOutput, TokenOutput, encoder, \
     from_worker_decoder
-from flotilla.frontend.request import RequestFailed, follow, wake_all
+from flotilla.frontend.request import ACCEPTED, RequestFailed, follow, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.dispatch import Dispatcher
 
@@ -176,9 +176,9 @@ class SyntheticEngine:
     # ------------------------------------------------------------------------------------------ EngineClient
     async def stream_async(self, prompt: str | None = None, sampling_params: SamplingLike = None, *,
                            input_ids: list[int] | None = None, request_id: str | None = None,
-                           affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """As ``Engine.stream_async`` (``n`` choices included): validate, submit, yield deltas cut from the
-        requests' states; closing the iterator aborts."""
+                           affinity: str | None = None, accepted: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """As ``Engine.stream_async`` (``n`` choices and ``accepted`` included): validate, submit, yield deltas cut
+        from the requests' states; closing the iterator aborts."""
         states = self.inputs.make_choices(prompt, input_ids, sampling_params, request_id, affinity)
         lora = states[0].sampling.lora_name
         self.lora_requests.extend((s.rid, lora) for s in states)
@@ -190,8 +190,16 @@ class SyntheticEngine:
             self.dispatcher.submit(state)
         follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
             follow_choices(states, ev, self.abort)
-        async for delta in follower:
-            yield delta
+        try:
+            if accepted:
+                yield dict(ACCEPTED)
+            async for delta in follower:
+                yield delta
+        finally:
+            for state in states:
+                if not state.finished:
+                    state.remove_async_waiter(ev)
+                    self.abort(state.rid)
 
     def abort(self, request_id: str) -> bool:
         state = self.dispatcher.abort(request_id)
