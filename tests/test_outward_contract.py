@@ -98,7 +98,8 @@ DOWN_KEYS = ["id", "group", "state", "pids", "alive", "accepting", "running", "w
              "outstanding_tokens", "num_steps", "num_preemptions", "num_overlapped_steps", "weight_version",
              "down_reason", "restarting", "restarts"]
 ENGINE_KEYS = ["replicas", "num_requests_inflight", "max_model_len", "load_balance", "dp_size", "replica_restarts",
-               "weight_version", "paused", "control_op", "engine_loop_alive", "dropped_frames"]
+               "weight_version", "paused", "control_op", "engine_loop_alive", "dropped_frames",
+               "lora_adapters"]
 
 
 def _stats() -> EngineStats:
