@@ -98,6 +98,33 @@ def test_stream_deltas_add_up(llama_engine):
     assert full["text"] == engine.tokenizer.decode(full["token_ids"], skip_special_tokens=True)
 
 
+def test_stream_async_acknowledges_admission_first_and_a_consumer_that_leaves_then_aborts(llama_engine):
+    import asyncio
+
+    path, engine = llama_engine
+
+    async def main():
+        deltas = [d async for d in engine.stream_async(PROMPTS[0], GREEDY, accepted=True)]
+        gen = engine.stream_async(PROMPTS[1], {"max_new_tokens": 1000, "ignore_eos": True}, accepted=True,
+                                  request_id="left-after-ack")
+        first = await gen.__anext__()
+        inflight = engine.stats().num_requests_inflight
+        await gen.aclose()  # the consumer leaves right after the acknowledgement
+        for _ in range(100):
+            if engine.stats().num_requests_inflight < inflight:
+                break
+            await asyncio.sleep(0.05)
+        return deltas, first, inflight
+
+    deltas, first, inflight = asyncio.run(main())
+    assert deltas[0] == {"text": "", "token_ids": [], "finished": False, "accepted": True}
+    assert not any(d.get("accepted") for d in deltas[1:]) and deltas[-1]["finished"]
+    full = engine.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0]
+    assert [t for d in deltas for t in d["token_ids"]] == full["token_ids"]
+    assert first.get("accepted") and inflight >= 1
+    assert engine.stats().num_requests_inflight == inflight - 1  # aborted: not left generating 1000 tokens
+
+
 def test_seeded_sampling_is_reproducible(llama_engine):
     _, engine = llama_engine
     sp = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)

@@ -253,3 +253,53 @@ def test_completion_top_logprobs_keep_k_distinct_entries(tokenizer: Any) -> None
     ids = ids[-4:] if len(ids) > 4 else ids
     assert [strings.label(t) for t in ids] == ["a", "bytes:\\xc3", "bytes:\\xa9", " b"]
     assert [strings.num_chars(t) for t in ids] == [1, 1, 0, 2]
+
+
+class GatedEngine(ScriptedEngine):
+    """Acknowledges a request at once (``accepted``), then holds its first token until ``gate`` is set."""
+
+    def __init__(self, tokenizer: Any, deltas: list[dict[str, Any]]):
+        super().__init__(tokenizer, deltas)
+        self.gate = threading.Event()
+        self.asked_accepted: list[bool] = []
+
+    async def stream_async(self, prompt: str | None = None, sampling_params: Any = None, *,
+                           input_ids: list[int] | None = None, request_id: str | None = None,
+                           accepted: bool = False) -> AsyncIterator[dict]:
+        from flotilla.frontend.request import ACCEPTED
+
+        self.asked_accepted.append(accepted)
+        if accepted:
+            yield dict(ACCEPTED)
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        for d in self.deltas:
+            yield d
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_stream_gets_its_status_once_admitted_before_the_first_token(tokenizer, route):
+    """The status line and headers come as soon as the engine queued the request: a client whose read timeout is
+    below the time to first token is not left waiting for them. Non-streaming requests do not ask for it."""
+    engine = GatedEngine(tokenizer, [_delta("hi", [5]), _delta(" there", [6], finished=True)])
+    server = ServerThread(build_app(engine, MODEL)).start()
+    body = {"model": MODEL, "stream": True, "max_tokens": 2}
+    body.update({"prompt": "x"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
+    try:
+        with httpx.stream("POST", f"{server.url}{route}", json=body, timeout=30) as r:
+            assert r.status_code == 200 and not engine.gate.is_set()  # headers while the first token is held
+            assert r.headers["content-type"].startswith("text/event-stream")
+            engine.gate.set()
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        text = "".join(json.loads(ln[6:])["choices"][0].get("text") or
+                       (json.loads(ln[6:])["choices"][0].get("delta") or {}).get("content") or ""
+                       for ln in lines[:-1] if json.loads(ln[6:]).get("choices"))
+        assert text == "hi there"  # the acknowledgement added no text
+        assert engine.asked_accepted == [True]
+        engine.gate.clear()
+        threading.Timer(0.2, engine.gate.set).start()
+        r = httpx.post(f"{server.url}{route}", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 200 and engine.asked_accepted == [True, False]
+    finally:
+        server.stop()
