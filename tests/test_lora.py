@@ -51,10 +51,15 @@ def adapter(arch: str, name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _merged(arch: str, name: str):
+    seed, rank, targets, rslora = ADAPTERS[name]
+    return _peft_model(tiny(arch), seed, rank, targets, rslora).merge_and_unload().eval()
+
+
+@functools.lru_cache(maxsize=None)
 def merged_greedy(arch: str, name: str, prompt: tuple[int, ...], n: int) -> list[int]:
     """transformers' greedy tokens on the adapter merged into the base weights (PEFT's merge_and_unload)."""
-    seed, rank, targets, rslora = ADAPTERS[name]
-    model = _peft_model(tiny(arch), seed, rank, targets, rslora).merge_and_unload().eval()
+    model = _merged(arch, name)
     ids = torch.tensor([list(prompt)])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
@@ -272,10 +277,6 @@ def test_a_replica_started_later_replays_every_adapter_at_its_latest_weights(tmp
     prompts = _prompts("llama")
     with Engine(model=tiny("llama"), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=16) as e:
         e.load_lora_adapter("full", adapter("llama", "full"))
-        e.load_lora_adapter("qv", adapter("llama", "full"))  # loaded as a copy of "full", then given qv's weights
-        with pytest.raises(InvalidParameter, match="named_tensors"):  # qv's tensors do not fit full's targets
-            e.update_lora_weights("qv", _adapter_tensors(adapter("llama", "qv")))
-        e.unload_lora_adapter("qv")
         e.load_lora_adapter("qv", adapter("llama", "qv"))
         assert e.update_lora_weights("qv", _adapter_tensors(adapter("llama", "qv")), version=5) == 5
         e.scale(2)

@@ -27,6 +27,19 @@ def expected(path):
     return [hf_greedy(path, hf_tokenize(path, p), N) for p in PROMPTS]
 
 
+def _check_lora(engine) -> None:
+    """Base + two adapters mixed, against transformers on PEFT's merged models (tests/test_lora.py)."""
+    from test_lora import _expected, _prompts, _sp, adapter
+
+    engine.load_lora_adapter("qv", adapter("llama", "qv"))
+    items = [(ids, lo) for ids in _prompts("llama") for lo in (None, "full", "qv")]
+    outs = engine.generate(input_ids=[i for i, _ in items], sampling_params=[_sp(lo) for _, lo in items],
+                           use_tqdm=False)
+    assert [r["name"] for r in engine.list_lora_adapters()] == ["full", "qv"]
+    for (ids, lo), out in zip(items, outs):
+        assert out["token_ids"] == _expected("llama", lo, ids), lo
+
+
 def _no_leftovers():
     """Named actors of any Flotilla engine still alive, and placement groups not removed."""
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("flotilla-")]
@@ -34,14 +47,22 @@ def _no_leftovers():
     return alive, pgs
 
 
-@pytest.mark.parametrize("layout", [dict(dp_size=2), dict(tp_size=2), dict(tp_size=2, dp_size=2),
+@pytest.mark.parametrize("layout", [dict(dp_size=2), dict(tp_size=2), dict(tp_size=2, dp_size=2, enable_lora=True),
                                     dict(tp_size=2, dp_size=2, enable_dp_attention=True),
                                     dict(tp_size=2, enable_overlap_schedule=True)])
 def test_driver_created_group_matches_transformers(ray_cluster, layout):
     path = tiny("llama")
-    with RayEngine(model=path, **OPTS, **layout) as engine:
+    lora = {}
+    if layout.get("enable_lora"):  # every rank actor holds the adapters (one from lora_modules, one loaded after)
+        pytest.importorskip("peft")
+        from test_lora import adapter
+
+        lora = dict(max_lora_rank=16, lora_modules={"full": adapter("llama", "full")})
+    with RayEngine(model=path, **OPTS, **layout, **lora) as engine:
         outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
         stats = engine.stats()
+        if lora:
+            _check_lora(engine)
     assert [o["token_ids"] for o in outs] == expected(path)
     assert len(stats["replicas"]) == layout.get("dp_size", 1)
     if layout.get("enable_overlap_schedule"):  # the rank actors fed each step from the one before
@@ -141,19 +162,3 @@ def test_plan_slots_packs_in_order():
         with pytest.raises(ValueError, match="bundle_indices"):
             check_bundle_indices(bad, 3)
 
-
-def test_lora_adapters_on_every_ray_rank(ray_cluster):
-    """RayEngine, tp=2 x dp=2 rank actors: an adapter from lora_modules (loaded as the actors start) and one loaded
-    while serving give transformers' tokens on PEFT's merged model, mixed with base-model requests."""
-    pytest.importorskip("peft")
-    from test_lora import _expected, _prompts, _sp, adapter
-
-    with RayEngine(model=tiny("llama"), **OPTS, tp_size=2, dp_size=2, enable_lora=True, max_lora_rank=16,
-                   lora_modules={"full": adapter("llama", "full")}) as engine:
-        engine.load_lora_adapter("qv", adapter("llama", "qv"))
-        items = [(ids, lora) for ids in _prompts("llama") for lora in (None, "full", "qv")]
-        outs = engine.generate(input_ids=[i for i, _ in items], sampling_params=[_sp(lo) for _, lo in items],
-                               use_tqdm=False)
-        assert [r["name"] for r in engine.list_lora_adapters()] == ["full", "qv"]
-    for (ids, lora), out in zip(items, outs):
-        assert out["token_ids"] == _expected("llama", lora, ids), lora
