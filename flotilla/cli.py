@@ -231,6 +231,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1, /admin, /tokenize and /detokenize (default: "
                         "$FLOTILLA_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    g.add_argument("--api-server-count", type=int, default=1,
+                   help="HTTP processes sharing the listening socket, over the engine in this process (1: one "
+                        "process serves HTTP and runs the engine's front end; docs/server.md)")
     g.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
 
 

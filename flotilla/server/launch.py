@@ -112,6 +112,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"flotilla: error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or model
+    count = getattr(args, "api_server_count", 1)
+    if count != 1:
+        return _serve_processes(args, model, name, api_key, count)
     app = build_app(None, name, api_key)
     server = ServerThread(app, args.host, args.port, log_level=getattr(args, "log_level", "info"), access_log=True)
     if not api_key and not _is_loopback(args.host):
@@ -136,6 +139,48 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
+        if engine is not None:
+            engine.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_processes(args: argparse.Namespace, model: str, name: str, api_key: str | None, count: int) -> int:
+    """``serve --api-server-count N`` (N > 1): N HTTP processes start first (503 while loading), the engine loads
+    here, then they serve until Ctrl-C or SIGTERM; everything is stopped on the way out."""
+    from flotilla.errors import InvalidParameter
+    from flotilla.server.http_processes import ApiServers, check_api_server_count
+
+    try:
+        check_api_server_count(count)
+    except InvalidParameter as e:
+        print(f"flotilla: error: {e}", file=sys.stderr)
+        return 2
+    if not api_key and not _is_loopback(args.host):
+        print(f"flotilla: warning: listening on {args.host} without an API key (pass --api-key or set "
+              "FLOTILLA_API_KEY)", file=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    servers = None
+    engine = None
+    try:
+        servers = ApiServers(count, tokenizer=getattr(args, "tokenizer", None) or model, model_name=name,
+                             host=args.host, port=args.port, api_key=api_key,
+                             log_level=getattr(args, "log_level", "info"), access_log=True).start()
+        print(f"flotilla: loading {model}; {count} HTTP processes on {servers.url}; /health answers 503 until it "
+              "is ready", file=sys.stderr, flush=True)
+        try:
+            engine = make_engine(args)
+        except ValueError as e:
+            print(f"flotilla: error: {e}", file=sys.stderr)
+            return 2
+        servers.set_engine(engine)
+        print(f"flotilla: serving {name} on {servers.url} ({count} HTTP processes)", flush=True)
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if servers is not None:
+            servers.stop()
         if engine is not None:
             engine.shutdown()
         signal.signal(signal.SIGTERM, previous)

@@ -6,6 +6,7 @@ Each app has a registry of its own, so several apps in one process (the tests) n
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -42,9 +43,12 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("flotilla_e2e_request_latency_seconds", "From submission to the last token.",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.finished_prompt = Counter("flotilla_finished_prompt_tokens", "Prompt tokens of finished requests.",
+                                       registry=r)
         self.finished_prompt_tokens = 0
         self.finished_cached_tokens = 0
-        r.register(_EngineCollector(get_engine, self))
+        self.engine_collector = _EngineCollector(get_engine, self)
+        r.register(self.engine_collector)
 
     def record_finish(self, result: dict[str, Any], elapsed: float) -> None:
         self.requests.labels(result.get("finish_reason") or "stop").inc()
@@ -52,7 +56,9 @@ class ServerMetrics:
         cached = int(result.get("cached_tokens") or 0)
         self.cached_tokens.inc(cached)
         self.finished_cached_tokens += cached
-        self.finished_prompt_tokens += int(result.get("prompt_tokens") or 0)
+        prompt = int(result.get("prompt_tokens") or 0)
+        self.finished_prompt.inc(prompt)
+        self.finished_prompt_tokens += prompt
 
     def hit_rate(self) -> float:
         return self.finished_cached_tokens / self.finished_prompt_tokens if self.finished_prompt_tokens else 0.0
@@ -70,7 +76,7 @@ class _EngineCollector:
     def __init__(self, get_engine: Callable[[], EngineClient | None], metrics: ServerMetrics):
         self._get_engine, self._metrics = get_engine, metrics
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self, hit_rate: float | None = None) -> Iterable[GaugeMetricFamily]:
         engine = self._get_engine()
         stats = safe_stats(engine) if engine is not None else None
         families = {k: GaugeMetricFamily(f"flotilla_replica_{k}", doc, labels=["replica"])
@@ -85,7 +91,7 @@ class _EngineCollector:
                                 value=1.0 if engine is not None else 0.0)
         yield GaugeMetricFamily("flotilla_prefix_cache_hit_rate",
                                 "Cached / prompt tokens over finished requests since start.",
-                                value=self._metrics.hit_rate())
+                                value=self._metrics.hit_rate() if hit_rate is None else hit_rate)
 
 
 def safe_stats(engine: EngineClient) -> Mapping[str, Any] | None:
@@ -129,5 +135,27 @@ class RequestTimer:
 
 
 def render(metrics: ServerMetrics) -> tuple[bytes, str]:
-    """The registry in Prometheus' text format, and its content type."""
+    """The registry in Prometheus' text format, and its content type. In an HTTP process of several
+    (``--api-server-count``, ``PROMETHEUS_MULTIPROC_DIR`` set) the counters and histograms are every process's,
+    summed (prometheus_client's multiprocess files), and the engine gauges this process's reading."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest(_MultiProcessView(metrics)), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
     return generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+
+
+class _MultiProcessView:
+    """A registry-like collector set: every process's files, then this app's engine gauges with the hit rate
+    computed from the summed counters."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        families = list(MultiProcessCollector(None).collect())
+        totals = {s.name: s.value for fam in families for s in fam.samples}
+        cached = totals.get("flotilla_prefix_cache_hit_tokens_total", 0.0)
+        prompt = totals.get("flotilla_finished_prompt_tokens_total", 0.0)
+        yield from families
+        yield from self.metrics.engine_collector.collect(hit_rate=cached / prompt if prompt else 0.0)
