@@ -5,6 +5,7 @@
 #   bash scripts/device_run.sh report   # the report figures (transformers CB side by side, sglang-random)
 #   bash scripts/device_run.sh ray      # RayEngine vs Engine, dp=1 and dp=2 sharing one GPU (docs/benchmarks.md §8)
 #   bash scripts/device_run.sh overlap  # overlap scheduling vs the synchronous order (docs/benchmarks.md §15)
+#   bash scripts/device_run.sh serve-procs  # --api-server-count 1 vs 2: synthetic, then dp=1 and dp=2 (§12)
 # Logs and JSON results are written to $RES and packed after every step into $OUT/results.tgz (the device
 # tool returns at most 8 files), so what finished comes back even if a later step runs out of time.
 set -uo pipefail
@@ -102,6 +103,20 @@ case "$stage" in
       bench "sglang_random_llama8b_$mode" 200 --model-shape llama-3.1-8b --workload sglang-random "${flag[@]}"
     done
     bench nanovllm_qwen06_transformers 420 --model-shape qwen3-0.6b --workload nanovllm --backend transformers
+    ;;
+  serve-procs)  # issue 28: HTTP processes over one engine (docs/benchmarks.md §12), 1 vs 2, each beside its baseline
+    S=(--synthetic --synthetic-step-ms 0 -n 2048 --concurrency 256 --input-len 16 --output-len 256 --client-processes 4)
+    for n in 1 2; do
+      step "syn_procs$n" 50 python3 -m flotilla bench-serve "${S[@]}" --api-server-count $n --json "$OUT/syn_procs$n.json"
+    done
+    W=(--model-shape qwen3-0.6b --dtype bfloat16 -n 1024 --input-len 256 --output-len 256 --client-processes 4 \
+       --concurrency 256 --offline)
+    for dp in 1 2; do
+      for n in 1 2; do
+        step "serve_dp${dp}_procs$n" 110 python3 -m flotilla bench-serve "${W[@]}" --dp-size $dp --api-server-count $n \
+          --json "$OUT/serve_dp${dp}_procs$n.json"
+      done
+    done
     ;;
   *)
     echo "unknown stage $stage"; exit 2 ;;

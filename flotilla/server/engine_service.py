@@ -61,6 +61,11 @@ class EngineService:
         """HTTP process ``proc`` died: abort every stream it had (its clients' connections are gone)."""
         self._loop.call_soon_threadsafe(self._drop, proc)
 
+    @property
+    def loop_thread_id(self) -> int | None:
+        """The loop thread's native id (per-thread CPU accounting in bench-serve)."""
+        return self._loop_thread.native_id
+
     def connected(self) -> int:
         """HTTP processes that said hello (their latest incarnation)."""
         return sum(1 for inc in self._incarnation if inc)

@@ -100,9 +100,10 @@ class RemoteEngine:
                 if ev.delta is None:  # the engine's stream ended
                     finished = True
                     return
-                if ev.delta.get("finished") and "index" not in ev.delta:
+                delta = _coalesce(ev.delta, stream.events)
+                if delta.get("finished") and "index" not in delta:
                     finished = True  # the request is over: a consumer that stops here aborts nothing
-                yield ev.delta
+                yield delta
         finally:
             self._streams.pop(sid, None)
             if not finished and not self.lost:
@@ -220,3 +221,25 @@ class RemoteEngine:
 def _set_all(streams: list[_Stream]) -> None:
     for s in streams:
         s.wake.set()
+
+
+_LISTS = ("token_ids", "logprobs", "top_logprobs")
+
+
+def _coalesce(delta: Delta, queued: deque[ApiEvent]) -> Delta:
+    """``delta`` with the deltas queued right behind it for the same choice folded in: when this process fell
+    behind the engine, one chunk carries what several steps made (as one process's stream cursor does), instead of
+    several chunks written at one instant."""
+    while queued and not delta.get("finished") and not delta.get("accepted"):
+        nxt = queued[0].delta
+        if nxt is None or queued[0].error is not None or nxt.get("index") != delta.get("index") or \
+                nxt.get("accepted"):
+            break
+        queued.popleft()
+        merged = dict(nxt)
+        merged["text"] = delta.get("text", "") + nxt.get("text", "")
+        for key in _LISTS:
+            if key in delta or key in nxt:
+                merged[key] = list(delta.get(key) or ()) + list(nxt.get(key) or ())
+        delta = merged
+    return delta

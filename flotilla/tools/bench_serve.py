@@ -387,11 +387,12 @@ def summarize(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
 class CpuMeter:
     """CPU seconds this process (the in-process server) spends, in all and in the named threads."""
 
-    def __init__(self, threads: dict[str, int | None]):
+    def __init__(self, threads: dict[str, int | None], http_pids: list[int | None] | None = None):
         import psutil
 
         self._proc = psutil.Process()
         self._names = {tid: name for name, tid in threads.items() if tid is not None}
+        self._http = [psutil.Process(p) for p in (http_pids or []) if p is not None]
         self._t0 = self._sample()
 
     def _sample(self) -> dict[str, float]:
@@ -400,6 +401,15 @@ class CpuMeter:
         for th in self._proc.threads():
             if th.id in self._names:
                 out[self._names[th.id]] = th.user_time + th.system_time
+        if self._http:  # --api-server-count N: the HTTP processes, apart from this (the engine) process
+            total = 0.0
+            for p in self._http:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except Exception:  # psutil.NoSuchProcess: a process that died keeps its last reading out
+                    pass
+            out["http_processes"] = total
         return out
 
     def stop(self) -> dict[str, float]:
@@ -411,12 +421,17 @@ class CpuMeter:
 def _start_engine(args: argparse.Namespace) -> tuple[Any, str, Path | None]:
     """(engine, served name, temporary folder to remove) for an in-process server."""
     if args.synthetic:
+        from transformers import AutoTokenizer
+
+        from flotilla.model.shapes import write_shape
         from flotilla.server.synthetic import SyntheticEngine
 
         dp = getattr(args, "dp_size", 1)
-        eng = SyntheticEngine.for_shape(args.model_shape or "qwen3-0.6b", dp_size=dp, step_ms=args.synthetic_step_ms,
-                                        max_num_seqs=getattr(args, "max_num_seqs", 256))
-        return eng, f"synthetic:{args.model_shape or 'qwen3-0.6b'}", None
+        folder = write_shape(args.model_shape or "qwen3-0.6b")  # kept: HTTP processes load the tokenizer from it
+        args.tokenizer = str(folder)
+        eng = SyntheticEngine(AutoTokenizer.from_pretrained(str(folder)), dp_size=dp, step_ms=args.synthetic_step_ms,
+                              max_num_seqs=getattr(args, "max_num_seqs", 256))
+        return eng, f"synthetic:{args.model_shape or 'qwen3-0.6b'}", folder
     from flotilla.launch.factory import make_engine
 
     tmp = None
@@ -481,6 +496,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--offline", action="store_true", help="first run the same work offline in this process and "
                    "print both (needs an in-process engine)")
     w.add_argument("--json", default=None, help="write the results here")
+    w.add_argument("--api-server-count", type=int, default=1, help="in-process server: HTTP processes over the "
+                   "engine in this process (serve --api-server-count)")
     w.add_argument("--uvicorn-http", default="auto", choices=["auto", "h11", "httptools"],
                    help="in-process server: uvicorn's HTTP parser")
     w.add_argument("--uvicorn-loop", default="auto", choices=["auto", "asyncio", "uvloop"],
@@ -491,7 +508,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"config": {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf")
                                          for k, v in vars(args).items() if k != "fn"}}
-    engine, server, tmp = None, None, None
+    engine, tmp = None, None
+    server: Any = None
     try:
         url, model = args.url, args.served_model_name
         threads: dict[str, int | None] = {}
@@ -508,11 +526,19 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                 # the same shape of work with other random prompts: the same ones would be in the prefix cache
                 # when the served run comes
                 result["offline"] = _offline(engine, twin_specs(specs, vocab, args.seed + 7919))
-            server = ServerThread(build_app(engine, model, args.api_key), http=args.uvicorn_http,
-                                  loop=args.uvicorn_loop).start()
+            threads = {"engine_thread": getattr(engine, "thread_id", None) or _engine_thread(engine)}
+            if args.api_server_count > 1:
+                from flotilla.server.http_processes import ApiServers
+
+                server = ApiServers(args.api_server_count, tokenizer=getattr(args, "tokenizer", None) or args.model,
+                                    model_name=model, api_key=args.api_key).start()
+                server.set_engine(engine)
+                threads["api_loop"] = server.service.loop_thread_id
+            else:
+                server = ServerThread(build_app(engine, model, args.api_key), http=args.uvicorn_http,
+                                      loop=args.uvicorn_loop).start()
+                threads["http_thread"] = server.thread_id
             url = server.url
-            threads = {"http_thread": server.thread_id,
-                       "engine_thread": getattr(engine, "thread_id", None) or _engine_thread(engine)}
         elif args.offline:
             raise SystemExit("flotilla bench-serve: --offline needs an in-process engine (not --url)")
         else:
@@ -520,7 +546,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         if warm:
             load_in_processes(url, warm, min(len(warm), args.concurrency), math.inf, args.stream, model, args.api_key,
                               args.seed, 1, args.client)
-        meter = CpuMeter(threads) if server is not None else None
+        meter = None
+        if server is not None:
+            meter = CpuMeter(threads, server.processes.pids() if args.api_server_count > 1 else None)
         outcomes, wall = load_in_processes(url, specs, args.concurrency, args.request_rate, args.stream, model,
                                            args.api_key, args.seed, args.client_processes, args.client)
         served = summarize(outcomes, wall)
