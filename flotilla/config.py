@@ -67,6 +67,9 @@ class EngineConfig:
         "help": "most tokens in one scheduler step of a replica"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV cache of prompt prefixes that requests share"})
+    detokenize_in_replicas: bool = field(default=True, metadata={
+        "help": "turn token ids into text and match stop strings in each replica's leader, in parallel, instead "
+                "of on the front end's one thread (off: the front end does it, as before)"})
     enable_overlap_schedule: bool = field(default=True, metadata={
         "help": "schedule and prepare step N+1 while step N runs on the device, its sampled ids fed on the "
                 "device (same greedy and seeded tokens, checked on an H100: docs/benchmarks.md §16; "

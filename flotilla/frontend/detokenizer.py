@@ -1,4 +1,5 @@
-"""Incremental detokenization and stop strings, done in the front end so workers deal in token ids only."""
+"""Incremental detokenization and stop strings: in the replicas' leaders (``flotilla/worker/texts.py``), or in the
+front end with ``detokenize_in_replicas=False`` (the reference path)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ class IncrementalDetokenizer:
             self.ids: list[int] = context
             self.prefix = 0
             self.read = len(self.ids)
+
+    @property
+    def held(self) -> int:
+        """Ids added whose text is not out yet (an incomplete UTF-8 sequence): what a resumed request re-feeds."""
+        if self._stream is not None:
+            return len(self._held)
+        return len(self.ids) - self.read
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)

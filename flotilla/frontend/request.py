@@ -40,6 +40,9 @@ class RequestState:
     deaths: int = 0
     alone: bool = False
     abort_requested: bool = False
+    # detokenized in the replica (TokenOutput.text): output ids whose text the replica has not sent yet
+    held: int = 0
+    replica_text: bool = False
     _async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -59,15 +62,22 @@ class RequestState:
                 self.logprobs.extend(out.logprobs)
             if out.top_logprobs:
                 self.top_logprobs.extend(out.top_logprobs)
-            delta = self.detok.add(out.token_ids)
-            if out.finished:
-                delta += self.detok.flush()
-            self.text += delta
-            cut = self.stops.find(self.text, len(delta))
-            if cut is not None:
-                self.text = self.text[:cut]
-                self._finish("stop")
-                return True
+            if out.text is not None:  # the replica's leader detokenized and matched the stop strings
+                self.replica_text = True
+                self.text += out.text
+                self.held = out.held
+                if out.text_end is not None:
+                    self.text = self.text[:out.text_end]
+            else:
+                delta = self.detok.add(out.token_ids)
+                if out.finished:
+                    delta += self.detok.flush()
+                self.text += delta
+                cut = self.stops.find(self.text, len(delta))
+                if cut is not None:
+                    self.text = self.text[:cut]
+                    self._finish("stop")
+                    return True
         if out.cached_tokens:
             self.cached_tokens = out.cached_tokens
         if out.finished:
@@ -91,8 +101,23 @@ class RequestState:
 
     def finish_locally(self, reason: str) -> None:
         """End a request the front end knows is done (its budget was spent before its replica died)."""
-        self.text += self.detok.flush()
+        if self.replica_text:  # the replica held the text of its last ``held`` ids back: decode them here
+            if self.held:
+                n = len(self.output_ids) - self.held
+                detok = IncrementalDetokenizer(self.detok.tok, self.prompt_ids + self.output_ids[:n])
+                self.text += detok.add(self.output_ids[n:]) + detok.flush()
+                self.held = 0
+        else:
+            self.text += self.detok.flush()
         self._finish(reason)
+
+    def resume_state(self) -> dict[str, Any]:
+        """What a replica that takes this request over needs to go on with its text (``AddRequest``'s fields)."""
+        if not self.replica_text:
+            return {}
+        keep = self.stops.holdback
+        return {"held": self.held, "text_tail": self.text[-keep:] if keep else "",
+                "text_len": len(self.text)}
 
     def fail(self, message: str) -> None:
         if not self.finished:

@@ -20,6 +20,11 @@ class AddRequest(msgspec.Struct, tag=True):
     prompt_ids: list[int]
     sampling: SamplingParams
     output_ids: list[int] = []
+    # a resumed request's detokenizer state (flotilla/worker/texts.py): its last ``held`` output ids have no text
+    # yet; its text so far is ``text_len`` characters ending in ``text_tail`` (enough for a stop string to start in)
+    held: int = 0
+    text_tail: str = ""
+    text_len: int = 0
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -226,6 +231,11 @@ class TokenOutput(msgspec.Struct):
     prompt_start: int = 0
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    # detokenized in the leader (flotilla/worker/texts.py; None: the front end detokenizes): the new text, how many
+    # of the request's ids have no text yet, and where a stop string found this step ends the request's text
+    text: str | None = None
+    held: int = 0
+    text_end: int | None = None
 
 
 class ReplicaLoad(msgspec.Struct):

@@ -106,7 +106,8 @@ class DPController:
             if view is None:
                 raise NoReplicaAvailable(f"replica {replica} is not routed to")
             try:
-                self.senders[replica](AddRequest(state.rid, state.prompt_ids, state.sampling, list(state.output_ids)))
+                self.senders[replica](AddRequest(state.rid, state.prompt_ids, state.sampling, list(state.output_ids),
+                                                   **state.resume_state()))
             except EncodeError as e:  # the request's fault: every other replica would refuse it too
                 raise RequestRejected(f"request: cannot be sent to a replica ({e}); a field is out of range") from None
             except Exception as e:

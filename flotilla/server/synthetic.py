@@ -40,6 +40,7 @@ from flotilla.ipc.messages import AbortRequest, AddRequest, ReplicaLoad, StepOut
 from flotilla.frontend.request import ACCEPTED, RequestFailed, follow, wake_all
 from flotilla.router.controller import DPController
 from flotilla.router.dispatch import Dispatcher
+from flotilla.worker.texts import ReplicaTexts
 
 
 @dataclass
@@ -64,7 +65,8 @@ class SyntheticEngine:
     """
 
     def __init__(self, tokenizer: Any, dp_size: int = 1, step_ms: float = 5.0, max_num_seqs: int = 256,
-                 max_model_len: int = 32768, lora_modules: dict[str, str] | None = None, max_lora_rank: int = 16):
+                 max_model_len: int = 32768, lora_modules: dict[str, str] | None = None, max_lora_rank: int = 16,
+                 detokenize_in_replicas: bool = True):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         vocab = len(tokenizer)
@@ -82,6 +84,10 @@ class SyntheticEngine:
         self._aborted: list[tuple[int, str, str]] = []  # (replica, rid, reason): reported in its next step
         self._closed = False
         self.tokens_emitted = 0
+        # the replicas' leaders' text work (flotilla/worker/texts.py), run here; its CPU time is counted apart
+        # (``replica_cpu_s``): a real replica does it in a process of its own, off the front end's GIL
+        self._texts = ReplicaTexts("", tokenizer) if detokenize_in_replicas else None
+        self.replica_cpu_s = 0.0
         self.max_lora_rank = max_lora_rank
         self._adapters: dict[str, dict[str, Any]] = {}
         self._lora_lock = threading.Lock()
@@ -148,6 +154,11 @@ class SyntheticEngine:
                 return
             rep = self._replicas[replica]
             if isinstance(msg, AddRequest):
+                if self._texts is not None:
+                    t0 = time.thread_time()
+                    self._texts.add(msg.rid, msg.prompt_ids, msg.output_ids, msg.sampling.stop, msg.held,
+                                    msg.text_tail, msg.text_len)
+                    self.replica_cpu_s += time.thread_time() - t0
                 seed = zlib.crc32(msg.rid.encode())
                 rep.running[msg.rid] = _Running(msg.rid, msg.sampling.max_new_tokens - len(msg.output_ids),
                                                 random.Random(seed))
@@ -169,6 +180,11 @@ class SyntheticEngine:
         for _, rid, reason in aborted:
             outs.append(TokenOutput(rid, [], finished=True, finish_reason=reason))
         self._aborted = [a for a in self._aborted if a[0] != rep.rid]
+        if self._texts is not None:
+            t0 = time.thread_time()
+            for rid in self._texts.apply(outs):  # a stop string ended it in the "replica"
+                rep.running.pop(rid, None)
+            self.replica_cpu_s += time.thread_time() - t0
         rep.steps += 1
         self.tokens_emitted += len(outs)
         return StepOutput(rep.rid, outs, ReplicaLoad(running=len(rep.running), num_steps=rep.steps))

@@ -34,6 +34,7 @@ from flotilla.worker.host_copy import HostCopy
 from flotilla.worker.kv_cache import KVBlockManager
 from flotilla.worker.model_runner import ModelRunner
 from flotilla.worker.sampler import Sampler, SamplerOutput, SamplingBatch
+from flotilla.worker.texts import ReplicaTexts
 from flotilla.worker.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from flotilla.weights import rank as weights_rank
 
@@ -76,6 +77,7 @@ class Leader:
         self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len, eos), kv,
                                adapters)
         self.grammars = Grammars(cfg.tokenizer or cfg.model, runner.vocab_size, eos)  # structured output
+        self.texts = ReplicaTexts(cfg.tokenizer or cfg.model) if cfg.detokenize_in_replicas else None
         self.in_ch = connect("pull", args.in_addr, to_worker_decoder, args.keys, on_bad_frame=self._bad_frame)
         self.sampler = Sampler()
         self.faults = StepFaults(args.replica_id)  # test-only fault injection (inactive unless the env asks)
@@ -156,6 +158,9 @@ class Leader:
             if sampling.structured_output is not None and msg.rid not in self.sched.by_rid:
                 self.grammars.add(msg.rid, sampling.structured_output, msg.output_ids)
             self.sched.add(msg.rid, msg.prompt_ids, sampling, msg.output_ids)
+            if self.texts is not None and msg.rid in self.sched.by_rid:
+                self.texts.add(msg.rid, msg.prompt_ids, msg.output_ids, sampling.stop, msg.held, msg.text_tail,
+                               msg.text_len)
         except Exception as e:
             log.warning("replica %d: request %r refused: %s: %s", self.args.replica_id, msg.rid, type(e).__name__, e)
             self.grammars.drop(msg.rid)
@@ -253,6 +258,10 @@ class Leader:
         self.unanswered_pauses.clear()
 
     def report(self, outputs=None) -> None:
+        if outputs and self.texts is not None:
+            for rid in self.texts.apply(outputs):  # a stop string ended it: end it here too, now
+                self.sched.end(rid, "stop")
+                self.grammars.drop(rid)
         load = self.sched.load()
         load.num_steps = self.steps
         load.num_preemptions = self.sched.num_preemptions

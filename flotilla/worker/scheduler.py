@@ -92,6 +92,13 @@ class Scheduler:
         self._finish(seq, reason)
         self.finished_outputs.append(TokenOutput(rid, [], True, reason, cached_tokens=max(seq.cached_tokens, 0)))
 
+    def end(self, rid: str, reason: str) -> None:
+        """End a request the leader finished itself (a stop string, flotilla/worker/texts.py) without an output of
+        its own: the step's output already told the front end."""
+        seq = self.by_rid.get(rid)
+        if seq is not None:
+            self._finish(seq, reason)
+
     def fail(self, rid: str, error: str) -> None:
         """End a queued or running request with finish_reason "error" (reported with the next step)."""
         seq = self.by_rid.get(rid)
