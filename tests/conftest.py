@@ -97,7 +97,7 @@ UNIT_MODULES = {
     "test_fleet", "test_kv_cache", "test_moe_kernels", "test_policies", "test_rl_rank_side", "test_rl_routes",
     "test_rl_sync_plane", "test_sampler", "test_server_cli", "test_server_encoding", "test_server_robustness",
     "test_server_structured", "test_tiny", "test_dispatcher", "test_outward_contract", "test_weights", "test_lora_http", "test_lora_ray",
-    "test_lora_units",
+    "test_lora_units", "test_replica_texts",
 }
 E2E_TESTS = {
     "test_bench.py::test_bench_cli_tiny_model",
@@ -113,6 +113,7 @@ E2E_TESTS = {
     "test_channel.py::test_tcp_curve_round_trip_between_processes",
     "test_edge_bounds.py::test_a_stopped_worker_dies_with_its_front_end",
     "test_rl_routes.py::test_routes_against_an_engine",
+    "test_replica_texts.py::test_an_engine_detokenizing_in_its_front_end_gives_the_same_texts",
 }
 
 

@@ -160,3 +160,24 @@ def test_the_synthetic_engine_serves_the_same_texts_both_ways(tok) -> None:
         eng.shutdown()
     assert [(t, r) for t, r, _ in got] == [(t, r) for t, r, _ in want]
     assert any(r == "stop" for _, r, _ in got)
+
+
+def test_an_engine_detokenizing_in_its_front_end_gives_the_same_texts(llama_dp1_engine, llama_path: str) -> None:
+    """The reference path (``detokenize_in_replicas=False``) and the default agree on a real engine: plain texts,
+    stop strings cut mid-text, streamed pieces."""
+    from flotilla.frontend.engine import Engine
+
+    prompts = ["The capital of France is", "Once upon a time", "A"]
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    base = llama_dp1_engine.generate(prompts, greedy, use_tqdm=False)
+    stops = [[o["text"][len(o["text"]) // 2:len(o["text"]) // 2 + 3]] for o in base]
+    with_stops = [SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True, stop=s) for s in stops]
+    got = llama_dp1_engine.generate(prompts, with_stops, use_tqdm=False)
+    with Engine(model=llama_path, device="cpu", dtype="float32", detokenize_in_replicas=False) as ref:
+        assert [o["text"] for o in ref.generate(prompts, greedy, use_tqdm=False)] == [o["text"] for o in base]
+        want = ref.generate(prompts, with_stops, use_tqdm=False)
+        streamed = "".join(d["text"] for d in ref.stream(prompts[0], with_stops[0]))
+    assert [(o["text"], o["finish_reason"], o["token_ids"]) for o in got] == \
+        [(o["text"], o["finish_reason"], o["token_ids"]) for o in want]
+    assert any(o["finish_reason"] == "stop" for o in got)
+    assert streamed == "".join(d["text"] for d in llama_dp1_engine.stream(prompts[0], with_stops[0]))

@@ -430,7 +430,8 @@ def _start_engine(args: argparse.Namespace) -> tuple[Any, str, Path | None]:
         folder = write_shape(args.model_shape or "qwen3-0.6b")  # kept: HTTP processes load the tokenizer from it
         args.tokenizer = str(folder)
         eng = SyntheticEngine(AutoTokenizer.from_pretrained(str(folder)), dp_size=dp, step_ms=args.synthetic_step_ms,
-                              max_num_seqs=getattr(args, "max_num_seqs", 256))
+                              max_num_seqs=getattr(args, "max_num_seqs", 256),
+                              detokenize_in_replicas=getattr(args, "detokenize_in_replicas", True))
         return eng, f"synthetic:{args.model_shape or 'qwen3-0.6b'}", folder
     from flotilla.launch.factory import make_engine
 
@@ -547,6 +548,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             load_in_processes(url, warm, min(len(warm), args.concurrency), math.inf, args.stream, model, args.api_key,
                               args.seed, 1, args.client)
         meter = None
+        replica_cpu0 = float(getattr(engine, "replica_cpu_s", 0.0) or 0.0)
         if server is not None:
             meter = CpuMeter(threads, server.processes.pids() if args.api_server_count > 1 else None)
         outcomes, wall = load_in_processes(url, specs, args.concurrency, args.request_rate, args.stream, model,
@@ -554,6 +556,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         served = summarize(outcomes, wall)
         if meter is not None:
             cpu = meter.stop()
+            if engine is not None and hasattr(engine, "replica_cpu_s"):
+                # the synthetic engine's "replicas" detokenize in its thread (a real replica does it in a process
+                # of its own): counted apart, and left out of what the server process spends
+                cpu["replica_texts"] = float(engine.replica_cpu_s) - replica_cpu0
+                cpu["process"] -= cpu["replica_texts"]
+                if "engine_thread" in cpu:
+                    cpu["engine_thread"] -= cpu["replica_texts"]
             toks = max(1, served["output_tokens"])
             served["server_cpu_s"] = cpu
             served["server_us_per_token"] = {k: v / toks * 1e6 for k, v in cpu.items()}
