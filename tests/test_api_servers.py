@@ -170,47 +170,47 @@ def test_metrics_are_summed_over_the_processes(both) -> None:
 # ============================================================================================ the synthetic engine
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def synthetic(llama_path: str):
+    """A synthetic engine (20 ms a step) behind two HTTP processes whose restart budget is one per 4 s."""
     from transformers import AutoTokenizer
 
     eng = SyntheticEngine(AutoTokenizer.from_pretrained(llama_path), step_ms=20, max_model_len=512)
-    yield eng
+    servers = ApiServers(2, tokenizer=llama_path, model_name=MODEL, api_key=KEY, max_restarts=1,
+                         restart_window_s=4.0).start()
+    servers.set_engine(eng)
+    assert wait_until(lambda: httpx.get(f"{servers.url}/health").status_code == 200)
+    yield eng, servers
+    servers.stop()
     eng.shutdown()
 
 
-def test_control_routes_and_tensors_cross_to_the_engine_process(synthetic: SyntheticEngine, llama_path: str,
-                                                                tmp_path: Path) -> None:
+def test_control_routes_and_tensors_cross_to_the_engine_process(synthetic, tmp_path: Path) -> None:
     from flotilla.rl.weight_sync import encode_tensors
 
-    servers = ApiServers(2, tokenizer=llama_path, model_name=MODEL, api_key=KEY).start()
-    try:
-        servers.set_engine(synthetic)
-        url = servers.url
-        assert wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
-        folder = tmp_path / "sql"
-        folder.mkdir()
-        (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA",
-                                                                "target_modules": ["q_proj"]}))
-        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(folder)}, headers=AUTH)
-        assert r.status_code == 200, r.text
-        ids = [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
-        assert ids == [MODEL, "sql"]
-        r = httpx.post(f"{url}/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 2}, headers=AUTH)
-        assert r.status_code == 200 and synthetic.lora_requests[-1][1] == "sql"
-        name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-        body = {"lora_name": "sql", "serialized_named_tensors": [encode_tensors([(name, torch.ones(8, 8))])]}
-        r = httpx.post(f"{url}/update_lora_weights", json=body, headers=AUTH)
-        assert r.status_code == 200 and r.json()["version"] == 1, r.text
-        assert synthetic.last_lora_update == ("sql", [name])  # the tensor crossed as a tensor
-        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(folder)}, headers=AUTH)
-        assert r.status_code == 400 and "already loaded" in r.text  # the engine's error, named, through the call
-        r = httpx.post(f"{url}/admin/scale", json={"dp_size": 2}, headers=AUTH)
-        assert r.status_code == 400 and "dp_size" in r.text
-        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "sql"}, headers=AUTH)
-        assert r.status_code == 200 and synthetic.list_lora_adapters() == []
-    finally:
-        servers.stop()
+    synthetic, servers = synthetic
+    url = servers.url
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA",
+                                                            "target_modules": ["q_proj"]}))
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(folder)}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    ids = [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
+    assert ids == [MODEL, "sql"]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 2}, headers=AUTH)
+    assert r.status_code == 200 and synthetic.lora_requests[-1][1] == "sql"
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    body = {"lora_name": "sql", "serialized_named_tensors": [encode_tensors([(name, torch.ones(8, 8))])]}
+    r = httpx.post(f"{url}/update_lora_weights", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json()["version"] == 1, r.text
+    assert synthetic.last_lora_update == ("sql", [name])  # the tensor crossed as a tensor
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(folder)}, headers=AUTH)
+    assert r.status_code == 400 and "already loaded" in r.text  # the engine's error, named, through the call
+    r = httpx.post(f"{url}/admin/scale", json={"dp_size": 2}, headers=AUTH)
+    assert r.status_code == 400 and "dp_size" in r.text
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "sql"}, headers=AUTH)
+    assert r.status_code == 200 and synthetic.list_lora_adapters() == []
 
 
 def _stream_outcome(url: str, body: dict[str, Any], out: list[str]) -> None:
@@ -222,46 +222,39 @@ def _stream_outcome(url: str, body: dict[str, Any], out: list[str]) -> None:
         out.append("cut")
 
 
-def test_a_killed_http_process_is_restarted_and_the_others_keep_serving(synthetic: SyntheticEngine,
-                                                                        llama_path: str) -> None:
-    servers = ApiServers(2, tokenizer=llama_path, model_name=MODEL, api_key=KEY, max_restarts=1,
-                         restart_window_s=4.0).start()
-    try:
-        servers.set_engine(synthetic)
-        url = servers.url
-        assert wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
-        pids = servers.processes.pids()
-        body = {"model": MODEL, "prompt": "x", "max_tokens": 100, "stream": True}  # ~2 s at 20 ms a step
-        outcomes: list[str] = []
-        threads = [threading.Thread(target=_stream_outcome, args=(f"{url}/v1/completions", body, outcomes))
-                   for _ in range(8)]
-        for t in threads:
-            t.start()
-        assert wait_until(lambda: servers.service.streams() == 8)
-        os.kill(pids[0], signal.SIGKILL)
-        for t in threads:
-            t.join(30)
-        assert len(outcomes) == 8 and set(outcomes) <= {"done", "cut"}, outcomes
-        assert "done" in outcomes  # the other process's streams ran to the end
-        assert wait_until(lambda: servers.service.streams() == 0)  # the dead process's streams were aborted
-        assert wait_until(lambda: servers.processes.pids()[0] not in (None, pids[0]))  # restarted
-        assert servers.processes.pids()[1] == pids[1]
-        assert wait_until(lambda: servers.service.connected() == 2)
-        for _ in range(4):
-            with httpx.Client(headers=AUTH, timeout=30) as c:
-                assert c.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
-                              ).status_code == 200
-        # a second death within the window: the budget (1) is spent, the slot stays down until it refills
-        pid = servers.processes.pids()[0]
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: servers.processes.slots[0].given_up, 10)
-        assert wait_until(lambda: servers.processes.pids()[0] is not None, 20)  # refilled after the window
-        assert not servers.processes.slots[0].given_up
-    finally:
-        servers.stop()
-    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
-               for p in pids if p is not None)
+def test_a_killed_http_process_is_restarted_and_the_others_keep_serving(synthetic) -> None:
+    _, servers = synthetic
+    url = servers.url
+    pids = servers.processes.pids()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 100, "stream": True}  # ~2 s at 20 ms a step
+    outcomes: list[str] = []
+    threads = [threading.Thread(target=_stream_outcome, args=(f"{url}/v1/completions", body, outcomes))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: servers.service.streams() == 8)
+    os.kill(pids[0], signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    assert len(outcomes) == 8 and set(outcomes) <= {"done", "cut"}, outcomes
+    assert "done" in outcomes  # the other process's streams ran to the end
+    assert wait_until(lambda: servers.service.streams() == 0)  # the dead process's streams were aborted
+    assert wait_until(lambda: servers.processes.pids()[0] not in (None, pids[0]))  # restarted
+    assert servers.processes.pids()[1] == pids[1]
+    assert wait_until(lambda: servers.service.connected() == 2)
+    for _ in range(4):
+        with httpx.Client(headers=AUTH, timeout=30) as c:
+            assert c.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
+                          ).status_code == 200
+    # a second death within the window: the budget (1) is spent, the slot stays down until it refills
+    pid = servers.processes.pids()[0]
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: servers.processes.slots[0].given_up, 10)
+    assert wait_until(lambda: servers.processes.pids()[0] is not None, 20)  # refilled after the window
+    assert not servers.processes.slots[0].given_up
+    assert wait_until(lambda: servers.service.connected() == 2)
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
 
 
 ENGINE_PROCESS = textwrap.dedent("""
@@ -324,3 +317,14 @@ def test_serve_refuses_a_bad_count_before_starting_anything(llama_path: str, cap
 
     assert main(["serve", "--model", llama_path, "--api-server-count", "0", "--port", "0"]) == 2
     assert "api_server_count: must be an integer in [1, 64]" in capsys.readouterr().err
+
+
+def test_the_count_comes_from_the_config_file_too(llama_path: str, tmp_path: Path) -> None:
+    from flotilla.cli import parse_args
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model: {llama_path}\napi_server_count: 3\n")
+    args, _ = parse_args(["serve", "--config", str(cfg)])
+    assert args.api_server_count == 3
+    args, _ = parse_args(["serve", "--config", str(cfg), "--api-server-count", "2"])
+    assert args.api_server_count == 2  # the command line wins
