@@ -67,6 +67,10 @@ class EngineConfig:
         "help": "most tokens in one scheduler step of a replica"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV cache of prompt prefixes that requests share"})
+    stream_interval: int = field(default=1, metadata={
+        "help": "a streaming request gets a delta once this many new tokens are there (its first and last at "
+                "once; sglang's --stream-interval): larger cuts the server's work per token, at the price of "
+                "burstier streams"})
     detokenize_in_replicas: bool = field(default=True, metadata={
         "help": "turn token ids into text and match stop strings in each replica's leader, in parallel, instead "
                 "of on the front end's one thread (off: the front end does it, as before)"})
@@ -151,6 +155,7 @@ class EngineConfig:
                                                              f"got {len(part)}: {list(part)}")
             self.pp_layer_partition = list(part)
         _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("stream_interval", self.stream_interval)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("cuda_graph_max_bs", self.cuda_graph_max_bs)
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -97,7 +97,7 @@ UNIT_MODULES = {
     "test_fleet", "test_kv_cache", "test_moe_kernels", "test_policies", "test_rl_rank_side", "test_rl_routes",
     "test_rl_sync_plane", "test_sampler", "test_server_cli", "test_server_encoding", "test_server_robustness",
     "test_server_structured", "test_tiny", "test_dispatcher", "test_outward_contract", "test_weights", "test_lora_http", "test_lora_ray",
-    "test_lora_units", "test_replica_texts",
+    "test_lora_units", "test_replica_texts", "test_stream_interval",
 }
 E2E_TESTS = {
     "test_bench.py::test_bench_cli_tiny_model",

@@ -270,7 +270,7 @@ class Engine:
         """Yield deltas ({text, token_ids, finished, ...}) as tokens arrive; closing the iterator aborts."""
         state = self._new_state(prompt, input_ids, sampling_params, request_id)
         self._submit(state)
-        cursor = StreamCursor()
+        cursor = StreamCursor(self.config.stream_interval)
         try:
             while True:
                 with self._cv:
@@ -308,6 +308,7 @@ class Engine:
             states = self.inputs.make_choices(*args)
         ev = asyncio.Event()
         for state in states:
+            state.wake_every = self.config.stream_interval
             state.add_async_waiter(ev)
         submitted: list[RequestState] = []
         try:
@@ -321,8 +322,9 @@ class Engine:
                 if not state.finished:
                     self.abort(state.rid)
             raise
-        follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
-            follow_choices(states, ev, self.abort)
+        interval = self.config.stream_interval
+        follower = follow(states[0], ev, self.abort, interval) if len(states) == 1 else \
+            follow_choices(states, ev, self.abort, interval)
         try:
             if accepted:
                 yield dict(ACCEPTED)

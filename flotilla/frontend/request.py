@@ -43,6 +43,10 @@ class RequestState:
     # detokenized in the replica (TokenOutput.text): output ids whose text the replica has not sent yet
     held: int = 0
     replica_text: bool = False
+    # stream_interval: its streams are woken once this many new tokens are there (the first token and the end
+    # at once), so a waiter that would only find too few tokens is not woken at all
+    wake_every: int = 1
+    _woken_at: int = field(default=0, repr=False)
     _async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -179,6 +183,11 @@ def wake_all(states: Iterable[RequestState]) -> None:
     are grouped by loop and set there in one callback."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
     for state in states:
+        if state.wake_every > 1 and not state.finished:
+            n = len(state.output_ids)
+            if state._woken_at and n - state._woken_at < state.wake_every:
+                continue  # its consumer would find fewer tokens than the interval: let it sleep
+            state._woken_at = n
         for loop, ev in state._async_waiters:
             by_loop.setdefault(loop, []).append(ev)
     for loop, events in by_loop.items():
@@ -197,10 +206,11 @@ class StreamCursor:
     """How much of a request a stream consumer has seen; deltas are cut from the cumulative state, so a
     wake-up that arrives late or twice loses and repeats nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: int = 1) -> None:
         self.tokens = 0
         self.chars = 0
         self.done = False
+        self.interval = interval  # a delta once this many new tokens are there (the first and last at once)
 
     def has_news(self, s: RequestState) -> bool:
         return (s.finished and not self.done) or len(s.output_ids) > self.tokens or \
@@ -212,7 +222,7 @@ class StreamCursor:
         finished = s.finished
         text = s.streamable_text()
         ids = s.output_ids[self.tokens:]
-        if not ids and len(text) <= self.chars and not finished:
+        if not finished and ((not ids and len(text) <= self.chars) or (self.tokens and len(ids) < self.interval)):
             return None
         if finished and s.finish_reason == "error":
             self.done = True
@@ -235,10 +245,11 @@ class StreamCursor:
 ACCEPTED: dict[str, Any] = {"text": "", "token_ids": [], "finished": False, "accepted": True}
 
 
-async def follow(state: RequestState, ev: asyncio.Event, abort: Callable[[str], Any]) -> AsyncIterator[dict[str, Any]]:
-    """Deltas of a submitted request as its waiter ``ev`` is woken; closing the iterator before the end aborts
-    the request (a client that left)."""
-    cursor = StreamCursor()
+async def follow(state: RequestState, ev: asyncio.Event, abort: Callable[[str], Any],
+                 interval: int = 1) -> AsyncIterator[dict[str, Any]]:
+    """Deltas of a submitted request as its waiter ``ev`` is woken (one every ``interval`` tokens, the first and
+    the last at once); closing the iterator before the end aborts the request (a client that left)."""
+    cursor = StreamCursor(interval)
     try:
         while True:
             await ev.wait()

@@ -51,7 +51,7 @@ def run(spec: dict[str, Any]) -> int:
 
     set_pdeathsig(signal.SIGCONT)  # a stopped HTTP process wakes when the engine process dies, and sees it
     sock = socket.socket(fileno=int(spec["fd"]))
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    tokenizer: Any = AutoTokenizer.from_pretrained(spec["tokenizer"])
     app = build_app(None, spec["model_name"], os.environ.get("FLOTILLA_API_KEY") or None)
     config = uvicorn.Config(app, log_level=spec.get("log_level", "warning"), access_log=bool(spec.get("access_log")),
                             timeout_graceful_shutdown=5, lifespan="off", timeout_keep_alive=KEEP_ALIVE_S)

@@ -66,7 +66,7 @@ class SyntheticEngine:
 
     def __init__(self, tokenizer: Any, dp_size: int = 1, step_ms: float = 5.0, max_num_seqs: int = 256,
                  max_model_len: int = 32768, lora_modules: dict[str, str] | None = None, max_lora_rank: int = 16,
-                 detokenize_in_replicas: bool = True):
+                 detokenize_in_replicas: bool = True, stream_interval: int = 1):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         vocab = len(tokenizer)
@@ -84,6 +84,7 @@ class SyntheticEngine:
         self._aborted: list[tuple[int, str, str]] = []  # (replica, rid, reason): reported in its next step
         self._closed = False
         self.tokens_emitted = 0
+        self.stream_interval = stream_interval
         # the replicas' leaders' text work (flotilla/worker/texts.py), run here; its CPU time is counted apart
         # (``replica_cpu_s``): a real replica does it in a process of its own, off the front end's GIL
         self._texts = ReplicaTexts("", tokenizer) if detokenize_in_replicas else None
@@ -202,10 +203,11 @@ class SyntheticEngine:
             raise RequestFailed("the engine is shut down")
         ev = asyncio.Event()
         for state in states:
+            state.wake_every = self.stream_interval
             state.add_async_waiter(ev)
             self.dispatcher.submit(state)
-        follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
-            follow_choices(states, ev, self.abort)
+        follower = follow(states[0], ev, self.abort, self.stream_interval) if len(states) == 1 else \
+            follow_choices(states, ev, self.abort, self.stream_interval)
         try:
             if accepted:
                 yield dict(ACCEPTED)

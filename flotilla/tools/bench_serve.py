@@ -431,7 +431,8 @@ def _start_engine(args: argparse.Namespace) -> tuple[Any, str, Path | None]:
         args.tokenizer = str(folder)
         eng = SyntheticEngine(AutoTokenizer.from_pretrained(str(folder)), dp_size=dp, step_ms=args.synthetic_step_ms,
                               max_num_seqs=getattr(args, "max_num_seqs", 256),
-                              detokenize_in_replicas=getattr(args, "detokenize_in_replicas", True))
+                              detokenize_in_replicas=getattr(args, "detokenize_in_replicas", True),
+                              stream_interval=getattr(args, "stream_interval", 1))
         return eng, f"synthetic:{args.model_shape or 'qwen3-0.6b'}", folder
     from flotilla.launch.factory import make_engine
 
