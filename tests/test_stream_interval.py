@@ -40,3 +40,24 @@ def test_deltas_come_every_interval_tokens_and_add_up_to_the_result(interval: in
 def test_a_bad_stream_interval_names_the_field(bad) -> None:
     with pytest.raises(InvalidParameter, match="stream_interval"):
         EngineConfig(model=tiny("llama"), stream_interval=bad).validate()
+
+
+def test_the_cursor_never_says_news_when_it_would_give_none() -> None:
+    """``Engine.stream`` waits on ``has_news`` and then calls ``take``: they must agree, or it spins."""
+    from flotilla.frontend.detokenizer import IncrementalDetokenizer
+    from flotilla.frontend.request import RequestState, StreamCursor
+    from flotilla.ipc.messages import TokenOutput
+    from flotilla.sampling import SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(tiny("llama"))
+    state = RequestState("r", [1, 2], SamplingParams(max_new_tokens=20), IncrementalDetokenizer(tok, [1, 2]))
+    cursor = StreamCursor(3)
+    got = []
+    for k in range(10):
+        state.apply(TokenOutput("r", [100 + k], text=f"w{k} ", finished=k == 9, finish_reason="length"))
+        news = cursor.has_news(state)
+        delta = cursor.take(state)
+        assert news == (delta is not None), k
+        if delta is not None:
+            got.append(len(delta["token_ids"]))
+    assert got == [1, 3, 3, 3] and cursor.done

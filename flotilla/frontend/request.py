@@ -213,8 +213,13 @@ class StreamCursor:
         self.interval = interval  # a delta once this many new tokens are there (the first and last at once)
 
     def has_news(self, s: RequestState) -> bool:
-        return (s.finished and not self.done) or len(s.output_ids) > self.tokens or \
-            len(s.streamable_text()) > self.chars
+        """``take`` would return a delta now (a waiter loops on this: it must never say yes when take says no)."""
+        if s.finished:
+            return not self.done
+        new = len(s.output_ids) - self.tokens
+        if self.tokens and new < self.interval:
+            return False
+        return new > 0 or len(s.streamable_text()) > self.chars
 
     def take(self, s: RequestState) -> dict[str, Any] | None:
         if self.done:
