@@ -254,6 +254,7 @@ class _FakeDispatcher:
 def _bare_engine(tokenizer: Any, expect: int) -> Engine:
     engine = Engine.__new__(Engine)
     engine._closed = False
+    engine.stream_interval = 1
     engine.inputs = InputProcessor(tokenizer, len(tokenizer), 128)
     engine.controller, engine.fleet = _FakeController(), _FakeFleet()
     engine.fleet.expect = expect

@@ -73,6 +73,7 @@ class Engine:
             raise RuntimeError(f"an Engine was created while a worker process was importing your script; "
                                f"{MAIN_GUARD_HINT}")
         self.config = config
+        self.stream_interval = config.stream_interval  # a stream's delta once this many new tokens are there
         from transformers import AutoTokenizer
 
         try:
@@ -270,7 +271,7 @@ class Engine:
         """Yield deltas ({text, token_ids, finished, ...}) as tokens arrive; closing the iterator aborts."""
         state = self._new_state(prompt, input_ids, sampling_params, request_id)
         self._submit(state)
-        cursor = StreamCursor(self.config.stream_interval)
+        cursor = StreamCursor(self.stream_interval)
         try:
             while True:
                 with self._cv:
@@ -308,7 +309,7 @@ class Engine:
             states = self.inputs.make_choices(*args)
         ev = asyncio.Event()
         for state in states:
-            state.wake_every = self.config.stream_interval
+            state.wake_every = self.stream_interval
             state.add_async_waiter(ev)
         submitted: list[RequestState] = []
         try:
@@ -322,7 +323,7 @@ class Engine:
                 if not state.finished:
                     self.abort(state.rid)
             raise
-        interval = self.config.stream_interval
+        interval = self.stream_interval
         follower = follow(states[0], ev, self.abort, interval) if len(states) == 1 else \
             follow_choices(states, ev, self.abort, interval)
         try:
