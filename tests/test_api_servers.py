@@ -328,3 +328,11 @@ def test_the_count_comes_from_the_config_file_too(llama_path: str, tmp_path: Pat
     assert args.api_server_count == 3
     args, _ = parse_args(["serve", "--config", str(cfg), "--api-server-count", "2"])
     assert args.api_server_count == 2  # the command line wins
+
+
+def test_http_processes_that_cannot_start_fail_the_start_at_once(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"HTTP process\(es\) \[0\] kept exiting at start"):
+        ApiServers(1, tokenizer=str(tmp_path / "no-such-tokenizer"), model_name=MODEL, max_restarts=1).start(
+            timeout=300)
+    assert time.monotonic() - t0 < 120  # not the 300 s timeout

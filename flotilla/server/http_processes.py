@@ -178,14 +178,19 @@ class ApiServers:
         return f"http://{host}:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "ApiServers":
-        """Start the processes and wait until each has connected (it then accepts connections)."""
+        """Start the processes and wait until each has connected (it then accepts connections); raises at once
+        when a slot has spent its restart budget before ever connecting (a process that cannot start: a bad
+        tokenizer folder, an import error), rather than at the timeout."""
         self.processes.start()
         deadline = time.monotonic() + timeout
         while self.service.connected() < self.processes.count:
-            if time.monotonic() > deadline:
+            failed = [k for k, s in enumerate(self.processes.slots) if s.given_up]
+            if failed or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"only {self.service.connected()} of {self.processes.count} HTTP processes "
-                                   f"started within {timeout:g}s")
+                why = (f"HTTP process(es) {failed} kept exiting at start (see their stderr)" if failed else
+                       f"only {self.service.connected()} of {self.processes.count} HTTP processes started within "
+                       f"{timeout:g}s")
+                raise RuntimeError(why)
             time.sleep(0.05)
         return self
 
