@@ -336,3 +336,41 @@ def test_http_processes_that_cannot_start_fail_the_start_at_once(tmp_path: Path)
         ApiServers(1, tokenizer=str(tmp_path / "no-such-tokenizer"), model_name=MODEL, max_restarts=1).start(
             timeout=300)
     assert time.monotonic() - t0 < 120  # not the 300 s timeout
+
+
+def test_cli_serve_with_two_http_processes(llama_path: str) -> None:
+    """``flotilla serve --api-server-count 2``: the key reaches every process, both serve, SIGTERM ends all of them
+    (HTTP processes and rank workers) with exit status 0."""
+    import re
+
+    env = {**os.environ, "FLOTILLA_API_KEY": "cli-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "flotilla", "serve", "--model", llama_path, "--device", "cpu",
+                             "--dtype", "float32", "--port", "0", "--served-model-name", "cli-model",
+                             "--log-level", "warning", "--api-server-count", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            m = re.match(r"flotilla: serving cli-model on (http://127\.0\.0\.1:\d+) \(2 HTTP processes\)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "no 'serving' line"
+        assert wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
+        for _ in range(4):  # fresh connections: both processes answer
+            with httpx.Client(timeout=60) as c:
+                r = c.post(f"{url}/v1/completions", json={"model": "cli-model", "prompt": "Hi", "max_tokens": 3,
+                                                          "ignore_eos": True},
+                           headers={"Authorization": "Bearer cli-key"})
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+                assert c.post(f"{url}/v1/completions", json={"model": "cli-model", "prompt": "x"}).status_code == 401
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # two HTTP processes and the rank worker(s)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"left running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
