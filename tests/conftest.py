@@ -177,3 +177,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.section("unit tests that started processes (mark them e2e in tests/conftest.py)")
         for nodeid, what in _WATCH.offenders.items():
             terminalreporter.line(f"{nodeid}: {what}")
+
+
+def start_cli_serve(llama_path: str, *extra: str, key: str = "cli-key"):
+    """``flotilla serve`` on the tiny llama at port 0 (served as "cli-model", the API key in the environment), in a
+    process of its own: (the process, its URL once it printed the "serving" line). The caller ends the process."""
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLOTILLA_API_KEY": key}
+    proc = subprocess.Popen([sys.executable, "-m", "flotilla", "serve", "--model", llama_path, "--device", "cpu",
+                             "--dtype", "float32", "--port", "0", "--served-model-name", "cli-model",
+                             "--log-level", "warning", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        m = re.match(r"flotilla: serving cli-model on (http://127\.0\.0\.1:\d+)", line)
+        if m:
+            return proc, m.group(1)
+    proc.wait()
+    return proc, None

@@ -25,6 +25,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import start_cli_serve
 from flotilla.errors import InvalidParameter
 from flotilla.server import ServerThread, build_app
 from flotilla.server.http_processes import ApiServers, check_api_server_count
@@ -341,20 +342,8 @@ def test_http_processes_that_cannot_start_fail_the_start_at_once(tmp_path: Path)
 def test_cli_serve_with_two_http_processes(llama_path: str) -> None:
     """``flotilla serve --api-server-count 2``: the key reaches every process, both serve, SIGTERM ends all of them
     (HTTP processes and rank workers) with exit status 0."""
-    import re
-
-    env = {**os.environ, "FLOTILLA_API_KEY": "cli-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "flotilla", "serve", "--model", llama_path, "--device", "cpu",
-                             "--dtype", "float32", "--port", "0", "--served-model-name", "cli-model",
-                             "--log-level", "warning", "--api-server-count", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc, url = start_cli_serve(llama_path, "--api-server-count", "2")
     try:
-        url = None
-        for line in proc.stdout:  # type: ignore[union-attr]
-            m = re.match(r"flotilla: serving cli-model on (http://127\.0\.0\.1:\d+) \(2 HTTP processes\)", line)
-            if m:
-                url = m.group(1)
-                break
         assert url, "no 'serving' line"
         assert wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
         for _ in range(4):  # fresh connections: both processes answer

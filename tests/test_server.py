@@ -7,11 +7,7 @@ paths that need a dead or missing engine use a small stand-in instead of real pr
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -23,6 +19,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from flotilla.frontend.request import RequestFailed
+from conftest import start_cli_serve
 from flotilla.server import ServerThread, build_app, set_engine
 
 MODEL = "tiny-llama"
@@ -359,18 +356,8 @@ def test_not_ready_and_dead_replica_are_503(llama_path: str) -> None:
 
 def test_cli_serve(llama_path: str) -> None:
     """``flotilla serve --port 0`` prints its URL once ready, serves, and exits cleanly on SIGTERM."""
-    env = {**os.environ, "FLOTILLA_API_KEY": "cli-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "flotilla", "serve", "--model", llama_path, "--device", "cpu",
-                             "--dtype", "float32", "--port", "0", "--served-model-name", "cli-model",
-                             "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc, url = start_cli_serve(llama_path)
     try:
-        url = None
-        for line in proc.stdout:  # type: ignore[union-attr]
-            m = re.match(r"flotilla: serving cli-model on (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                url = m.group(1)
-                break
         assert url, "no 'serving' line"
         assert httpx.get(f"{url}/health").status_code == 200
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="cli-key", max_retries=0)
