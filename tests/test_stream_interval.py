@@ -51,7 +51,8 @@ def test_the_cursor_never_says_news_when_it_would_give_none() -> None:
 
     tok = AutoTokenizer.from_pretrained(tiny("llama"))
     state = RequestState("r", [1, 2], SamplingParams(max_new_tokens=20), IncrementalDetokenizer(tok, [1, 2]))
-    cursor = StreamCursor(3)
+    state.wake_every = 3
+    cursor = StreamCursor()
     got = []
     for k in range(10):
         state.apply(TokenOutput("r", [100 + k], text=f"w{k} ", finished=k == 9, finish_reason="length"))

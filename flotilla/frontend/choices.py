@@ -15,11 +15,11 @@ from flotilla.frontend.request import RequestState, StreamCursor
 
 
 async def follow_choices(states: list[RequestState], ev: asyncio.Event,
-                         abort: Callable[[str], Any], interval: int = 1) -> AsyncIterator[dict[str, Any]]:
+                         abort: Callable[[str], Any]) -> AsyncIterator[dict[str, Any]]:
     """Deltas of submitted choices (``ev`` their shared waiter) until every one has finished; each delta has
     ``"index"`` (its position in ``states``). A failed choice raises ``RequestFailed``; closing the iterator
     before the end aborts the choices still running."""
-    cursors = [StreamCursor(interval) for _ in states]
+    cursors = [StreamCursor() for _ in states]
     left = len(states)
     try:
         while left:

@@ -270,8 +270,9 @@ class Engine:
                input_ids: list[int] | None = None, request_id: str | None = None) -> Iterator[dict[str, Any]]:
         """Yield deltas ({text, token_ids, finished, ...}) as tokens arrive; closing the iterator aborts."""
         state = self._new_state(prompt, input_ids, sampling_params, request_id)
+        state.wake_every = self.stream_interval
         self._submit(state)
-        cursor = StreamCursor(self.stream_interval)
+        cursor = StreamCursor()
         try:
             while True:
                 with self._cv:
@@ -323,9 +324,8 @@ class Engine:
                 if not state.finished:
                     self.abort(state.rid)
             raise
-        interval = self.stream_interval
-        follower = follow(states[0], ev, self.abort, interval) if len(states) == 1 else \
-            follow_choices(states, ev, self.abort, interval)
+        follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
+            follow_choices(states, ev, self.abort)
         try:
             if accepted:
                 yield dict(ACCEPTED)

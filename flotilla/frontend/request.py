@@ -43,8 +43,8 @@ class RequestState:
     # detokenized in the replica (TokenOutput.text): output ids whose text the replica has not sent yet
     held: int = 0
     replica_text: bool = False
-    # stream_interval: its streams are woken once this many new tokens are there (the first token and the end
-    # at once), so a waiter that would only find too few tokens is not woken at all
+    # stream_interval: its streams are woken, and get a delta, once this many new tokens are there (the first token
+    # and the end at once): wake_all skips a waiter that would find too few, and StreamCursor gives it nothing
     wake_every: int = 1
     _woken_at: int = field(default=0, repr=False)
     _async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
@@ -206,18 +206,17 @@ class StreamCursor:
     """How much of a request a stream consumer has seen; deltas are cut from the cumulative state, so a
     wake-up that arrives late or twice loses and repeats nothing."""
 
-    def __init__(self, interval: int = 1) -> None:
+    def __init__(self) -> None:
         self.tokens = 0
         self.chars = 0
         self.done = False
-        self.interval = interval  # a delta once this many new tokens are there (the first and last at once)
 
     def has_news(self, s: RequestState) -> bool:
         """``take`` would return a delta now (a waiter loops on this: it must never say yes when take says no)."""
         if s.finished:
             return not self.done
         new = len(s.output_ids) - self.tokens
-        if self.tokens and new < self.interval:
+        if self.tokens and new < s.wake_every:
             return False
         return new > 0 or len(s.streamable_text()) > self.chars
 
@@ -227,7 +226,7 @@ class StreamCursor:
         finished = s.finished
         text = s.streamable_text()
         ids = s.output_ids[self.tokens:]
-        if not finished and ((not ids and len(text) <= self.chars) or (self.tokens and len(ids) < self.interval)):
+        if not finished and ((not ids and len(text) <= self.chars) or (self.tokens and len(ids) < s.wake_every)):
             return None
         if finished and s.finish_reason == "error":
             self.done = True
@@ -250,11 +249,10 @@ class StreamCursor:
 ACCEPTED: dict[str, Any] = {"text": "", "token_ids": [], "finished": False, "accepted": True}
 
 
-async def follow(state: RequestState, ev: asyncio.Event, abort: Callable[[str], Any],
-                 interval: int = 1) -> AsyncIterator[dict[str, Any]]:
-    """Deltas of a submitted request as its waiter ``ev`` is woken (one every ``interval`` tokens, the first and
-    the last at once); closing the iterator before the end aborts the request (a client that left)."""
-    cursor = StreamCursor(interval)
+async def follow(state: RequestState, ev: asyncio.Event, abort: Callable[[str], Any]) -> AsyncIterator[dict[str, Any]]:
+    """Deltas of a submitted request as its waiter ``ev`` is woken (one every ``state.wake_every`` tokens, the
+    first and the last at once); closing the iterator before the end aborts the request (a client that left)."""
+    cursor = StreamCursor()
     try:
         while True:
             await ev.wait()

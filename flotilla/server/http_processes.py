@@ -78,10 +78,6 @@ class HttpProcesses:
         with self._lock:
             return [s.proc.pid if s.proc is not None and s.proc.poll() is None else None for s in self.slots]
 
-    def restarts(self) -> int:
-        with self._lock:
-            return sum(s.incarnation - 1 for s in self.slots if s.incarnation)
-
     def _spawn(self, k: int) -> None:
         slot = self.slots[k]
         slot.incarnation += 1

@@ -206,8 +206,8 @@ class SyntheticEngine:
             state.wake_every = self.stream_interval
             state.add_async_waiter(ev)
             self.dispatcher.submit(state)
-        follower = follow(states[0], ev, self.abort, self.stream_interval) if len(states) == 1 else \
-            follow_choices(states, ev, self.abort, self.stream_interval)
+        follower = follow(states[0], ev, self.abort) if len(states) == 1 else \
+            follow_choices(states, ev, self.abort)
         try:
             if accepted:
                 yield dict(ACCEPTED)

@@ -56,9 +56,6 @@ class ReplicaTexts:
         tail = text_tail[-matcher.holdback:] if matcher.holdback else ""
         self._reqs[rid] = _Text(detok, matcher, text_len, tail, pending)
 
-    def drop(self, rid: str) -> None:
-        self._reqs.pop(rid, None)
-
     def __len__(self) -> int:
         return len(self._reqs)
 
